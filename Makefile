@@ -1,0 +1,63 @@
+# mgpu: set-up and checks. `make demo` and `make test` each install what they need on a fresh Debian
+# machine: the .venv with the Python dependencies (torch pinned by constraints.txt) and, through
+# apt-get when missing, jq (demo) plus bats, bats-support, bats-assert and shellcheck (test).
+SHELL := bash
+.SHELLFLAGS := -Eeuo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+BOOTSTRAP_PYTHON ?= python3
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.mgpu-deps
+# Every shell file: entry scripts, lib/, tests (bats and fakes), tools, bench, CI.
+SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.git \) -prune -o -type f \
+	\( -name '*.sh' -o -name '*.bash' -o -name '*.bats' \) -print | sort) tests/fakes/nvidia-smi .ci/run
+
+.PHONY: help demo test lint test-bats test-py deps deps-demo deps-test clean
+
+help:
+	@echo "make demo   set up, then show mgpu on a rehearsal server (no GPU needed)"
+	@echo "make test   set up, then shellcheck + bats + pytest"
+	@echo "make clean  remove .venv and test leftovers"
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	@echo "[INFO] creating $(VENV) with the Python dependencies (torch pinned by constraints.txt)"
+	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-dev.txt \
+		2> >(grep -v "is neither a file nor a directory" >&2)
+	touch $@
+
+deps: $(STAMP)
+
+deps-demo: deps
+	@bash tools/ensure-tools.sh jq
+
+deps-test: deps
+	@bash tools/ensure-tools.sh jq bats bats-support bats-assert shellcheck
+
+demo: deps-demo
+	@bash tools/demo.sh "$(PYTHON)"
+
+# All three suites run; the target fails if any of them failed.
+test: deps-test
+	@status=0; \
+	$(MAKE) --no-print-directory lint || status=1; \
+	$(MAKE) --no-print-directory test-bats || status=1; \
+	$(MAKE) --no-print-directory test-py || status=1; \
+	exit $$status
+
+lint:
+	@echo "== shellcheck: $(words $(SHELL_FILES)) files"
+	shellcheck -x $(SHELL_FILES)
+
+test-bats:
+	@echo "== bats"
+	PYTHON="$(abspath $(PYTHON))" bats --formatter tap --print-output-on-failure -r tests/bats \
+		| awk '{ print } /^ok /{ p++ } /^not ok /{ f++ } END { printf "bats: %d passed, %d failed\n", p, f }'
+
+test-py:
+	@echo "== pytest"
+	$(PYTHON) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,193 @@
+# shellcheck shell=bash
+# gpu:: — which GPUs exist and how busy they are; one query of all GPUs per call.
+# Source of truth: the scenario named by MGPU_FAKE_GPUS (re-read at every query), else
+# ${NVIDIA_SMI:-nvidia-smi} (wrapped in `timeout`), else CPU mode. Needs lib/log.sh and jq (scenarios).
+#
+# Settings (environment):
+#   MAX_UTIL (70)              a GPU whose median utilization is above this is busy
+#   MAX_WAIT (300)             seconds gpu::wait_free waits
+#   MGPU_UTIL_SAMPLES (5)      utilization samples per free check (one NVML reading is noise)
+#   MGPU_UTIL_WINDOW_MS (1000) ...spread over this window
+#   MGPU_POLL_MS (5000)        pause between free checks while waiting
+#   MGPU_SMI_TIMEOUT (10)      seconds before a silent nvidia-smi counts as hung
+
+_GPU_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# gpu::backend — prints where GPUs come from: scenario | nvidia-smi | cpu
+gpu::backend() {
+  if [[ -n ${MGPU_FAKE_GPUS:-} ]]; then
+    echo scenario
+  elif command -v "${NVIDIA_SMI:-nvidia-smi}" >/dev/null 2>&1; then
+    echo nvidia-smi
+  else
+    echo cpu
+  fi
+}
+
+# gpu::query — one line per GPU, in index order: index,uuid,utilization,memory_used_mib,memory_total_mib
+# (utilization NA when the GPU does not report it). CPU mode prints nothing and succeeds.
+# Returns 1, with the reason logged, when the scenario is unusable or nvidia-smi fails or hangs.
+gpu::query() {
+  case $(gpu::backend) in
+    scenario) gpu::_from_scenario "$MGPU_FAKE_GPUS" ;;
+    nvidia-smi) gpu::_from_smi "${NVIDIA_SMI:-nvidia-smi}" ;;
+    cpu) return 0 ;;
+  esac
+}
+
+gpu::_from_scenario() {
+  local file=$1 out
+  if [[ ! -f $file || ! -r $file ]]; then
+    log::error "MGPU_FAKE_GPUS: $file: cannot read the scenario file (no such readable file)"
+    return 1
+  fi
+  if ! out=$(jq -r -f "$_GPU_LIB_DIR/scenario.jq" -- "$file" 2>&1); then
+    out=${out#jq: error (at *): }
+    [[ $out == *"parse error"* ]] && out="not valid JSON: ${out#*parse error: }"
+    log::error "MGPU_FAKE_GPUS: $file: $out"
+    return 1
+  fi
+  [[ -z $out ]] || printf '%s\n' "$out"
+}
+
+gpu::_from_smi() {
+  local smi=$1 limit=${MGPU_SMI_TIMEOUT:-10} out rc=0 line
+  log::require_int MGPU_SMI_TIMEOUT "$limit" 1 || return 1
+  out=$(timeout -k 2 "$limit" "$smi" --query-gpu=index,uuid,utilization.gpu,memory.used,memory.total \
+    --format=csv,noheader,nounits 2>&1) || rc=$?
+  if ((rc == 124 || rc == 137)); then
+    log::error "$smi did not answer within ${limit}s and was stopped: a stuck driver or a GPU fallen off" \
+      "the bus can hang it (see dmesg; MGPU_SMI_TIMEOUT sets the limit)"
+    return 1
+  elif ((rc != 0)); then
+    log::error "$smi failed (exit $rc): ${out%%$'\n'*}"
+    return 1
+  fi
+  while IFS= read -r line; do
+    [[ -n ${line//[[:space:]]/} ]] || continue
+    gpu::_smi_line "$line" || {
+      log::error "$smi printed a line mgpu cannot read: '$line'" \
+        "(expected: index, uuid, utilization.gpu, memory.used, memory.total)"
+      return 1
+    }
+  done <<<"$out"
+}
+
+# gpu::_smi_line LINE — print one normalized CSV line from nvidia-smi's, or fail.
+gpu::_smi_line() {
+  local index uuid util used total extra
+  IFS=, read -r index uuid util used total extra <<<"${1//[[:space:]]/}"
+  [[ -z $extra && $index =~ ^[0-9]+$ && -n $uuid && $used =~ ^[0-9]+$ && $total =~ ^[0-9]+$ ]] || return 1
+  [[ $util == "[N/A]" || $util == N/A ]] && util=NA
+  [[ $util =~ ^[0-9]+$ || $util == NA ]] || return 1
+  printf '%s,%s,%s,%s,%s\n' "$index" "$uuid" "$util" "$used" "$total"
+}
+
+# gpu::exists ID — is there a GPU with this index or UUID? 0 yes, 1 no, 2 the query failed.
+gpu::exists() {
+  local id=$1 lines index uuid _
+  lines=$(gpu::query) || return 2
+  while IFS=, read -r index uuid _; do
+    [[ $id == "$index" || $id == "$uuid" ]] && return 0
+  done <<<"$lines"
+  return 1
+}
+
+# gpu::indices — print the GPU indices, space-separated (empty in CPU mode).
+gpu::indices() {
+  local lines index _ out=()
+  lines=$(gpu::query) || return 1
+  while IFS=, read -r index _; do
+    [[ -n $index ]] && out+=("$index")
+  done <<<"$lines"
+  echo "${out[*]}"
+}
+
+# gpu::sample — MGPU_UTIL_SAMPLES queries over MGPU_UTIL_WINDOW_MS. Fills the globals
+# GPU_UTIL[index] (median utilization, NA if never reported), GPU_MEM_USED[index], GPU_MEM_TOTAL[index].
+gpu::sample() {
+  local n=${MGPU_UTIL_SAMPLES:-5} window=${MGPU_UTIL_WINDOW_MS:-1000} i lines index uuid util used total
+  log::require_int MGPU_UTIL_SAMPLES "$n" 1 100 || return 1
+  log::require_int MGPU_UTIL_WINDOW_MS "$window" 0 || return 1
+  declare -gA GPU_UTIL=() GPU_MEM_USED=() GPU_MEM_TOTAL=()
+  local -A readings=()
+  for ((i = 0; i < n; i++)); do
+    ((i == 0)) || sleep "$(gpu::_seconds $((window / (n - 1))))"
+    lines=$(gpu::query) || return 1
+    while IFS=, read -r index uuid util used total; do
+      [[ -n $index ]] || continue
+      [[ $util == NA ]] || readings[$index]+="$util "
+      GPU_MEM_USED[$index]=$used GPU_MEM_TOTAL[$index]=$total
+    done <<<"$lines"
+  done
+  local values=()
+  for index in "${!GPU_MEM_TOTAL[@]}"; do
+    read -ra values <<<"${readings[$index]:-}"
+    GPU_UTIL[$index]=$(gpu::_median "${values[@]}")
+  done
+}
+
+# gpu::_median N... — the median of integers (the lower middle for an even count); NA for none.
+gpu::_median() {
+  (($#)) || { echo NA; return 0; }
+  local sorted
+  mapfile -t sorted < <(printf '%s\n' "$@" | sort -n)
+  echo "${sorted[($# - 1) / 2]}"
+}
+
+# gpu::_seconds MS — milliseconds as a decimal number of seconds, for sleep.
+gpu::_seconds() { printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)); }
+
+# gpu::_now_ms — the clock in milliseconds, into the global GPU_NOW_MS (no subshell).
+gpu::_now_ms() {
+  local t=${EPOCHREALTIME//[!0-9]/}
+  GPU_NOW_MS=$((10#$t / 1000))
+}
+
+# gpu::is_free INDEX [NEED_MIB] — median utilization <= MAX_UTIL and at least NEED_MIB memory free.
+# 0 free; 1 busy (GPU_REASON says why); 2 no such GPU or the query failed (logged).
+gpu::is_free() {
+  local index=$1 need=${2:-0} max=${MAX_UTIL:-70} free
+  GPU_REASON=""
+  log::require_int MAX_UTIL "$max" 0 100 || return 2
+  log::require_int "memory need (MiB)" "$need" 0 || return 2
+  gpu::sample || return 2
+  if [[ -z ${GPU_MEM_TOTAL[$index]:-} ]]; then
+    GPU_REASON="GPU $index does not exist"
+    return 2
+  fi
+  free=$((GPU_MEM_TOTAL[$index] - GPU_MEM_USED[$index]))
+  if [[ ${GPU_UTIL[$index]} != NA ]] && ((GPU_UTIL[$index] > max)); then
+    GPU_REASON="utilization ${GPU_UTIL[$index]}% (median of ${MGPU_UTIL_SAMPLES:-5} samples) > MAX_UTIL ${max}%"
+  elif ((free < need)); then
+    GPU_REASON="${free} MiB free < ${need} MiB needed"
+  fi
+  [[ -z $GPU_REASON ]]
+}
+
+# gpu::wait_free INDEX [NEED_MIB] — wait until the GPU is free, at most MAX_WAIT seconds, logging
+# progress. 0 free (GPU_WAITED_S: seconds waited); 1 still busy at MAX_WAIT (GPU_REASON); 2 error.
+gpu::wait_free() {
+  local index=$1 need=${2:-0} max=${MAX_WAIT:-300} poll=${MGPU_POLL_MS:-5000} rc start next_note=0 waited
+  log::require_int MAX_WAIT "$max" 0 || return 2
+  log::require_int MGPU_POLL_MS "$poll" 1 || return 2
+  gpu::_now_ms
+  start=$GPU_NOW_MS
+  while :; do
+    rc=0
+    gpu::is_free "$index" "$need" || rc=$?
+    gpu::_now_ms
+    waited=$((GPU_NOW_MS - start))
+    GPU_WAITED_S=$((waited / 1000))
+    ((rc == 0 || rc == 2)) && return "$rc"
+    if ((waited >= max * 1000)); then
+      log::warn "GPU $index still busy after waiting ${max}s (MAX_WAIT): $GPU_REASON"
+      return 1
+    fi
+    if ((waited >= next_note)); then
+      log::info "GPU $index is busy ($GPU_REASON); waited ${GPU_WAITED_S}s of up to ${max}s"
+      next_note=$((waited + 30000))
+    fi
+    sleep "$(gpu::_seconds $((poll < max * 1000 - waited ? poll : max * 1000 - waited)))"
+  done
+}

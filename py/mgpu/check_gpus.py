@@ -1,0 +1,167 @@
+"""``python check_gpus.py``: what this machine has, what PyTorch will see, and why.
+
+Exit codes: 0 usable GPUs and no problem; 1 usable GPUs with problems; 2 usage error; 3 no usable GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from . import diagnose, gpus, visible
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NO_GPU = 0, 1, 2, 3
+
+
+def _percent(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"MAX_UTIL must be an integer from 0 to 100, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB above 0, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of MiB, 0 or more, got {text!r}")
+    return int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="check_gpus.py",
+        description="Show the GPUs, what PyTorch will see of them (CUDA_VISIBLE_DEVICES), who uses them, "
+                    "and every problem with what to do. MGPU_FAKE_GPUS=<scenario.json> shows a scenario's GPUs.",
+        epilog="exit codes: 0 usable GPUs, no problem; 1 usable GPUs with problems; 2 usage error; 3 no usable GPU")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--plan", metavar="GB", type=_positive,
+                   help="how many replicas of a model needing GB GiB of GPU memory fit on each visible GPU")
+    p.add_argument("--context-mib", metavar="MIB", type=_nonnegative_int, default=512,
+                   help="CUDA context memory each replica needs on top of --plan (default: 512)")
+    p.add_argument("--torch", action="store_true",
+                   help="also import torch: CUDA build, device count, NCCL version, peer access")
+    p.add_argument("--max-util", metavar="PCT", type=_percent, default=None,
+                   help="a GPU above this utilization is busy (default: $MAX_UTIL or 70)")
+    return p
+
+
+def _max_util(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
+    if args.max_util is not None:
+        return args.max_util
+    try:
+        return _percent(os.environ.get("MAX_UTIL", "70"))
+    except argparse.ArgumentTypeError as exc:
+        p.error(f"environment variable {exc}")
+        raise  # p.error exits; this line is for type checkers
+
+
+def _row(gpu: gpus.Gpu, cuda: int | None, me: str) -> list[str]:
+    procs = "; ".join(
+        f"{p.pid} {p.name}" + (f" ({'you' if p.user == me else p.user})" if p.user else "")
+        + (f" {diagnose.gib(p.used_memory_mib)}" if p.used_memory_mib is not None else "")
+        for p in gpu.processes) or "-"
+    util = "n/a" if gpu.utilization_gpu is None else f"{gpu.utilization_gpu}%"
+    memory = f"{gpu.memory_used_mib / 1024:.1f} / {diagnose.gib(gpu.memory_total_mib)}"
+    return [str(gpu.index), "-" if cuda is None else str(cuda), gpu.name, memory, util, procs]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    head = ["GPU", "CUDA", "NAME", "MEMORY USED / TOTAL", "UTIL", "PROCESSES (pid name user memory)"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [head, *rows]]
+
+
+def render_text(inv: gpus.Inventory, vis: visible.Visibility, found: list[diagnose.Problem],
+                plan: diagnose.Plan | None, view: diagnose.TorchView | None, me: str) -> str:
+    source = {"scenario": f"scenario {inv.detail}", "nvml": "NVML", "nvidia-smi": "nvidia-smi"}.get(inv.source)
+    lines = []
+    if source:
+        lines.append(f"{len(inv.gpus)} GPU(s) from {source}; driver {inv.driver_version or '?'}, "
+                     f"CUDA {inv.cuda_version or '?'}")
+        cvd = "(unset)" if vis.raw is None else repr(vis.raw)
+        lines.append(f"CUDA_VISIBLE_DEVICES={cvd}  CUDA_DEVICE_ORDER="
+                     f"{os.environ.get('CUDA_DEVICE_ORDER', '(unset: FASTEST_FIRST)')}")
+        lines += [""] + _table([_row(g, vis.cuda_index(g.index), me) for g in inv.gpus]) + [""]
+        seen = ", ".join(f"cuda:{c} = GPU {i}" for c, i in enumerate(vis.physical))
+        count = len(vis.physical)
+        lines.append(f"PyTorch will see {count} GPU(s){': ' + seen if seen else ''}. "
+                     + (f"Training prints 'Using {count} GPUs for training'." if count > 1 else
+                        "Training prints 'Using single GPU for training'." if count == 1 else ""))
+    else:
+        lines.append("No GPU found: CPU mode (PyTorch will run on the CPU).")
+    if view:
+        lines.append(f"torch {view.version}, CUDA build {view.cuda or 'none (CPU-only)'}, "
+                     f"{view.device_count} device(s), NCCL {view.nccl or '-'}")
+    if plan:
+        lines += [""] + diagnose.plan_lines(plan)
+    if found:
+        lines += ["", "Problems:"] + [f"  [{p.severity}] {p.code}: {p.message}" for p in found]
+    else:
+        lines += ["", "No problems found."]
+    return "\n".join(lines)
+
+
+def render_json(inv: gpus.Inventory, vis: visible.Visibility, found: list[diagnose.Problem],
+                plan: diagnose.Plan | None, view: diagnose.TorchView | None) -> str:
+    out = {
+        "source": inv.source,
+        "driver_version": inv.driver_version,
+        "cuda_version": inv.cuda_version,
+        "cuda_visible_devices": vis.raw,
+        "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
+        "gpus": [{"index": g.index, "cuda_index": vis.cuda_index(g.index), "uuid": g.uuid, "name": g.name,
+                  "memory_used_mib": g.memory_used_mib, "memory_total_mib": g.memory_total_mib,
+                  "utilization_gpu": g.utilization_gpu,
+                  "processes": [asdict(p) for p in g.processes]} for g in inv.gpus],
+        "problems": [asdict(p) for p in found],
+    }
+    if plan:
+        out["plan"] = plan.as_dict()
+    if view:
+        out["torch"] = asdict(view)
+    return json.dumps(out, indent=2)
+
+
+def exit_code(vis: visible.Visibility, found: list[diagnose.Problem], plan: diagnose.Plan | None) -> int:
+    if not vis.physical or (plan is not None and plan.total == 0):
+        return EXIT_NO_GPU
+    return EXIT_PROBLEMS if any(p.severity != "info" for p in found) else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    max_util = _max_util(args, p)
+    try:
+        inv = gpus.inventory()
+    except gpus.ScenarioError as exc:
+        print(f"check_gpus.py: {gpus.SCENARIO_ENV}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    me = getpass.getuser()
+    vis = visible.resolve(os.environ.get("CUDA_VISIBLE_DEVICES"), inv.gpus)
+    found = diagnose.problems(inv, vis, max_util, me)
+    view = diagnose.torch_view() if args.torch else None
+    if view:
+        found += diagnose.torch_problems(view, vis, inv)
+    plan = diagnose.plan(inv, vis, args.plan, args.context_mib) if args.plan else None
+    if args.json:
+        print(render_json(inv, vis, found, plan, view))
+    else:
+        print(render_text(inv, vis, found, plan, view, me))
+    return exit_code(vis, found, plan)

@@ -1,0 +1,35 @@
+# shellcheck shell=bash
+# Shared set-up for the bats suite: bats-support/bats-assert, the project root, a temp dir whose
+# name has spaces, and fakes first on PATH.
+
+bats_require_minimum_version 1.5.0
+bats_load_library bats-support
+bats_load_library bats-assert
+
+ROOT=$(cd "$BATS_TEST_DIRNAME/../.." && pwd)
+SCENARIOS=$ROOT/examples/scenarios
+PYTHON=${PYTHON:-python3}
+
+common_setup() {
+  WORK="$BATS_TEST_TMPDIR/work dir with spaces"
+  mkdir -p "$WORK"
+  export MGPU_UTIL_WINDOW_MS=0 MGPU_POLL_MS=100 NO_COLOR=1
+  unset MGPU_FAKE_GPUS CUDA_VISIBLE_DEVICES CUDA_DEVICE_ORDER MAX_UTIL MAX_WAIT NVIDIA_SMI
+}
+
+# gpu_sh FUNCTION ARGS... — run a lib/gpu.sh function in a fresh bash under the entry scripts' strict mode.
+gpu_sh() {
+  run bash -c 'set -Eeuo pipefail; source "$1/lib/log.sh"; source "$1/lib/gpu.sh"; shift; "$@"' _ "$ROOT" "$@"
+}
+
+# scenario_copy NAME — a private, writable copy of a shipped scenario; prints its path.
+scenario_copy() {
+  cp "$SCENARIOS/$1.json" "$WORK/$1.json"
+  echo "$WORK/$1.json"
+}
+
+# set_util FILE INDEX PERCENT — change one GPU's utilization in a scenario, atomically.
+set_util() {
+  jq --argjson i "$2" --argjson u "$3" '(.gpus[] | select(.index == $i) | .utilization_gpu) = $u' "$1" >"$1.tmp"
+  mv "$1.tmp" "$1"
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# `make demo`: mgpu on a rehearsal server, no GPU needed. Every step uses a shipped scenario
+# (examples/scenarios/), the same way a user rehearses before touching the real machine.
+#   bash tools/demo.sh [PYTHON]
+set -Eeuo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${1:-${PYTHON:-python3}}
+# shellcheck source=lib/log.sh
+source "$ROOT/lib/log.sh"
+# shellcheck source=lib/gpu.sh
+source "$ROOT/lib/gpu.sh"
+
+step() {
+  if [[ -t 1 ]]; then printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "$2"; else printf '\n== %s\n$ %s\n' "$1" "$2"; fi
+}
+
+# check_gpus.py exits 1 when it finds problems: in a demo that is the point, not a failure.
+check() {
+  local rc=0
+  "$PYTHON" check_gpus.py "$@" || rc=$?
+  ((rc <= 1)) || die "check_gpus.py exited $rc"
+}
+
+main() {
+  cd "$ROOT"
+  local idle=examples/scenarios/4x-rtx4090-idle.json busy=examples/scenarios/4x-rtx4090-gpu2-busy.json
+
+  step "A server with 4 idle RTX 4090s" "MGPU_FAKE_GPUS=$idle python check_gpus.py"
+  MGPU_FAKE_GPUS=$idle check
+
+  step "Someone else's job holds GPU 2, and you chose GPUs 2,3; can 15 GiB models run there?" \
+    "MGPU_FAKE_GPUS=$busy CUDA_VISIBLE_DEVICES=2,3 python check_gpus.py --plan 15"
+  MGPU_FAKE_GPUS=$busy CUDA_VISIBLE_DEVICES=2,3 check --plan 15
+
+  step "The same server, as the shell launchers see it (lib/gpu.sh)" \
+    "source lib/gpu.sh; gpu::query; gpu::is_free 2"
+  export MGPU_FAKE_GPUS=$busy MGPU_UTIL_WINDOW_MS=200
+  gpu::query
+  local index
+  for index in $(gpu::indices); do
+    if gpu::is_free "$index"; then
+      echo "GPU $index: free"
+    else
+      echo "GPU $index: busy: $GPU_REASON"
+    fi
+  done
+  printf '\nNext: run_train_clip.sh will use these checks to keep every free GPU busy.\n'
+}
+
+main "$@"
