@@ -28,6 +28,11 @@ scenario_copy() {
   echo "$WORK/$1.json"
 }
 
+# live_in_group PGID — how many processes of the group still run (zombies excluded: they hold nothing)
+live_in_group() {
+  awk -v g="$1" '{ sub(/^.*\) /, ""); if ($3 == g && $1 != "Z") n++ } END { print n + 0 }' /proc/[0-9]*/stat 2>/dev/null
+}
+
 # set_util FILE INDEX PERCENT — change one GPU's utilization in a scenario, atomically.
 set_util() {
   jq --argjson i "$2" --argjson u "$3" '(.gpus[] | select(.index == $i) | .utilization_gpu) = $u' "$1" >"$1.tmp"

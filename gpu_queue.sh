@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# gpu_queue.sh — run any list of shell commands across GPUs with the engine of run_train_clip.sh: one
+# job per free GPU slot (CUDA_VISIBLE_DEVICES set for it), leases shared with every other mgpu launcher,
+# waits for busy GPUs, retries, one log per job, a summary, and clean Ctrl-C.
+#   bash gpu_queue.sh --gpus 0,1 jobs.txt        # one command a line; blank lines and # comments skipped
+#   generate_jobs | bash gpu_queue.sh -          # commands from standard input
+set -Eeuo pipefail
+[[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
+
+[[ -v GPUS ]] || GPUS=(0 1 2 3)
+LOG_DIR=${LOG_DIR:-logs/gpu_queue}
+
+MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+# shellcheck source=lib/log.sh
+source "$MGPU_ROOT/lib/log.sh"
+# shellcheck source=lib/gpu.sh
+source "$MGPU_ROOT/lib/gpu.sh"
+# shellcheck source=lib/grid.sh
+source "$MGPU_ROOT/lib/grid.sh"
+# shellcheck source=lib/sched.sh
+source "$MGPU_ROOT/lib/sched.sh"
+# shellcheck source=lib/ledger.sh
+source "$MGPU_ROOT/lib/ledger.sh"
+# shellcheck source=lib/sweep.sh
+source "$MGPU_ROOT/lib/sweep.sh"
+
+usage() {
+  cat <<'USAGE'
+Usage: bash gpu_queue.sh [options] JOBS_FILE|-
+
+Runs each line of JOBS_FILE (or standard input for -) as a shell command (bash -c), with
+CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID, MGPU_GPU and MGPU_CONFIG_NAME (job<line>) set.
+  --gpus 0,1,2,3  --jobs-per-gpu N  --max-util PCT  --max-wait SEC  --on-timeout run|skip|fail
+  --cpu-slots N  --retries N  --resume  --grace SEC  --log-dir DIR (default logs/gpu_queue)  --dry-run
+The options mean what they mean for run_train_clip.sh (see its --help).
+Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
+USAGE
+}
+
+main() {
+  local source="" line n=0
+  while (($#)); do
+    [[ $1 != --*=* ]] || set -- "${1%%=*}" "${1#*=}" "${@:2}"
+    sweep::flag "$@"
+    if ((SWEEP_SHIFT)); then
+      shift "$SWEEP_SHIFT"
+      continue
+    fi
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      -) source=- ;;
+      -*) DIE_STATUS=2 die "unknown option '$1' (see --help)" ;;
+      *) [[ -z $source ]] || DIE_STATUS=2 die "one jobs file only, got '$source' and '$1'"; source=$1 ;;
+    esac
+    shift
+  done
+  [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
+  [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
+  sweep::defaults
+  sweep::validate
+  mkdir -p "$LOG_DIR"
+  sched::init
+  while IFS= read -r line || [[ -n $line ]]; do
+    n=$((n + 1))
+    [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+    sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" "" -- bash -c "$line"
+  done < <(if [[ $source == - ]]; then cat; else cat -- "$source"; fi)
+  ((${#JOB_NAME[@]})) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
+  sweep::slots
+  sweep::drop_done
+  if [[ $DRY_RUN == true ]]; then
+    sweep::dry_run
+    return 0
+  fi
+  log::info "${#JOB_NAME[@]} job(s), ${#SCHED_SLOTS[@]} slot(s); logs in $LOG_DIR"
+  sched::run
+  exit "$SCHED_EXIT"
+}
+
+main "$@"

@@ -1,0 +1,147 @@
+# shellcheck shell=bash disable=SC2034  # settings and state shared with sched.sh and the entry scripts
+# sweep:: — what run_train_clip.sh and gpu_queue.sh share: settings and their flags, validation,
+# the GPU check that builds the slots, and the --dry-run plan. Needs log.sh, gpu.sh, sched.sh.
+
+# sweep::defaults — the shared settings, each from the environment or its default.
+sweep::defaults() {
+  MAX_UTIL=${MAX_UTIL:-70} MAX_WAIT=${MAX_WAIT:-300} JOBS_PER_GPU=${JOBS_PER_GPU:-1}
+  RETRIES=${RETRIES:-0} GRACE=${GRACE:-10} ON_TIMEOUT=${ON_TIMEOUT:-run} CPU_SLOTS=${CPU_SLOTS:-1}
+  DRY_RUN=${DRY_RUN:-false} RESUME=${RESUME:-false} USE_MULTI_CONFIG=${USE_MULTI_CONFIG:-true}
+}
+
+# sweep::flag ARGS... — take one shared flag; SWEEP_SHIFT is the words it used (0: not a shared flag).
+sweep::flag() {
+  SWEEP_SHIFT=2
+  case $1 in
+    --resume) RESUME=true SWEEP_SHIFT=1 ;;
+    --dry-run) DRY_RUN=true SWEEP_SHIFT=1 ;;
+    --gpus | --max-util | --max-wait | --jobs-per-gpu | --log-dir | --retries | --on-timeout | --cpu-slots | \
+      --grace | --use-multi-config)
+      (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+      case $1 in
+        --gpus) GPUS=("$2") ;;
+        --max-util) MAX_UTIL=$2 ;;
+        --max-wait) MAX_WAIT=$2 ;;
+        --jobs-per-gpu) JOBS_PER_GPU=$2 ;;
+        --log-dir) LOG_DIR=$2 ;;
+        --retries) RETRIES=$2 ;;
+        --on-timeout) ON_TIMEOUT=$2 ;;
+        --cpu-slots) CPU_SLOTS=$2 ;;
+        --grace) GRACE=$2 ;;
+        --use-multi-config) USE_MULTI_CONFIG=$2 ;;
+      esac
+      ;;
+    *) SWEEP_SHIFT=0 ;;
+  esac
+}
+
+# sweep::split_list NAME — an array given as one string ("0,1" from the environment or a flag) split
+# at commas and spaces into its items.
+sweep::split_list() {
+  local -n _items=$1
+  local joined="${_items[*]}"
+  read -ra _items <<<"${joined//,/ }"
+}
+
+# sweep::validate — every shared setting checked once, up front; a bad one exits 2 naming it.
+sweep::validate() {
+  local DIE_STATUS=2
+  log::require_int MAX_UTIL "$MAX_UTIL" 0 100 || exit 2
+  log::require_int MAX_WAIT "$MAX_WAIT" 0 || exit 2
+  log::require_int JOBS_PER_GPU "$JOBS_PER_GPU" 1 64 || exit 2
+  log::require_int "--retries" "$RETRIES" 0 100 || exit 2
+  log::require_int "--grace" "$GRACE" 0 3600 || exit 2
+  log::require_int "--cpu-slots" "$CPU_SLOTS" 1 1024 || exit 2
+  [[ $ON_TIMEOUT =~ ^(run|skip|fail)$ ]] || die "--on-timeout must be run, skip or fail, got '$ON_TIMEOUT'"
+  [[ $USE_MULTI_CONFIG =~ ^(true|false)$ ]] || die "USE_MULTI_CONFIG must be true or false, got '$USE_MULTI_CONFIG'"
+  [[ -n $LOG_DIR ]] || die "LOG_DIR must not be empty"
+  sweep::split_list GPUS
+  local gpu
+  for gpu in "${GPUS[@]}"; do
+    [[ $gpu =~ ^[0-9]+$ ]] || die "GPUS must list GPU indices like 0,1,2,3; got '$gpu' in '${GPUS[*]}'"
+  done
+}
+
+# sweep::_ranges 0 1 2 3 5 — "0-3, 5"
+sweep::_ranges() {
+  local out="" start=$1 prev=$1 n
+  shift
+  for n in "$@" ""; do
+    if [[ -n $n ]] && ((n == prev + 1)); then
+      prev=$n
+      continue
+    fi
+    out+="${out:+, }$start$([[ $start == "$prev" ]] || echo "-$prev")"
+    start=$n prev=$n
+  done
+  echo "$out"
+}
+
+# sweep::slots — check every GPU in GPUS, skip the missing ones, and fill SCHED_SLOTS (GPU:slot,
+# round-robin over GPUs) and SCHED_THREADS. No GPU at all: CPU mode with CPU_SLOTS slots.
+sweep::slots() {
+  local backend gpu k have=() kept=() cores
+  backend=$(gpu::backend)
+  cores=$(nproc 2>/dev/null || echo 1)
+  SCHED_SLOTS=()
+  if [[ $backend == cpu ]]; then
+    log::warn "no GPU found (no nvidia-smi, no MGPU_FAKE_GPUS): CPU mode, $CPU_SLOTS job(s) at a time"
+    for ((k = 0; k < CPU_SLOTS; k++)); do SCHED_SLOTS+=("cpu:$k"); done
+  else
+    read -ra have <<<"$(gpu::indices)" || true
+    ((${#have[@]})) || DIE_STATUS=1 die "the GPU query failed or found no GPU (see above); nothing can run"
+    for gpu in "${GPUS[@]}"; do
+      if [[ " ${have[*]} " == *" $gpu "* ]]; then
+        [[ " ${kept[*]} " == *" $gpu "* ]] || kept+=("$gpu")
+      else
+        log::error "GPU $gpu is not available (this machine has GPUs $(sweep::_ranges "${have[@]}")); skipping it"
+      fi
+    done
+    ((${#kept[@]})) || die "none of the GPUs in GPUS (${GPUS[*]}) is available; this machine has GPUs $(sweep::_ranges "${have[@]}")"
+    [[ $USE_MULTI_CONFIG == true ]] || { kept=("${kept[0]}") JOBS_PER_GPU=1; }
+    for ((k = 0; k < JOBS_PER_GPU; k++)); do
+      for gpu in "${kept[@]}"; do SCHED_SLOTS+=("$gpu:$k"); done
+    done
+  fi
+  [[ $USE_MULTI_CONFIG == true ]] || SCHED_SLOTS=("${SCHED_SLOTS[0]}")
+  SCHED_THREADS=${OMP_NUM_THREADS:-$((cores / ${#SCHED_SLOTS[@]} > 0 ? cores / ${#SCHED_SLOTS[@]} : 1))}
+}
+
+# sweep::dry_run — the plan, the GPU check right now, and each exact command; nothing is launched.
+sweep::dry_run() {
+  local job s gpu seen=() env_words
+  printf 'Plan: %d job(s) on %d slot(s) [%s]; MAX_UTIL %s%%, MAX_WAIT %ss, --on-timeout %s, --retries %s\n' \
+    "${#SCHED_QUEUE[@]}" "${#SCHED_SLOTS[@]}" "${SCHED_SLOTS[*]}" "$MAX_UTIL" "$MAX_WAIT" "$ON_TIMEOUT" "$RETRIES"
+  for s in "${SCHED_SLOTS[@]}"; do
+    gpu=${s%%:*}
+    [[ $gpu != cpu && " ${seen[*]} " != *" $gpu "* ]] || continue
+    seen+=("$gpu")
+    if gpu::is_free "$gpu"; then echo "GPU $gpu: free now"; else echo "GPU $gpu: busy now ($GPU_REASON): jobs wait for it"; fi
+  done
+  for s in "${!SCHED_QUEUE[@]}"; do
+    job=${SCHED_QUEUE[s]}
+    gpu=${SCHED_SLOTS[s % ${#SCHED_SLOTS[@]}]%%:*}
+    sched::argv "$job"
+    env_words=()
+    [[ -z ${JOB_ENV[job]} ]] || mapfile -t env_words <<<"${JOB_ENV[job]}"
+    printf '%s -> %s: ' "${JOB_NAME[job]}" "$([[ $gpu == cpu ]] && echo CPU || echo "GPU $gpu")"
+    printf '%q ' "CUDA_VISIBLE_DEVICES=${gpu/#cpu/}" CUDA_DEVICE_ORDER=PCI_BUS_ID "MGPU_CONFIG_NAME=${JOB_NAME[job]}" \
+      "${env_words[@]}" "${SCHED_ARGV[@]}"
+    echo
+  done
+}
+
+# sweep::drop_done — with --resume, jobs an earlier run finished are recorded as skipped, not queued.
+sweep::drop_done() {
+  local job keep=()
+  for job in "${SCHED_QUEUE[@]}"; do
+    if [[ $RESUME == true ]] && ledger::is_done "$job"; then
+      JOB_STATUS[job]=skipped JOB_REASON[job]="done earlier (--resume)"
+      ledger::record "$job"
+      log::info "skipping ${JOB_NAME[job]}: done earlier with the same configuration (--resume)"
+    else
+      keep+=("$job")
+    fi
+  done
+  SCHED_QUEUE=("${keep[@]}")
+}

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# run_train_clip.sh — train many CLIP configurations (image encoder x text encoder, or a JSON config
+# file) in parallel across a GPU list: one job per free GPU slot, one log per configuration, a summary.
+#   bash run_train_clip.sh                                   # the settings below
+#   bash run_train_clip.sh --gpus 0,1 --config-file train_clip_config.json -- --epochs 5
+#   bash run_train_clip.sh --dry-run                          # the plan and exact commands only
+# Run with --help for every flag. MGPU_DEBUG=1 traces every line.
+set -Eeuo pipefail
+[[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
+
+# ---- Settings: edit them here, or override with an environment variable (GPUS="0,1") or a flag -------
+[[ -v GPUS ]] || GPUS=(0 1 2 3)                          # GPU list; GPUS=(5) for one GPU
+[[ -v IMAGE_ENCODERS ]] || IMAGE_ENCODERS=("starnet_s1" "starnet_s2" "starnet_s3")
+[[ -v TEXT_ENCODERS ]] || TEXT_ENCODERS=("clip:ViT-B/32" "bert-base-chinese")
+CONFIG_FILE=${CONFIG_FILE:-}                             # a JSON config file instead of the two lists
+USE_MULTI_CONFIG=${USE_MULTI_CONFIG:-true}               # false: one config at a time on the first GPU
+MAX_UTIL=${MAX_UTIL:-70}                                 # wait while a GPU is busier than this (%)
+MAX_WAIT=${MAX_WAIT:-300}                                # ...at most this many seconds
+JOBS_PER_GPU=${JOBS_PER_GPU:-1}
+LOG_DIR=${LOG_DIR:-logs/clip_training}
+CKPT_DIR=${CKPT_DIR:-checkpoints/clip_models}
+# -------------------------------------------------------------------------------------------------------
+
+MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+# shellcheck source=lib/log.sh
+source "$MGPU_ROOT/lib/log.sh"
+# shellcheck source=lib/gpu.sh
+source "$MGPU_ROOT/lib/gpu.sh"
+# shellcheck source=lib/grid.sh
+source "$MGPU_ROOT/lib/grid.sh"
+# shellcheck source=lib/sched.sh
+source "$MGPU_ROOT/lib/sched.sh"
+# shellcheck source=lib/ledger.sh
+source "$MGPU_ROOT/lib/ledger.sh"
+# shellcheck source=lib/sweep.sh
+source "$MGPU_ROOT/lib/sweep.sh"
+
+usage() {
+  cat <<'USAGE'
+Usage: bash run_train_clip.sh [options] [-- trainer arguments for every run]
+
+Configurations (image encoder x text encoder, or a config file):
+  --image-encoders A,B        IMAGE_ENCODERS (default: starnet_s1,starnet_s2,starnet_s3)
+  --text-encoders A,B         TEXT_ENCODERS (default: clip:ViT-B/32,bert-base-chinese)
+  --config-file FILE          CONFIG_FILE: {"image_encoders": [...], "text_encoders": [...], "args": {...}}
+                              or {"defaults": {...}, "configs": [{"name"?, "image_encoder", "text_encoder", ...}]}
+  --train-cmd CMD             the trainer (default: $PYTHON -m mgpu.train_clip); words split at spaces
+GPUs:
+  --gpus 0,1,2,3              GPUS
+  --jobs-per-gpu N            JOBS_PER_GPU (default 1)
+  --use-multi-config BOOL     USE_MULTI_CONFIG: false runs one config at a time on the first GPU
+  --max-util PCT              MAX_UTIL (default 70): wait while a GPU is busier than this
+  --max-wait SEC              MAX_WAIT (default 300), then --on-timeout run|skip|fail (default run)
+  --cpu-slots N               jobs at a time when the machine has no GPU (default 1)
+Runs:
+  --retries N                 re-queue a failed job up to N times (out-of-memory and signals included),
+                              after a backoff, preferring another GPU
+  --resume                    skip configs an earlier run finished with the same settings
+  --grace SEC                 on Ctrl-C/TERM: seconds between TERM and KILL for running jobs (default 10)
+  --log-dir DIR               LOG_DIR (default logs/clip_training)
+  --ckpt-dir DIR              CKPT_DIR (default checkpoints/clip_models)
+  --dry-run                   print the plan and the exact commands; launch nothing
+  -h, --help                  this help
+Exit status: 0 all configs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
+USAGE
+}
+
+parse_args() {
+  TRAIN_CMD=${TRAIN_CMD:-} EXTRA_ARGS=()
+  while (($#)); do
+    [[ $1 != --*=* ]] || set -- "${1%%=*}" "${1#*=}" "${@:2}"
+    sweep::flag "$@"
+    if ((SWEEP_SHIFT)); then
+      shift "$SWEEP_SHIFT"
+      continue
+    fi
+    case $1 in
+      -h | --help) usage; exit 0 ;;
+      --) shift; EXTRA_ARGS=("$@"); break ;;
+      --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir)
+        (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+        case $1 in
+          --image-encoders) IMAGE_ENCODERS=("$2") ;;
+          --text-encoders) TEXT_ENCODERS=("$2") ;;
+          --config-file) CONFIG_FILE=$2 ;;
+          --train-cmd) TRAIN_CMD=$2 ;;
+          --ckpt-dir) CKPT_DIR=$2 ;;
+        esac
+        shift 2
+        ;;
+      *) DIE_STATUS=2 die "unknown option '$1' (see --help; trainer arguments go after --)" ;;
+    esac
+  done
+}
+
+# trainer — the trainer's argv into TRAINER; the built-in one must exist.
+trainer() {
+  if [[ -n $TRAIN_CMD ]]; then
+    read -ra TRAINER <<<"$TRAIN_CMD"
+    ((${#TRAINER[@]})) || DIE_STATUS=2 die "--train-cmd must not be empty"
+    return 0
+  fi
+  local python=${PYTHON:-}
+  [[ -n $python ]] || { [[ -x $MGPU_ROOT/.venv/bin/python ]] && python=$MGPU_ROOT/.venv/bin/python || python=python3; }
+  [[ -f $MGPU_ROOT/py/mgpu/train_clip.py ]] ||
+    DIE_STATUS=2 die "the built-in CLIP trainer (mgpu.train_clip) is not part of this mgpu yet; pass --train-cmd CMD"
+  TRAINER=(env "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mgpu.train_clip)
+}
+
+main() {
+  parse_args "$@"
+  sweep::defaults
+  sweep::validate
+  sweep::split_list IMAGE_ENCODERS
+  sweep::split_list TEXT_ENCODERS
+  [[ -n $CKPT_DIR ]] || DIE_STATUS=2 die "CKPT_DIR must not be empty"
+  trainer
+  if [[ -n $CONFIG_FILE ]]; then
+    grid::from_file "$CONFIG_FILE" || exit 2
+  else
+    grid::from_lists || exit 2
+  fi
+  mkdir -p "$LOG_DIR" "$CKPT_DIR"
+  sched::init
+  local i flags out
+  for i in "${!CFG_NAME[@]}"; do
+    flags=()
+    [[ -z ${CFG_FLAGS[i]} ]] || mapfile -t flags <<<"${CFG_FLAGS[i]}"
+    out=$CKPT_DIR/${CFG_NAME[i]}
+    sched::add "${CFG_NAME[i]}" "${CFG_IMAGE[i]}" "${CFG_TEXT[i]}" "$out" "$out/.mgpu_done" "" -- \
+      "${TRAINER[@]}" --image-encoder "${CFG_IMAGE[i]}" --text-encoder "${CFG_TEXT[i]}" --output-dir "$out" \
+      "${flags[@]}" "${EXTRA_ARGS[@]}"
+  done
+  sweep::slots
+  sweep::drop_done
+  if [[ $DRY_RUN == true ]]; then
+    sweep::dry_run
+    return 0
+  fi
+  log::info "${#CFG_NAME[@]} configuration(s), ${#SCHED_SLOTS[@]} slot(s); logs in $LOG_DIR, outputs in $CKPT_DIR"
+  sched::run
+  exit "$SCHED_EXIT"
+}
+
+main "$@"

@@ -1,0 +1,264 @@
+#!/usr/bin/env bats
+# shellcheck disable=SC2030,SC2031,SC2154,SC2016,SC2012  # bats: subshell tests, $stderr from run; '$VAR' in job text is meant literally
+# run_train_clip.sh and gpu_queue.sh with scenario GPUs and a fake trainer that records what it did.
+
+load test_helper
+
+setup() {
+  common_setup
+  cd "$WORK" || return 1
+  export MGPU_LOCK_DIR="$WORK/locks" FAKE_TRAIN_RECORD="$WORK/record.tsv" MGPU_RETRY_BACKOFF_MS=100
+  export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-idle.json MGPU_UTIL_SAMPLES=1 MGPU_TICK_MS=50
+  TRAIN=(--train-cmd "$ROOT/tests/fakes/fake-trainer")
+}
+
+sweep() { run --separate-stderr bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" "$@"; }
+summary() { jq -r "$1" logs/clip_training/summary_*.json; }
+# gpus_of NAME — the GPUs a config started on, in order
+gpus_of() { awk -F'\t' -v n="$1" '$1 == n && $2 == "start" { print $3 }' "$FAKE_TRAIN_RECORD"; }
+# max_overlap [GPU] — the most jobs running at once (on GPU, when given), from the record
+max_overlap() {
+  awk -F'\t' -v g="${1:-}" 'g == "" || $3 == g { print $4, ($2 == "start" ? 1 : -1) }' "$FAKE_TRAIN_RECORD" |
+    sort -k1,1n -k2,2n | awk '{ n += $2; if (n > m) m = n } END { print m + 0 }'
+}
+
+@test "seed example 2: four configs on four GPUs run in parallel, one log and one output each" {
+  FAKE_TRAIN_SLEEP=1 sweep --gpus 0,1,2,3 --image-encoders starnet_s1,starnet_s2,starnet_s3,starnet_s4 --text-encoders clip:ViT-B/32
+  assert_success
+  assert_equal "$(summary '.succeeded')" 4
+  assert_equal "$(cut -f1,2,3 "$FAKE_TRAIN_RECORD" | awk '$2 == "start" { print $3 }' | sort | tr '\n' ' ')" "0 1 2 3 "
+  assert_equal "$(max_overlap)" 4
+  run ls logs/clip_training
+  assert_line --regexp '^starnet_s1_clip_ViT-B_32_gpu[0-3]_[0-9]{8}_[0-9]{6}\.log$'
+  assert [ -f checkpoints/clip_models/starnet_s4_clip_ViT-B_32/metrics.json ]
+  assert [ -f checkpoints/clip_models/starnet_s4_clip_ViT-B_32/.mgpu_done ]
+  assert_equal "$(summary '.configs[0] | [.name, .image_encoder, .text_encoder, .status, .exit_code] | @tsv')" \
+    "$(printf 'starnet_s1_clip_ViT-B_32\tstarnet_s1\tclip:ViT-B/32\tsucceeded\t0')"
+  assert_equal "$(summary '.configs[0].metrics.val_r1')" 0.5
+  run cat logs/clip_training/summary_*.tsv
+  assert_line --index 1 --regexp $'^starnet_s1_clip_ViT-B_32\t0\tsucceeded\t0\t0\t[0-9.]+\t0\tval_r1=0.5\t'
+}
+
+@test "seed example 1: one GPU (GPU 5 of eight) runs the configs one after another" {
+  export MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json
+  GPUS=5 sweep --image-encoders starnet_s1,starnet_s2 --text-encoders clip:ViT-B/32
+  assert_success
+  assert_equal "$(gpus_of starnet_s1_clip_ViT-B_32) $(gpus_of starnet_s2_clip_ViT-B_32)" "5 5"
+  assert_equal "$(max_overlap)" 1
+}
+
+@test "seed example 3: a config file's keys become flags; -- arguments reach every run" {
+  cat >"$WORK/train_clip_config.json" <<'JSON'
+{"defaults": {"batch_size": 64, "fp16": true, "tensorboard": false},
+ "configs": [{"name": "small", "image_encoder": "starnet_s050", "text_encoder": "clip:tiny", "lr": 0.001},
+             {"image_encoder": "starnet_s1", "text_encoder": "bert-base-chinese", "batch_size": 32}]}
+JSON
+  GPUS="0 1" CONFIG_FILE="$WORK/train_clip_config.json" sweep -- --epochs 2
+  assert_success
+  run cut -f1,2,7 "$FAKE_TRAIN_RECORD"
+  assert_line "small	start	--image-encoder starnet_s050 --text-encoder clip:tiny --output-dir checkpoints/clip_models/small --batch-size 64 --fp16 --lr 0.001 --epochs 2"
+  assert_line "starnet_s1_bert-base-chinese	start	--image-encoder starnet_s1 --text-encoder bert-base-chinese --output-dir checkpoints/clip_models/starnet_s1_bert-base-chinese --batch-size 32 --fp16 --epochs 2"
+}
+
+@test "an unavailable GPU is reported and skipped; none available is an error" {
+  sweep --gpus 0,5 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
+  assert_success
+  assert_equal "$stderr" "$(grep -F '[ERROR] GPU 5 is not available (this machine has GPUs 0-3); skipping it' <<<"$stderr")"$'\n'"$(grep -v -F 'GPU 5' <<<"$stderr")"
+  assert_equal "$(gpus_of starnet_s1_clip_ViT-B_32)" 0
+  sweep --gpus 7,9 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
+  assert_failure 1
+  assert_equal "$(tail -n 1 <<<"$stderr")" "[ERROR] none of the GPUs in GPUS (7 9) is available; this machine has GPUs 0-3"
+}
+
+@test "a busy GPU is waited for, then used once the scenario frees it; the wait is in the summary" {
+  export MGPU_FAKE_GPUS
+  MGPU_FAKE_GPUS=$(scenario_copy 4x-rtx4090-gpu2-busy)
+  (sleep 1.5 && set_util "$MGPU_FAKE_GPUS" 2 5) &
+  sweep --gpus 2 --max-wait 30 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
+  wait
+  assert_success
+  [[ $stderr == *"GPU 2 is busy (utilization 95%"* ]]
+  assert_equal "$(gpus_of starnet_s1_clip_ViT-B_32)" 2
+  run summary '.configs[0] | "\(.waited_seconds) \(.reason)"'
+  assert_output --regexp '^[1-3] waited for GPU 2: utilization 95%'
+}
+
+@test "MAX_WAIT expiry: --on-timeout run starts anyway, skip skips, fail fails" {
+  export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-gpu2-busy.json
+  sweep --gpus 2 --max-wait 1 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
+  assert_success
+  assert_equal "$(summary '.configs[0] | "\(.status) \(.waited_seconds)"')" "succeeded 1"
+  rm -rf logs "$FAKE_TRAIN_RECORD"
+  sweep --gpus 2 --max-wait 1 --on-timeout skip --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
+  assert_failure 1
+  assert_equal "$(summary '.configs[0].status')" skipped
+  assert [ ! -e "$FAKE_TRAIN_RECORD" ]
+  rm -rf logs
+  sweep --gpus 2 --max-wait 1 --on-timeout fail --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
+  assert_failure 1
+  assert_equal "$(summary '.configs[0] | "\(.status) \(.reason)"')" "failed GPU 2 busy after 1s: utilization 95% (median of 1 samples) > MAX_UTIL 70%"
+}
+
+@test "one config failing never stops the others; its log tail is shown; exit 1" {
+  FAKE_TRAIN_FAIL=starnet_s2_clip_ViT-B_32 sweep --gpus 0,1 --image-encoders starnet_s1,starnet_s2,starnet_s3 --text-encoders clip:ViT-B/32
+  assert_failure 1
+  assert_equal "$(summary '"\(.succeeded) \(.failed)"')" "2 1"
+  assert_equal "$(summary '.configs[1] | "\(.status) \(.exit_code) \(.failure)"')" "failed 7 error"
+  [[ $stderr == *"    | RuntimeError: configured to fail"* ]]
+  assert_line --regexp '^starnet_s2_clip_ViT-B_32 +[01] +failed +7 \(error\)'
+}
+
+@test "--retries: an out-of-memory failure is retried on another GPU" {
+  FAKE_TRAIN_OOM_ON_GPU=0 sweep --gpus 0,1 --retries 2 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
+  assert_success
+  assert_equal "$(gpus_of starnet_s1_clip_ViT-B_32 | tr '\n' ' ')" "0 1 "
+  assert_equal "$(summary '.configs[0] | "\(.status) \(.retries) \(.gpu) \(.failed_attempts)"')" 'succeeded 1 1 ["oom on GPU 0"]'
+  [[ $stderr == *"retrying starnet_s1_clip_ViT-B_32 (oom, exit 1 on GPU 0; retry 1 of 2, preferring another GPU)"* ]]
+}
+
+@test "--resume runs only what did not finish, and re-runs a config whose arguments changed" {
+  FAKE_TRAIN_FAIL=starnet_s2_clip_ViT-B_32 sweep --gpus 0,1 --image-encoders starnet_s1,starnet_s2 --text-encoders clip:ViT-B/32
+  assert_failure 1
+  rm -rf logs "$FAKE_TRAIN_RECORD"
+  sweep --resume --gpus 0,1 --image-encoders starnet_s1,starnet_s2 --text-encoders clip:ViT-B/32
+  assert_success
+  assert_equal "$(cut -f1,2 "$FAKE_TRAIN_RECORD" | grep start)" "starnet_s2_clip_ViT-B_32	start"
+  assert_equal "$(summary '[.configs[] | "\(.name)=\(.status)"] | join(" ")')" \
+    "starnet_s1_clip_ViT-B_32=skipped starnet_s2_clip_ViT-B_32=succeeded"
+  rm -rf logs "$FAKE_TRAIN_RECORD"
+  sweep --resume --gpus 0,1 --image-encoders starnet_s1,starnet_s2 --text-encoders clip:ViT-B/32 -- --epochs 9
+  assert_success
+  assert_equal "$(grep -c start "$FAKE_TRAIN_RECORD")" 2
+}
+
+@test "JOBS_PER_GPU=2 runs two jobs at a time on one GPU, never three" {
+  FAKE_TRAIN_SLEEP=1 JOBS_PER_GPU=2 sweep --gpus 1 --image-encoders a,b,c,d --text-encoders t
+  assert_success
+  assert_equal "$(max_overlap 1)" 2
+}
+
+@test "two launchers on the same two GPUs never put two jobs on one GPU" {
+  printf 'FAKE_TRAIN_SLEEP=0.4 MGPU_CONFIG_NAME=%s %s\n' a1 "$ROOT/tests/fakes/fake-trainer" a2 "$ROOT/tests/fakes/fake-trainer" \
+    a3 "$ROOT/tests/fakes/fake-trainer" a4 "$ROOT/tests/fakes/fake-trainer" >"$WORK/a.txt"
+  sed 's/MGPU_CONFIG_NAME=a/MGPU_CONFIG_NAME=b/' "$WORK/a.txt" >"$WORK/b.txt"
+  bash "$ROOT/gpu_queue.sh" --gpus 0,1 --log-dir "$WORK/la" "$WORK/a.txt" 2>/dev/null >/dev/null &
+  bash "$ROOT/gpu_queue.sh" --gpus 0,1 --log-dir "$WORK/lb" "$WORK/b.txt" 2>/dev/null >/dev/null &
+  wait
+  assert_equal "$(grep -c start "$FAKE_TRAIN_RECORD")" 8
+  assert_equal "$(max_overlap 0)" 1
+  assert_equal "$(max_overlap 1)" 1
+}
+
+@test "Ctrl-C: no new job starts, running jobs get TERM, the summary says interrupted, exit 130, no process left" {
+  FAKE_TRAIN_SLEEP=60 env --default-signal=INT bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0,1 --grace 2 \
+    --image-encoders s1,s2,s3 --text-encoders t >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$!
+  for _ in $(seq 100); do [[ $(grep -c start "$FAKE_TRAIN_RECORD" 2>/dev/null) == 2 ]] && break; sleep 0.1; done
+  kill -INT "$launcher"
+  local rc=0
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 130
+  assert_equal "$(summary '[.configs[].status] | join(" ")')" "interrupted interrupted interrupted"
+  assert_equal "$(grep -c start "$FAKE_TRAIN_RECORD")" 2
+  local pid
+  while read -r pid; do
+    run live_in_group "$pid"
+    assert_output 0
+  done < <(cut -f5 "$FAKE_TRAIN_RECORD")
+}
+
+@test "SIGTERM stops everything too and exits 143" {
+  FAKE_TRAIN_SLEEP=60 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 --grace 1 --image-encoders s1 --text-encoders t \
+    >/dev/null 2>&1 &
+  local launcher=$! rc=0
+  for _ in $(seq 100); do [[ -s $FAKE_TRAIN_RECORD ]] && break; sleep 0.1; done
+  kill -TERM "$launcher"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 143
+  run live_in_group "$(cut -f5 "$FAKE_TRAIN_RECORD")"
+  assert_output 0
+}
+
+@test "names with spaces, quotes, \$(...) and ../ are made safe and never run" {
+  cat >"$WORK/evil.json" <<'JSON'
+{"configs": [{"name": "../../escape", "image_encoder": "a", "text_encoder": "b"},
+             {"name": "it's $(touch pwned) `touch pwned2`", "image_encoder": "a b", "text_encoder": "c;d"}]}
+JSON
+  sweep --gpus 0,1 --config-file "$WORK/evil.json"
+  assert_success
+  assert [ ! -e pwned ] && assert [ ! -e pwned2 ]
+  assert_equal "$(ls checkpoints/clip_models | sort | tr '\n' ' ')" '_._.._escape it_s___touch_pwned___touch_pwned2_ '
+  run cut -f7 "$FAKE_TRAIN_RECORD"
+  assert_line --partial "--image-encoder a b --text-encoder c;d"
+}
+
+@test "duplicate names and malformed config files are errors naming the file and the JSON path" {
+  echo '{"configs": [{"name": "x", "image_encoder": "a", "text_encoder": "b"}, {"name": "x", "image_encoder": "c", "text_encoder": "d"}]}' >"$WORK/dup.json"
+  sweep --config-file "$WORK/dup.json"
+  assert_failure 2
+  [[ $stderr == *"two configurations are both named 'x' ($WORK/dup.json: .configs[0] and $WORK/dup.json: .configs[1])"* ]]
+  echo '{"configs": [{"image_encoder": "a", "text_encoder": "b", "lr": [1]}]}' >"$WORK/bad.json"
+  sweep --config-file "$WORK/bad.json"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/bad.json: .configs[0].lr: must be a string, number, true, false or null, got array"
+  echo '{"image_encoders": ["a"],' >"$WORK/broken.json"
+  sweep --config-file "$WORK/broken.json"
+  assert_failure 2
+  [[ $stderr == *"CONFIG_FILE: $WORK/broken.json: not valid JSON"* ]]
+}
+
+@test "CPU mode: no GPU at all runs --cpu-slots jobs with OMP_NUM_THREADS set" {
+  unset MGPU_FAKE_GPUS
+  export NVIDIA_SMI=mgpu-no-such-nvidia-smi
+  FAKE_TRAIN_SLEEP=1 sweep --cpu-slots 2 --image-encoders a,b --text-encoders t
+  assert_success
+  [[ $stderr == *"no GPU found (no nvidia-smi, no MGPU_FAKE_GPUS): CPU mode, 2 job(s) at a time"* ]]
+  assert_equal "$(max_overlap)" 2
+  run awk -F'\t' '$2 == "start" { print "[" $3 "]", ($6 >= 1) }' "$FAKE_TRAIN_RECORD"
+  assert_output $'[] 1\n[] 1'
+  assert_equal "$(summary '.configs[0].gpu')" cpu
+}
+
+@test "gpu_queue.sh runs a jobs file and standard input with the same engine" {
+  printf '# warm-up\necho "gpu=$CUDA_VISIBLE_DEVICES name=$MGPU_CONFIG_NAME"\n\nexit 4\n' >"$WORK/jobs file.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 3 "$WORK/jobs file.txt"
+  assert_failure 1
+  assert_equal "$(jq -r '[.configs[] | "\(.name):\(.status):\(.exit_code)"] | join(" ")' logs/gpu_queue/summary_*.json)" \
+    "job2:succeeded:0 job4:failed:4"
+  run cat logs/gpu_queue/job2_gpu3_*.log
+  assert_output "gpu=3 name=job2"
+  rm -rf logs
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 - <<<$'true\ntrue\ntrue'
+  assert_success
+  assert_equal "$(jq -r .succeeded logs/gpu_queue/summary_*.json)" 3
+}
+
+@test "--dry-run prints the plan, the GPU check and each exact command, and launches nothing" {
+  export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-gpu2-busy.json
+  sweep --dry-run --gpus 1,2 --image-encoders starnet_s1,starnet_s2,starnet_s3 --text-encoders "clip:ViT-B/32" -- --note "two words"
+  assert_success
+  assert_equal "$output" "Plan: 3 job(s) on 2 slot(s) [1:0 2:0]; MAX_UTIL 70%, MAX_WAIT 300s, --on-timeout run, --retries 0
+GPU 1: free now
+GPU 2: busy now (utilization 95% (median of 1 samples) > MAX_UTIL 70%): jobs wait for it
+starnet_s1_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s1_clip_ViT-B_32 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s1 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s1_clip_ViT-B_32 --note two\\ words 
+starnet_s2_clip_ViT-B_32 -> GPU 2: CUDA_VISIBLE_DEVICES=2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s2_clip_ViT-B_32 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s2 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s2_clip_ViT-B_32 --note two\\ words 
+starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s3_clip_ViT-B_32 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s3 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s3_clip_ViT-B_32 --note two\\ words "
+  assert [ ! -e "$FAKE_TRAIN_RECORD" ]
+}
+
+@test "bad settings exit 2 naming the setting, the value and what is allowed" {
+  sweep --max-util 150
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] MAX_UTIL must be an integer from 0 to 100, got '150'"
+  sweep --on-timeout later
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --on-timeout must be run, skip or fail, got 'later'"
+  sweep --gpus 0,x
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] GPUS must list GPU indices like 0,1,2,3; got 'x' in '0 x'"
+  sweep --frobnicate
+  assert_failure 2
+  run --separate-stderr bash "$ROOT/run_train_clip.sh" --image-encoders a --text-encoders b
+  assert_failure 2
+  [[ $stderr == *"the built-in CLIP trainer (mgpu.train_clip) is not part of this mgpu yet; pass --train-cmd CMD"* ]]
+}
