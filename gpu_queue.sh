@@ -17,6 +17,8 @@ source "$MGPU_ROOT/lib/log.sh"
 source "$MGPU_ROOT/lib/gpu.sh"
 # shellcheck source=lib/grid.sh
 source "$MGPU_ROOT/lib/grid.sh"
+# shellcheck source=lib/lease.sh
+source "$MGPU_ROOT/lib/lease.sh"
 # shellcheck source=lib/sched.sh
 source "$MGPU_ROOT/lib/sched.sh"
 # shellcheck source=lib/ledger.sh
@@ -31,7 +33,8 @@ Usage: bash gpu_queue.sh [options] JOBS_FILE|-
 Runs each line of JOBS_FILE (or standard input for -) as a shell command (bash -c), with
 CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID, MGPU_GPU and MGPU_CONFIG_NAME (job<line>) set.
   --gpus 0,1,2,3  --jobs-per-gpu N  --max-util PCT  --max-wait SEC  --on-timeout run|skip|fail
-  --cpu-slots N  --retries N  --resume  --grace SEC  --log-dir DIR (default logs/gpu_queue)  --dry-run
+  --cpu-slots N  --retries N  --resume  --order given|longest-first  --grace SEC
+  --log-dir DIR (default logs/gpu_queue)  --dry-run
 The options mean what they mean for run_train_clip.sh (see its --help).
 Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
 USAGE
@@ -68,6 +71,7 @@ main() {
   ((${#JOB_NAME[@]})) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
   sweep::slots
   sweep::drop_done
+  sweep::order
   if [[ $DRY_RUN == true ]]; then
     sweep::dry_run
     return 0

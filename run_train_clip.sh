@@ -28,6 +28,8 @@ source "$MGPU_ROOT/lib/log.sh"
 source "$MGPU_ROOT/lib/gpu.sh"
 # shellcheck source=lib/grid.sh
 source "$MGPU_ROOT/lib/grid.sh"
+# shellcheck source=lib/lease.sh
+source "$MGPU_ROOT/lib/lease.sh"
 # shellcheck source=lib/sched.sh
 source "$MGPU_ROOT/lib/sched.sh"
 # shellcheck source=lib/ledger.sh
@@ -56,6 +58,8 @@ Runs:
   --retries N                 re-queue a failed job up to N times (out-of-memory and signals included),
                               after a backoff, preferring another GPU
   --resume                    skip configs an earlier run finished with the same settings
+  --order given|longest-first ORDER: longest-first starts the configs that took longest in earlier
+                              sweeps (LOG_DIR's summaries) first; configs never seen go first of all
   --grace SEC                 on Ctrl-C/TERM: seconds between TERM and KILL for running jobs (default 10)
   --log-dir DIR               LOG_DIR (default logs/clip_training)
   --ckpt-dir DIR              CKPT_DIR (default checkpoints/clip_models)
@@ -133,6 +137,7 @@ main() {
   done
   sweep::slots
   sweep::drop_done
+  sweep::order
   if [[ $DRY_RUN == true ]]; then
     sweep::dry_run
     return 0

@@ -147,11 +147,18 @@ gpu::_now_ms() {
 # gpu::is_free INDEX [NEED_MIB] — median utilization <= MAX_UTIL and at least NEED_MIB memory free.
 # 0 free; 1 busy (GPU_REASON says why); 2 no such GPU or the query failed (logged).
 gpu::is_free() {
+  GPU_REASON=""
+  log::require_int MAX_UTIL "${MAX_UTIL:-70}" 0 100 || return 2
+  log::require_int "memory need (MiB)" "${2:-0}" 0 || return 2
+  gpu::sample || return 2
+  gpu::judge "$@"
+}
+
+# gpu::judge INDEX [NEED_MIB] — gpu::is_free's verdict from the last gpu::sample (no new query), so a
+# caller deciding for several GPUs samples once.
+gpu::judge() {
   local index=$1 need=${2:-0} max=${MAX_UTIL:-70} free
   GPU_REASON=""
-  log::require_int MAX_UTIL "$max" 0 100 || return 2
-  log::require_int "memory need (MiB)" "$need" 0 || return 2
-  gpu::sample || return 2
   if [[ -z ${GPU_MEM_TOTAL[$index]:-} ]]; then
     GPU_REASON="GPU $index does not exist"
     return 2

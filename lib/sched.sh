@@ -1,7 +1,8 @@
 # shellcheck shell=bash disable=SC2034  # state shared with ledger.sh, sweep.sh and the entry scripts
 # sched:: — run queued jobs on GPU slots, at most JOBS_PER_GPU a GPU across every launcher on the
 # machine: flock leases, each job in its own process group, `wait -n` (no polling for job ends),
-# waits for busy GPUs, retries, and clean stops. Records go through ledger.sh. Needs log.sh, gpu.sh.
+# waits for busy GPUs, retries, and clean stops. Records go through ledger.sh. Needs log.sh, gpu.sh,
+# lease.sh.
 #
 # The entry script sets, then calls sched::init, sched::add for each job, and sched::run:
 #   SCHED_SLOTS=(0:0 1:0 0:1 1:1)  GPU:slot pairs in launch-preference order (cpu:N in CPU mode)
@@ -13,7 +14,7 @@ declare -A GPU_WAITED_MS=() GPU_OURS_UNTIL=() SLOT_PID=() PID_JOB=() PID_SLOT=()
 declare -a JOB_NAME=() JOB_IMAGE=() JOB_TEXT=() JOB_OUT=() JOB_MARKER=() JOB_HASH=() JOB_ENV=()
 declare -a JOB_STATUS=() JOB_EXIT=() JOB_KIND=() JOB_RETRIES=() JOB_GPU=() JOB_LOG=() JOB_REASON=()
 declare -a JOB_START_MS=() JOB_MS=() JOB_WAITED=() JOB_READY_AT=() JOB_AVOID=() JOB_FAILS=()
-SCHED_STATE="" SCHED_STOP="" SCHED_TIMER="" SCHED_FD=""
+SCHED_STATE="" SCHED_STOP="" SCHED_TIMER="" SCHED_SAMPLE_MS=0
 
 sched::init() {
   SCHED_STATE=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-sched.XXXXXX")
@@ -27,36 +28,24 @@ sched::add() {
   JOB_NAME[i]=$1 JOB_IMAGE[i]=$2 JOB_TEXT[i]=$3 JOB_OUT[i]=$4 JOB_MARKER[i]=$5 JOB_ENV[i]=$6
   shift 7
   printf '%s\0' "$@" >"$SCHED_STATE/job$i.argv"
-  JOB_HASH[i]=$(sha256sum <"$SCHED_STATE/job$i.argv")
-  JOB_HASH[i]=${JOB_HASH[i]%% *}
+  JOB_HASH[i]=""
   JOB_STATUS[i]=queued JOB_RETRIES[i]=0 JOB_WAITED[i]=0 JOB_READY_AT[i]=0 JOB_AVOID[i]="" JOB_EXIT[i]="" JOB_FAILS[i]=""
   JOB_KIND[i]="" JOB_GPU[i]="" JOB_LOG[i]="" JOB_MS[i]=0 JOB_REASON[i]=""
   SCHED_QUEUE+=("$i")
 }
 
+# sched::hash_jobs — every job's hash (of its exact argv), in one sha256sum call.
+sched::hash_jobs() {
+  local sum file job
+  ((${#JOB_NAME[@]})) && [[ -z ${JOB_HASH[0]} ]] || return 0
+  while read -r sum file; do
+    job=${file#job}
+    JOB_HASH[${job%.argv}]=$sum
+  done < <(cd "$SCHED_STATE" && sha256sum -- job*.argv)
+}
+
 # sched::argv JOB — the job's argv into the global array SCHED_ARGV.
 sched::argv() { mapfile -d '' -t SCHED_ARGV <"$SCHED_STATE/job$1.argv"; }
-
-# ---------------------------------------------------------------- leases
-
-# sched::_lease GPU SLOT — take the machine-wide lease of this GPU slot into SCHED_FD; 1 if held elsewhere.
-sched::_lease() {
-  local dir=${MGPU_LOCK_DIR:-/tmp/mgpu-locks} file
-  file=$dir/gpu$1.slot$2.lock
-  [[ -d $dir ]] || mkdir -m 1777 "$dir" 2>/dev/null || mkdir -p "$dir" 2>/dev/null || true
-  if [[ -L $dir || -L $file ]]; then
-    die "MGPU_LOCK_DIR: refusing the lock file $file: it or its folder is a symbolic link"
-  fi
-  [[ -e $file ]] || (set -C; : >"$file") 2>/dev/null || [[ -e $file ]] ||
-    die "MGPU_LOCK_DIR: cannot create the lock file $file (set MGPU_LOCK_DIR to a writable folder)"
-  [[ -L $file ]] && die "MGPU_LOCK_DIR: refusing the lock file $file: it is a symbolic link"
-  exec {SCHED_FD}<"$file"
-  if flock -n "$SCHED_FD"; then
-    return 0
-  fi
-  exec {SCHED_FD}<&-
-  return 1
-}
 
 # ---------------------------------------------------------------- GPU load
 
@@ -70,7 +59,11 @@ sched::_gpu_state() {
   if [[ -n ${GPU_BUSY_SINCE[$gpu]:-} ]] && ((now < GPU_NEXT_CHECK[$gpu])); then
     SCHED_GPU_STATE="wait"
   else
-    gpu::is_free "$gpu" 2>/dev/null || rc=$?
+    if ((!SCHED_SAMPLED)); then
+      gpu::sample 2>/dev/null && SCHED_SAMPLED=1 || SCHED_SAMPLED=-1
+      SCHED_SAMPLE_MS=$now
+    fi
+    if ((SCHED_SAMPLED == 1)); then gpu::judge "$gpu" || rc=$?; else rc=2; fi
     gpu::_now_ms
     now=$GPU_NOW_MS
     if ((rc == 0)); then
@@ -98,7 +91,7 @@ declare -A SCHED_WHY=()
 
 # ---------------------------------------------------------------- choosing a slot
 
-# sched::_pick JOB NOW_MS — SCHED_PICK becomes a free, leased, ready slot index (lease in SCHED_FD),
+# sched::_pick JOB NOW_MS — SCHED_PICK becomes a free, leased, ready slot index (lease in LEASE_FD),
 # or "" with SCHED_PICK_WHY = full | wait. A slot on an expired GPU is taken with SCHED_PICK_EXPIRED=1.
 sched::_pick() {
   local job=$1 now=$2 pass s gpu slot
@@ -113,7 +106,7 @@ sched::_pick() {
         SCHED_PICK_WHY="wait"
         continue
       fi
-      sched::_lease "$gpu" "$slot" || { SCHED_PICK_WHY="wait"; continue; }
+      lease::take "$gpu" "$slot" || { SCHED_PICK_WHY="wait"; continue; }
       SCHED_PICK=$s
       [[ $SCHED_GPU_STATE == expired ]] && SCHED_PICK_EXPIRED=1
       return 0
@@ -125,13 +118,19 @@ sched::_pick() {
 
 # sched::_log_path JOB GPU — a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log, never reused.
 sched::_log_path() {
-  local base n=1 path
-  base=$LOG_DIR/${JOB_NAME[$1]}_gpu$2_$(date +%Y%m%d_%H%M%S)
+  local base n=1 path ts made=0
+  printf -v ts '%(%Y%m%d_%H%M%S)T' -1
+  base=$LOG_DIR/${JOB_NAME[$1]}_gpu$2_$ts
   path=$base.log
-  until (set -C; : >"$path") 2>/dev/null; do
-    n=$((n + 1))
-    path=${base}_$n.log
+  set -C # noclobber: creating the file fails if it exists, so no two jobs ever share a log
+  until ((made)); do
+    if { : >"$path"; } 2>/dev/null; then
+      made=1
+    else
+      n=$((n + 1)) path=${base}_$n.log
+    fi
   done
+  set +C
   SCHED_LOG=$path
 }
 
@@ -147,7 +146,7 @@ sched::_launch() {
     MGPU_GPU="$gpu" OMP_NUM_THREADS="$SCHED_THREADS" "${env_words[@]}" "${SCHED_ARGV[@]}" \
     </dev/null >"$SCHED_LOG" 2>&1 &
   pid=$!
-  exec {SCHED_FD}<&-
+  exec {LEASE_FD}<&-
   SLOT_PID[$s]=$pid PID_JOB[$pid]=$job PID_SLOT[$pid]=$s pids[${JOB_NAME[job]}]=$pid
   JOB_STATUS[job]=running JOB_GPU[job]=$gpu JOB_LOG[job]=$SCHED_LOG
   gpu::_now_ms
@@ -163,6 +162,8 @@ sched::_fill() {
   local i job rest=() need_timer=0 waited
   gpu::_now_ms
   local now=$GPU_NOW_MS
+  # One sample of all GPUs serves every decision of this fill, and of later fills for 500 ms.
+  SCHED_SAMPLED=$((now - SCHED_SAMPLE_MS < 500 ? 1 : 0))
   for i in "${!SCHED_QUEUE[@]}"; do
     job=${SCHED_QUEUE[i]}
     if ((JOB_READY_AT[job] > now)); then
@@ -186,10 +187,10 @@ sched::_fill() {
       JOB_WAITED[job]=$waited JOB_REASON[job]="GPU $gpu busy after ${waited}s: ${SCHED_WHY[$gpu]}"
       unset "GPU_BUSY_SINCE[$gpu]"
       if [[ $ON_TIMEOUT != run ]]; then
-        exec {SCHED_FD}<&-
+        exec {LEASE_FD}<&-
         JOB_STATUS[job]=$([[ $ON_TIMEOUT == skip ]] && echo skipped || echo failed)
-        ledger::event "${JOB_STATUS[job]} ${JOB_NAME[job]}: ${JOB_REASON[job]} (--on-timeout $ON_TIMEOUT)"
         ledger::record "$job"
+        ledger::event "${JOB_STATUS[job]} ${JOB_NAME[job]}: ${JOB_REASON[job]} (--on-timeout $ON_TIMEOUT)"
         continue
       fi
       log::warn "GPU $gpu still busy after MAX_WAIT ${MAX_WAIT}s; starting ${JOB_NAME[job]} there anyway (--on-timeout run)"
@@ -243,9 +244,11 @@ sched::_finish() {
     fi
     JOB_STATUS[job]=failed
   fi
-  ledger::event "${JOB_STATUS[job]} ${JOB_NAME[job]} (exit $rc${JOB_KIND[job]:+, ${JOB_KIND[job]}}, $(gpu::_seconds "${JOB_MS[job]}")s)"
-  [[ ${JOB_STATUS[job]} != failed ]] || ledger::show_tail "$job"
+  local took
+  printf -v took '%d.%03d' $((JOB_MS[job] / 1000)) $((JOB_MS[job] % 1000))
   ledger::record "$job"
+  ledger::event "${JOB_STATUS[job]} ${JOB_NAME[job]} (exit $rc${JOB_KIND[job]:+, ${JOB_KIND[job]}}, ${took}s)"
+  [[ ${JOB_STATUS[job]} != failed ]] || ledger::show_tail "$job"
 }
 
 # sched::_wait_one — block until a job or the timer ends (or a signal arrives), then handle it.
@@ -303,6 +306,7 @@ sched::stop_all() {
 # sched::run — run the queue to the end (or to a signal); the summary is written either way.
 sched::run() {
   SCHED_THREADS=${SCHED_THREADS:-1}
+  sched::hash_jobs
   trap 'SCHED_STOP=INT' INT
   trap 'SCHED_STOP=TERM' TERM
   trap 'sched::_on_exit' EXIT

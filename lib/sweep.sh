@@ -7,6 +7,7 @@ sweep::defaults() {
   MAX_UTIL=${MAX_UTIL:-70} MAX_WAIT=${MAX_WAIT:-300} JOBS_PER_GPU=${JOBS_PER_GPU:-1}
   RETRIES=${RETRIES:-0} GRACE=${GRACE:-10} ON_TIMEOUT=${ON_TIMEOUT:-run} CPU_SLOTS=${CPU_SLOTS:-1}
   DRY_RUN=${DRY_RUN:-false} RESUME=${RESUME:-false} USE_MULTI_CONFIG=${USE_MULTI_CONFIG:-true}
+  ORDER=${ORDER:-given}
 }
 
 # sweep::flag ARGS... — take one shared flag; SWEEP_SHIFT is the words it used (0: not a shared flag).
@@ -16,7 +17,7 @@ sweep::flag() {
     --resume) RESUME=true SWEEP_SHIFT=1 ;;
     --dry-run) DRY_RUN=true SWEEP_SHIFT=1 ;;
     --gpus | --max-util | --max-wait | --jobs-per-gpu | --log-dir | --retries | --on-timeout | --cpu-slots | \
-      --grace | --use-multi-config)
+      --grace | --use-multi-config | --order)
       (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
       case $1 in
         --gpus) GPUS=("$2") ;;
@@ -29,6 +30,7 @@ sweep::flag() {
         --cpu-slots) CPU_SLOTS=$2 ;;
         --grace) GRACE=$2 ;;
         --use-multi-config) USE_MULTI_CONFIG=$2 ;;
+        --order) ORDER=$2 ;;
       esac
       ;;
     *) SWEEP_SHIFT=0 ;;
@@ -53,6 +55,7 @@ sweep::validate() {
   log::require_int "--grace" "$GRACE" 0 3600 || exit 2
   log::require_int "--cpu-slots" "$CPU_SLOTS" 1 1024 || exit 2
   [[ $ON_TIMEOUT =~ ^(run|skip|fail)$ ]] || die "--on-timeout must be run, skip or fail, got '$ON_TIMEOUT'"
+  [[ $ORDER =~ ^(given|longest-first)$ ]] || die "--order must be given or longest-first, got '$ORDER'"
   [[ $USE_MULTI_CONFIG =~ ^(true|false)$ ]] || die "USE_MULTI_CONFIG must be true or false, got '$USE_MULTI_CONFIG'"
   [[ -n $LOG_DIR ]] || die "LOG_DIR must not be empty"
   sweep::split_list GPUS
@@ -88,8 +91,11 @@ sweep::slots() {
     log::warn "no GPU found (no nvidia-smi, no MGPU_FAKE_GPUS): CPU mode, $CPU_SLOTS job(s) at a time"
     for ((k = 0; k < CPU_SLOTS; k++)); do SCHED_SLOTS+=("cpu:$k"); done
   else
-    read -ra have <<<"$(gpu::indices)" || true
-    ((${#have[@]})) || DIE_STATUS=1 die "the GPU query failed or found no GPU (see above); nothing can run"
+    gpu::sample || DIE_STATUS=1 die "the GPU query failed (see above); nothing can run"
+    mapfile -t have < <(printf '%s\n' "${!GPU_MEM_TOTAL[@]}" | sort -n)
+    ((${#have[@]})) || DIE_STATUS=1 die "the GPU query found no GPU; nothing can run"
+    gpu::_now_ms
+    SCHED_SAMPLE_MS=$GPU_NOW_MS # the first launch decisions use this sample
     for gpu in "${GPUS[@]}"; do
       if [[ " ${have[*]} " == *" $gpu "* ]]; then
         [[ " ${kept[*]} " == *" $gpu "* ]] || kept+=("$gpu")
@@ -134,6 +140,7 @@ sweep::dry_run() {
 # sweep::drop_done — with --resume, jobs an earlier run finished are recorded as skipped, not queued.
 sweep::drop_done() {
   local job keep=()
+  sched::hash_jobs
   for job in "${SCHED_QUEUE[@]}"; do
     if [[ $RESUME == true ]] && ledger::is_done "$job"; then
       JOB_STATUS[job]=skipped JOB_REASON[job]="done earlier (--resume)"
@@ -144,4 +151,23 @@ sweep::drop_done() {
     fi
   done
   SCHED_QUEUE=("${keep[@]}")
+}
+
+# sweep::order — with --order longest-first, queue the jobs that took longest in earlier sweeps (the
+# summaries in LOG_DIR, matched by config hash) first; jobs never seen before go first of all.
+sweep::order() {
+  [[ $ORDER == longest-first ]] || return 0
+  local -A took=()
+  local hash secs job line keyed=()
+  local summaries=("$LOG_DIR"/summary_*.json)
+  if [[ -e ${summaries[0]} ]]; then
+    while IFS=$'\t' read -r hash secs; do took[$hash]=$secs; done < <(jq -rs '
+      [.[].configs[]? | select(.status == "succeeded") | [.config_hash, .seconds]] | .[] | @tsv' "${summaries[@]}")
+  fi
+  log::info "--order longest-first: ${#took[@]} earlier wall time(s) found in $LOG_DIR"
+  for job in "${SCHED_QUEUE[@]}"; do
+    keyed+=("${took[${JOB_HASH[job]}]:-1e18}"$'\t'"$job")
+  done
+  SCHED_QUEUE=()
+  while IFS=$'\t' read -r _ job; do SCHED_QUEUE+=("$job"); done < <(printf '%s\n' "${keyed[@]}" | sort -s -t $'\t' -k1,1gr)
 }

@@ -262,3 +262,35 @@ starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_
   assert_failure 2
   [[ $stderr == *"the built-in CLIP trainer (mgpu.train_clip) is not part of this mgpu yet; pass --train-cmd CMD"* ]]
 }
+
+@test "--order longest-first starts what took longest last time first, and never-seen jobs before all" {
+  printf 'sleep 0.1\nsleep 0.6\nsleep 0.3\n' >"$WORK/jobs.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt"
+  assert_success
+  printf 'sleep 0.1\nsleep 0.6\nsleep 0.3\nsleep 0.2\n' >"$WORK/jobs.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 --order longest-first "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(grep -o 'started job[0-9]' <<<"$stderr" | tr '\n' ' ')" "started job4 started job2 started job3 started job1 "
+  [[ $stderr == *"--order longest-first: 3 earlier wall time(s) found in logs/gpu_queue"* ]]
+}
+
+@test "on a terminal a status line stays under the log; elsewhere only plain lines" {
+  printf 'true\nexit 3\n' >"$WORK/jobs.txt"
+  run script -qec "$(printf '%q ' bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt")" /dev/null
+  assert_output --partial $'\r\033[Kmgpu: 2/2 done, 0 running, 0 queued'
+  assert_output --partial "(failed so far: 1)"
+  rm -rf logs
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt"
+  [[ $stderr != *$'\033'* && $stderr != *$'\r'* ]]
+  [[ $stderr == *"[INFO] [2/2 done, 0 running, 0 queued, "* ]]
+}
+
+@test "a lock file that is a symbolic link is refused, and its target is left untouched" {
+  mkdir -p "$MGPU_LOCK_DIR"
+  ln -s "$WORK/precious" "$MGPU_LOCK_DIR/gpu0.slot0.lock"
+  sweep --gpus 0 --image-encoders a --text-encoders b
+  assert_failure
+  [[ $stderr == *"MGPU_LOCK_DIR: refusing the lock file $MGPU_LOCK_DIR/gpu0.slot0.lock: it or its folder is a symbolic link"* ]]
+  assert [ ! -e "$WORK/precious" ]
+  assert [ ! -e "$FAKE_TRAIN_RECORD" ]
+}

@@ -30,7 +30,8 @@ scenario_copy() {
 
 # live_in_group PGID — how many processes of the group still run (zombies excluded: they hold nothing)
 live_in_group() {
-  awk -v g="$1" '{ sub(/^.*\) /, ""); if ($3 == g && $1 != "Z") n++ } END { print n + 0 }' /proc/[0-9]*/stat 2>/dev/null
+  # cat, not awk, opens the files: a process may vanish between the glob and the open
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v g="$1" '{ sub(/^.*\) /, ""); if ($3 == g && $1 != "Z") n++ } END { print n + 0 }'
 }
 
 # set_util FILE INDEX PERCENT — change one GPU's utilization in a scenario, atomically.
