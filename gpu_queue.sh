@@ -11,20 +11,8 @@ set -Eeuo pipefail
 LOG_DIR=${LOG_DIR:-logs/gpu_queue}
 
 MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
-# shellcheck source=lib/log.sh
-source "$MGPU_ROOT/lib/log.sh"
-# shellcheck source=lib/gpu.sh
-source "$MGPU_ROOT/lib/gpu.sh"
-# shellcheck source=lib/grid.sh
-source "$MGPU_ROOT/lib/grid.sh"
-# shellcheck source=lib/lease.sh
-source "$MGPU_ROOT/lib/lease.sh"
-# shellcheck source=lib/sched.sh
-source "$MGPU_ROOT/lib/sched.sh"
-# shellcheck source=lib/ledger.sh
-source "$MGPU_ROOT/lib/ledger.sh"
 # shellcheck source=lib/sweep.sh
-source "$MGPU_ROOT/lib/sweep.sh"
+source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
 
 usage() {
   cat <<'USAGE'
@@ -40,23 +28,18 @@ Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error;
 USAGE
 }
 
+# own_arg ARGS... — the jobs file (or - for standard input); anything else starting with - is unknown.
+own_arg() {
+  SWEEP_SHIFT=0
+  [[ $1 == - || $1 != -* ]] || return 0
+  [[ -z $source ]] || DIE_STATUS=2 die "one jobs file only, got '$source' and '$1'"
+  source=$1 SWEEP_SHIFT=1
+}
+
 main() {
   local source="" line n=0
-  while (($#)); do
-    [[ $1 != --*=* ]] || set -- "${1%%=*}" "${1#*=}" "${@:2}"
-    sweep::flag "$@"
-    if ((SWEEP_SHIFT)); then
-      shift "$SWEEP_SHIFT"
-      continue
-    fi
-    case $1 in
-      -h | --help) usage; exit 0 ;;
-      -) source=- ;;
-      -*) DIE_STATUS=2 die "unknown option '$1' (see --help)" ;;
-      *) [[ -z $source ]] || DIE_STATUS=2 die "one jobs file only, got '$source' and '$1'"; source=$1 ;;
-    esac
-    shift
-  done
+  sweep::parse "$@"
+  ((${#SWEEP_REST[@]} == 0)) || DIE_STATUS=2 die "gpu_queue.sh takes no arguments after --"
   [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
   [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
   sweep::defaults
@@ -69,16 +52,7 @@ main() {
     sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" "" -- bash -c "$line"
   done < <(if [[ $source == - ]]; then cat; else cat -- "$source"; fi)
   ((${#JOB_NAME[@]})) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
-  sweep::slots
-  sweep::drop_done
-  sweep::order
-  if [[ $DRY_RUN == true ]]; then
-    sweep::dry_run
-    return 0
-  fi
-  log::info "${#JOB_NAME[@]} job(s), ${#SCHED_SLOTS[@]} slot(s); logs in $LOG_DIR"
-  sched::run
-  exit "$SCHED_EXIT"
+  sweep::launch
 }
 
 main "$@"

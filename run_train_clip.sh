@@ -22,20 +22,8 @@ CKPT_DIR=${CKPT_DIR:-checkpoints/clip_models}
 # -------------------------------------------------------------------------------------------------------
 
 MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
-# shellcheck source=lib/log.sh
-source "$MGPU_ROOT/lib/log.sh"
-# shellcheck source=lib/gpu.sh
-source "$MGPU_ROOT/lib/gpu.sh"
-# shellcheck source=lib/grid.sh
-source "$MGPU_ROOT/lib/grid.sh"
-# shellcheck source=lib/lease.sh
-source "$MGPU_ROOT/lib/lease.sh"
-# shellcheck source=lib/sched.sh
-source "$MGPU_ROOT/lib/sched.sh"
-# shellcheck source=lib/ledger.sh
-source "$MGPU_ROOT/lib/ledger.sh"
 # shellcheck source=lib/sweep.sh
-source "$MGPU_ROOT/lib/sweep.sh"
+source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
 
 usage() {
   cat <<'USAGE'
@@ -69,32 +57,24 @@ Exit status: 0 all configs succeeded; 1 some failed or were skipped; 2 usage err
 USAGE
 }
 
-parse_args() {
-  TRAIN_CMD=${TRAIN_CMD:-} EXTRA_ARGS=()
-  while (($#)); do
-    [[ $1 != --*=* ]] || set -- "${1%%=*}" "${1#*=}" "${@:2}"
-    sweep::flag "$@"
-    if ((SWEEP_SHIFT)); then
-      shift "$SWEEP_SHIFT"
-      continue
-    fi
-    case $1 in
-      -h | --help) usage; exit 0 ;;
-      --) shift; EXTRA_ARGS=("$@"); break ;;
-      --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir)
-        (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
-        case $1 in
-          --image-encoders) IMAGE_ENCODERS=("$2") ;;
-          --text-encoders) TEXT_ENCODERS=("$2") ;;
-          --config-file) CONFIG_FILE=$2 ;;
-          --train-cmd) TRAIN_CMD=$2 ;;
-          --ckpt-dir) CKPT_DIR=$2 ;;
-        esac
-        shift 2
-        ;;
-      *) DIE_STATUS=2 die "unknown option '$1' (see --help; trainer arguments go after --)" ;;
-    esac
-  done
+# own_arg ARGS... — this launcher's own flags (the shared ones are sweep::flag's).
+own_arg() {
+  SWEEP_SHIFT=0
+  case $1 in
+    --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir)
+      (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+      case $1 in
+        --image-encoders) IMAGE_ENCODERS=("$2") ;;
+        --text-encoders) TEXT_ENCODERS=("$2") ;;
+        --config-file) CONFIG_FILE=$2 ;;
+        --train-cmd) TRAIN_CMD=$2 ;;
+        --ckpt-dir) CKPT_DIR=$2 ;;
+      esac
+      SWEEP_SHIFT=2
+      ;;
+    -*) ;;
+    *) DIE_STATUS=2 die "unexpected argument '$1' (trainer arguments go after --)" ;;
+  esac
 }
 
 # trainer — the trainer's argv into TRAINER; the built-in one must exist.
@@ -112,7 +92,8 @@ trainer() {
 }
 
 main() {
-  parse_args "$@"
+  TRAIN_CMD=${TRAIN_CMD:-}
+  sweep::parse "$@"
   sweep::defaults
   sweep::validate
   sweep::split_list IMAGE_ENCODERS
@@ -133,18 +114,10 @@ main() {
     out=$CKPT_DIR/${CFG_NAME[i]}
     sched::add "${CFG_NAME[i]}" "${CFG_IMAGE[i]}" "${CFG_TEXT[i]}" "$out" "$out/.mgpu_done" "" -- \
       "${TRAINER[@]}" --image-encoder "${CFG_IMAGE[i]}" --text-encoder "${CFG_TEXT[i]}" --output-dir "$out" \
-      "${flags[@]}" "${EXTRA_ARGS[@]}"
+      "${flags[@]}" "${SWEEP_REST[@]}"
   done
-  sweep::slots
-  sweep::drop_done
-  sweep::order
-  if [[ $DRY_RUN == true ]]; then
-    sweep::dry_run
-    return 0
-  fi
-  log::info "${#CFG_NAME[@]} configuration(s), ${#SCHED_SLOTS[@]} slot(s); logs in $LOG_DIR, outputs in $CKPT_DIR"
-  sched::run
-  exit "$SCHED_EXIT"
+  log::info "outputs in $CKPT_DIR"
+  sweep::launch
 }
 
 main "$@"

@@ -1,6 +1,55 @@
 # shellcheck shell=bash disable=SC2034  # settings and state shared with sched.sh and the entry scripts
-# sweep:: — what run_train_clip.sh and gpu_queue.sh share: settings and their flags, validation,
-# the GPU check that builds the slots, and the --dry-run plan. Needs log.sh, gpu.sh, sched.sh.
+# sweep:: — what run_train_clip.sh and gpu_queue.sh share: settings and their flags, the argument
+# loop, validation, the GPU check that builds the slots, --dry-run, --resume, --order, and the launch.
+# Sourcing it sources the libraries it builds on.
+
+_SWEEP_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib/log.sh
+source "$_SWEEP_LIB_DIR/log.sh"
+# shellcheck source=lib/gpu.sh
+source "$_SWEEP_LIB_DIR/gpu.sh"
+# shellcheck source=lib/grid.sh
+source "$_SWEEP_LIB_DIR/grid.sh"
+# shellcheck source=lib/lease.sh
+source "$_SWEEP_LIB_DIR/lease.sh"
+# shellcheck source=lib/sched.sh
+source "$_SWEEP_LIB_DIR/sched.sh"
+# shellcheck source=lib/ledger.sh
+source "$_SWEEP_LIB_DIR/ledger.sh"
+
+# sweep::parse ARGS... — the argument loop of both launchers: --name=value, the shared flags, -h/--help
+# (the script's `usage`), and `--` (the rest into SWEEP_REST). Every other word goes to the script's
+# `own_arg`, which sets SWEEP_SHIFT to the words it took (0: unknown, an error).
+sweep::parse() {
+  SWEEP_REST=()
+  while (($#)); do
+    [[ $1 != --*=* ]] || set -- "${1%%=*}" "${1#*=}" "${@:2}"
+    sweep::flag "$@"
+    if ((!SWEEP_SHIFT)); then
+      case $1 in
+        -h | --help) usage; exit 0 ;;
+        --) shift; SWEEP_REST=("$@"); return 0 ;;
+      esac
+      own_arg "$@"
+      ((SWEEP_SHIFT)) || DIE_STATUS=2 die "unknown option '$1' (see --help)"
+    fi
+    shift "$SWEEP_SHIFT"
+  done
+}
+
+# sweep::launch — the GPU check, --resume, --order, then --dry-run's plan or the sweep itself (exits).
+sweep::launch() {
+  sweep::slots
+  sweep::drop_done
+  sweep::order
+  if [[ $DRY_RUN == true ]]; then
+    sweep::dry_run
+    exit 0
+  fi
+  log::info "${#JOB_NAME[@]} job(s), ${#SCHED_SLOTS[@]} slot(s); logs in $LOG_DIR"
+  sched::run
+  exit "$SCHED_EXIT"
+}
 
 # sweep::defaults — the shared settings, each from the environment or its default.
 sweep::defaults() {
@@ -67,17 +116,18 @@ sweep::validate() {
 
 # sweep::_ranges 0 1 2 3 5 — "0-3, 5"
 sweep::_ranges() {
-  local out="" start=$1 prev=$1 n
+  local ranges="" start=$1 prev=$1 n
   shift
   for n in "$@" ""; do
     if [[ -n $n ]] && ((n == prev + 1)); then
       prev=$n
       continue
     fi
-    out+="${out:+, }$start$([[ $start == "$prev" ]] || echo "-$prev")"
+    ranges+="${ranges:+, }$start"
+    [[ $start == "$prev" ]] || ranges+="-$prev"
     start=$n prev=$n
   done
-  echo "$out"
+  echo "$ranges"
 }
 
 # sweep::slots — check every GPU in GPUS, skip the missing ones, and fill SCHED_SLOTS (GPU:slot,
@@ -118,11 +168,12 @@ sweep::dry_run() {
   local job s gpu seen=() env_words
   printf 'Plan: %d job(s) on %d slot(s) [%s]; MAX_UTIL %s%%, MAX_WAIT %ss, --on-timeout %s, --retries %s\n' \
     "${#SCHED_QUEUE[@]}" "${#SCHED_SLOTS[@]}" "${SCHED_SLOTS[*]}" "$MAX_UTIL" "$MAX_WAIT" "$ON_TIMEOUT" "$RETRIES"
+  [[ ${SCHED_SLOTS[0]} == cpu:* ]] || gpu::sample || true
   for s in "${SCHED_SLOTS[@]}"; do
     gpu=${s%%:*}
     [[ $gpu != cpu && " ${seen[*]} " != *" $gpu "* ]] || continue
     seen+=("$gpu")
-    if gpu::is_free "$gpu"; then echo "GPU $gpu: free now"; else echo "GPU $gpu: busy now ($GPU_REASON): jobs wait for it"; fi
+    if gpu::judge "$gpu"; then echo "GPU $gpu: free now"; else echo "GPU $gpu: busy now ($GPU_REASON): jobs wait for it"; fi
   done
   for s in "${!SCHED_QUEUE[@]}"; do
     job=${SCHED_QUEUE[s]}

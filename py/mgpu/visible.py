@@ -86,7 +86,7 @@ def resolve(raw: str | None, gpus: list[Gpu]) -> Visibility:
             break
         if gpu.index in vis.physical:
             return Visibility(raw, [], entries, f"GPU {gpu.index} is listed twice, so CUDA shows no GPU at all")
-        if kind == "" and match_is_partial(entry):
+        if kind == "" and _is_partial(entry):
             vis.invalid.append(entry)
             vis.why = f"{entry!r} is read as {gpu.index}"
         vis.physical.append(gpu.index)
@@ -96,7 +96,7 @@ def resolve(raw: str | None, gpus: list[Gpu]) -> Visibility:
     return vis
 
 
-def match_is_partial(entry: str) -> bool:
+def _is_partial(entry: str) -> bool:
     """True for an ordinal with trailing garbage that strtoul silently drops, like '1gpu'."""
     match = _ORDINAL.match(entry)
     return bool(match) and match.end() != len(entry)

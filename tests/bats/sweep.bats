@@ -63,7 +63,7 @@ JSON
 @test "an unavailable GPU is reported and skipped; none available is an error" {
   sweep --gpus 0,5 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
   assert_success
-  assert_equal "$stderr" "$(grep -F '[ERROR] GPU 5 is not available (this machine has GPUs 0-3); skipping it' <<<"$stderr")"$'\n'"$(grep -v -F 'GPU 5' <<<"$stderr")"
+  assert_equal "$(grep -c -F '[ERROR] GPU 5 is not available (this machine has GPUs 0-3); skipping it' <<<"$stderr")" 1
   assert_equal "$(gpus_of starnet_s1_clip_ViT-B_32)" 0
   sweep --gpus 7,9 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
   assert_failure 1
@@ -293,4 +293,19 @@ starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_
   [[ $stderr == *"MGPU_LOCK_DIR: refusing the lock file $MGPU_LOCK_DIR/gpu0.slot0.lock: it or its folder is a symbolic link"* ]]
   assert [ ! -e "$WORK/precious" ]
   assert [ ! -e "$FAKE_TRAIN_RECORD" ]
+}
+
+@test "USE_MULTI_CONFIG=false runs one config at a time on the first GPU" {
+  USE_MULTI_CONFIG=false sweep --gpus 2,3 --image-encoders a,b,c --text-encoders t
+  assert_success
+  assert_equal "$(awk -F'\t' '$2 == "start" { print $3 }' "$FAKE_TRAIN_RECORD" | tr '\n' ' ')" "2 2 2 "
+  assert_equal "$(max_overlap)" 1
+}
+
+@test "a job killed by a signal is reported as such, and retried" {
+  printf 'kill -KILL $$\n' >"$WORK/jobs.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 --retries 1 "$WORK/jobs.txt"
+  assert_failure 1
+  assert_equal "$(jq -r '.configs[0] | "\(.status) \(.exit_code) \(.failure) \(.retries) \(.failed_attempts | join("; "))"' logs/gpu_queue/summary_*.json)" \
+    "failed 137 signal KILL 1 signal KILL on GPU 0; signal KILL on GPU 1"
 }
