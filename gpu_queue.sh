@@ -49,7 +49,7 @@ main() {
   while IFS= read -r line || [[ -n $line ]]; do
     n=$((n + 1))
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
-    sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" "" -- bash -c "$line"
+    sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c "$line"
   done < <(if [[ $source == - ]]; then cat; else cat -- "$source"; fi)
   ((${#JOB_NAME[@]})) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
   sweep::launch

@@ -112,7 +112,7 @@ main() {
     flags=()
     [[ -z ${CFG_FLAGS[i]} ]] || mapfile -t flags <<<"${CFG_FLAGS[i]}"
     out=$CKPT_DIR/${CFG_NAME[i]}
-    sched::add "${CFG_NAME[i]}" "${CFG_IMAGE[i]}" "${CFG_TEXT[i]}" "$out" "$out/.mgpu_done" "" -- \
+    sched::add "${CFG_NAME[i]}" "${CFG_IMAGE[i]}" "${CFG_TEXT[i]}" "$out" "$out/.mgpu_done" -- \
       "${TRAINER[@]}" --image-encoder "${CFG_IMAGE[i]}" --text-encoder "${CFG_TEXT[i]}" --output-dir "$out" \
       "${flags[@]}" "${SWEEP_REST[@]}"
   done

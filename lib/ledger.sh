@@ -9,7 +9,6 @@ ledger::begin() {
   printf -v LEDGER_TS '%(%Y%m%d_%H%M%S)T' -1
   gpu::_now_ms
   LEDGER_STARTED_MS=$GPU_NOW_MS
-  : >"$SCHED_STATE/ledger.jsonl"
 }
 
 # ledger::event TEXT — one progress line: counts, elapsed, and an ETA from the jobs finished so far.
@@ -54,20 +53,18 @@ ledger::_str() {
   LEDGER_STR="\"${s//[$'\001'-$'\037']/?}\""
 }
 
-# ledger::record JOB — append the job's final record as one JSON line (built here: no jq per job,
-# except to check a metrics.json the job wrote).
+# ledger::record JOB — the job's final record, one JSON line built here (jq runs only to read a
+# metrics.json the job wrote), kept by job index for the summary.
 ledger::record() {
-  local job=$1 metrics=null file=${JOB_OUT[$1]:+${JOB_OUT[$1]}/metrics.json} out=() key fails="" f
+  local job=$1 metrics=null metric="" file=${JOB_OUT[$1]:+${JOB_OUT[$1]}/metrics.json} out=() key fails="" f
   LEDGER_DONE=$((LEDGER_DONE + 1))
   if [[ ${JOB_STATUS[job]} == succeeded || ${JOB_STATUS[job]} == failed ]]; then
     LEDGER_RAN=$((LEDGER_RAN + 1)) LEDGER_RAN_MS=$((LEDGER_RAN_MS + JOB_MS[job]))
   fi
   [[ ${JOB_STATUS[job]} != failed ]] || LEDGER_FAILED=$((LEDGER_FAILED + 1))
   if [[ -n $file && -f $file ]]; then
-    metrics=$(jq -c . "$file" 2>/dev/null) || {
-      log::warn "${JOB_NAME[job]}: $file is not valid JSON; its metrics are left out"
-      metrics=null
-    }
+    ledger::_metrics "$file" || log::warn "${JOB_NAME[job]}: $file is not a JSON object; its metrics are left out"
+    metrics=$LEDGER_METRICS metric=$LEDGER_METRIC
   fi
   for key in name:JOB_NAME image_encoder:JOB_IMAGE text_encoder:JOB_TEXT status:JOB_STATUS failure:JOB_KIND \
     log:JOB_LOG output_dir:JOB_OUT reason:JOB_REASON config_hash:JOB_HASH; do
@@ -78,46 +75,55 @@ ledger::record() {
   while IFS= read -r f; do
     [[ -z $f ]] || { ledger::_str "$f" && fails+="${fails:+, }$LEDGER_STR"; }
   done <<<"${JOB_FAILS[job]}"
-  local gpu=${JOB_GPU[job]:-null} fields
-  printf -v fields '%s, ' "${out[@]}"
+  local gpu=${JOB_GPU[job]:-null} fields seconds
   [[ $gpu != cpu ]] || gpu='"cpu"'
-  printf '{"job": %d, %s, "gpu": %s, "exit_code": %s, "retries": %d, "seconds": %d.%d, "waited_seconds": %d, "failed_attempts": [%s], "metrics": %s}\n' \
-    "$job" "${fields%, }" "$gpu" "${JOB_EXIT[job]:-null}" "${JOB_RETRIES[job]}" \
-    $((JOB_MS[job] / 1000)) $((JOB_MS[job] % 1000 / 100)) "${JOB_WAITED[job]}" "$fails" "$metrics" \
-    >>"$SCHED_STATE/ledger.jsonl"
+  printf -v fields '%s, ' "${out[@]}"
+  printf -v seconds '%d.%d' $((JOB_MS[job] / 1000)) $((JOB_MS[job] % 1000 / 100))
+  printf -v 'LEDGER_JSON[job]' '{%s, "gpu": %s, "exit_code": %s, "retries": %d, "seconds": %s, "waited_seconds": %d, "failed_attempts": [%s], "metrics": %s}' \
+    "${fields%, }" "$gpu" "${JOB_EXIT[job]:-null}" "${JOB_RETRIES[job]}" "$seconds" "${JOB_WAITED[job]}" "$fails" "$metrics"
+  local exit=${JOB_EXIT[job]:--}
+  [[ -z ${JOB_KIND[job]} ]] || exit="$exit (${JOB_KIND[job]})"
+  printf -v 'LEDGER_ROW[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB_NAME[job]}" "${JOB_GPU[job]:--}" \
+    "${JOB_STATUS[job]}" "$exit" "${JOB_RETRIES[job]}" "$seconds" "${JOB_WAITED[job]}" "$metric" "${JOB_LOG[job]:--}"
+}
+declare -a LEDGER_JSON=() LEDGER_ROW=()
+
+# ledger::_metrics FILE — LEDGER_METRICS (compact JSON) and LEDGER_METRIC ("name=value": the object's
+# "key_metric" entry, else its first number) from a trainer's metrics.json; 1 if it is no JSON object.
+ledger::_metrics() {
+  LEDGER_METRICS=null LEDGER_METRIC=""
+  local lines=()
+  mapfile -t lines < <(jq -c 'if type == "object" then ., (
+      if (.key_metric | type) == "string" and has(.key_metric) then "\(.key_metric)=\(.[.key_metric])"
+      else (to_entries | map(select(.value | type == "number")) | first | if . then "\(.key)=\(.value)" else "" end)
+      end) else error("not an object") end' "$1" 2>/dev/null)
+  ((${#lines[@]} == 2)) || return 1
+  LEDGER_METRICS=${lines[0]} LEDGER_METRIC=${lines[1]//\"/}
 }
 
-# ledger::finish — write the summary files, print the table, and set SCHED_EXIT (one jq call).
+# ledger::finish — write LOG_DIR/summary_<ts>.json and .tsv, print the table, and set SCHED_EXIT.
 ledger::finish() {
-  local json=$LOG_DIR/summary_$LEDGER_TS.json tsv=$LOG_DIR/summary_$LEDGER_TS.tsv counts bad summary rows
-  {
-    read -r counts
-    read -r bad
-    read -r summary
-    mapfile -t rows
-  } < <(jq -r -s --arg started "$LEDGER_STARTED" --arg finished "$(printf '%(%Y-%m-%dT%H:%M:%S%z)T' -1)" '
-    def count($s): map(select(.status == $s)) | length;
-    def key_metric: if . == null then "" elif (.key_metric | type) == "string" and has(.key_metric)
-      then "\(.key_metric)=\(.[.key_metric])" else (to_entries | map(select(.value | type == "number")) | first
-      | if . == null then "" else "\(.key)=\(.value)" end) end;
-    sort_by(.job) | map(del(.job)) as $c
-    | {started: $started, finished: $finished, succeeded: ($c | count("succeeded")), failed: ($c | count("failed")),
-       skipped: ($c | count("skipped")), interrupted: ($c | count("interrupted")), configs: $c} as $s
-    | "\($s.succeeded) succeeded, \($s.failed) failed, \($s.skipped) skipped, \($s.interrupted) interrupted",
-      ($s.failed + $s.interrupted + ($c | map(select(.status == "skipped" and .reason != "done earlier (--resume)")) | length)),
-      ($s | tojson),
-      (["config", "gpu", "status", "exit", "retries", "seconds", "waited", "metric", "log"] | @tsv),
-      ($c[] | [.name, (.gpu // "-"), .status, (if .failure then "\(.exit_code) (\(.failure))" else (.exit_code // "-") end),
-        .retries, .seconds, .waited_seconds, (.metrics | key_metric), (.log // "-")] | map(tostring) | @tsv)
-    ' "$SCHED_STATE/ledger.jsonl")
+  local json=$LOG_DIR/summary_$LEDGER_TS.json tsv=$LOG_DIR/summary_$LEDGER_TS.tsv job finished configs
+  local -A n=([succeeded]=0 [failed]=0 [skipped]=0 [interrupted]=0)
+  local bad=0
+  for job in "${!JOB_NAME[@]}"; do
+    [[ -n ${LEDGER_JSON[job]:-} ]] || continue
+    n[${JOB_STATUS[job]}]=$((n[${JOB_STATUS[job]}] + 1))
+    [[ ${JOB_STATUS[job]} == succeeded || ${JOB_REASON[job]} == "done earlier (--resume)" ]] || bad=1
+  done
+  printf -v finished '%(%Y-%m-%dT%H:%M:%S%z)T' -1
+  configs=""
+  ((${#LEDGER_JSON[@]} == 0)) || printf -v configs '  %s,\n' "${LEDGER_JSON[@]}"
+  printf '{"started": "%s", "finished": "%s", "succeeded": %d, "failed": %d, "skipped": %d, "interrupted": %d,\n "configs": [\n%s\n]}\n' \
+    "$LEDGER_STARTED" "$finished" "${n[succeeded]}" "${n[failed]}" "${n[skipped]}" "${n[interrupted]}" \
+    "${configs%,$'\n'}" >"$json"
+  printf '%s\n' $'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog' "${LEDGER_ROW[@]}" >"$tsv"
   log::status ""
-  printf '%s\n' "$summary" >"$json"
-  printf '%s\n' "${rows[@]}" >"$tsv"
   if command -v column >/dev/null 2>&1; then column -t -s $'\t' "$tsv"; else cat "$tsv"; fi
-  log::info "summary: $counts; $json"
+  log::info "summary: ${n[succeeded]} succeeded, ${n[failed]} failed, ${n[skipped]} skipped, ${n[interrupted]} interrupted; $json"
   case $SCHED_STOP in
     INT) SCHED_EXIT=130 ;;
     TERM) SCHED_EXIT=143 ;;
-    *) SCHED_EXIT=$((bad ? 1 : 0)) ;;
+    *) SCHED_EXIT=$bad ;;
   esac
 }

@@ -11,7 +11,7 @@
 declare -A pids=()                  # config name -> pid of its running job (the seed's `declare -A pids`)
 declare -a SCHED_SLOTS=() SCHED_QUEUE=()
 declare -A GPU_WAITED_MS=() GPU_OURS_UNTIL=() SLOT_PID=() PID_JOB=() PID_SLOT=() GPU_BUSY_SINCE=() GPU_NEXT_CHECK=() GPU_NEXT_NOTE=()
-declare -a JOB_NAME=() JOB_IMAGE=() JOB_TEXT=() JOB_OUT=() JOB_MARKER=() JOB_HASH=() JOB_ENV=()
+declare -a JOB_NAME=() JOB_IMAGE=() JOB_TEXT=() JOB_OUT=() JOB_MARKER=() JOB_HASH=()
 declare -a JOB_STATUS=() JOB_EXIT=() JOB_KIND=() JOB_RETRIES=() JOB_GPU=() JOB_LOG=() JOB_REASON=()
 declare -a JOB_START_MS=() JOB_MS=() JOB_WAITED=() JOB_READY_AT=() JOB_AVOID=() JOB_FAILS=()
 SCHED_STATE="" SCHED_STOP="" SCHED_TIMER="" SCHED_SAMPLE_MS=0
@@ -21,12 +21,12 @@ sched::init() {
   ledger::begin
 }
 
-# sched::add NAME IMAGE TEXT OUTPUT_DIR MARKER ENV -- ARGV... — queue one job. ENV: extra VAR=value
-# words, one a line. The job's hash (its exact argv) decides --resume.
+# sched::add NAME IMAGE TEXT OUTPUT_DIR MARKER -- ARGV... — queue one job. The job's hash (its exact
+# argv) decides --resume.
 sched::add() {
   local i=${#JOB_NAME[@]}
-  JOB_NAME[i]=$1 JOB_IMAGE[i]=$2 JOB_TEXT[i]=$3 JOB_OUT[i]=$4 JOB_MARKER[i]=$5 JOB_ENV[i]=$6
-  shift 7
+  JOB_NAME[i]=$1 JOB_IMAGE[i]=$2 JOB_TEXT[i]=$3 JOB_OUT[i]=$4 JOB_MARKER[i]=$5
+  shift 6
   printf '%s\0' "$@" >"$SCHED_STATE/job$i.argv"
   JOB_HASH[i]=""
   JOB_STATUS[i]=queued JOB_RETRIES[i]=0 JOB_WAITED[i]=0 JOB_READY_AT[i]=0 JOB_AVOID[i]="" JOB_EXIT[i]="" JOB_FAILS[i]=""
@@ -135,16 +135,14 @@ sched::_log_path() {
 }
 
 sched::_launch() {
-  local job=$1 s=$2 gpu=${SCHED_SLOTS[$2]%%:*} pid visible env_words=()
+  local job=$1 s=$2 gpu=${SCHED_SLOTS[$2]%%:*} pid visible
   visible=$gpu
   [[ $gpu == cpu ]] && visible=""
   sched::_log_path "$job" "$gpu"
   sched::argv "$job"
-  [[ -z ${JOB_ENV[job]} ]] || mapfile -t env_words <<<"${JOB_ENV[job]}"
   [[ -z ${JOB_OUT[job]} ]] || mkdir -p "${JOB_OUT[job]}"
-  setsid env CUDA_VISIBLE_DEVICES="$visible" CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME="${JOB_NAME[job]}" \
-    MGPU_GPU="$gpu" OMP_NUM_THREADS="$SCHED_THREADS" "${env_words[@]}" "${SCHED_ARGV[@]}" \
-    </dev/null >"$SCHED_LOG" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$visible CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB_NAME[job]} MGPU_GPU=$gpu \
+    OMP_NUM_THREADS=$SCHED_THREADS setsid "${SCHED_ARGV[@]}" </dev/null >"$SCHED_LOG" 2>&1 &
   pid=$!
   exec {LEASE_FD}<&-
   SLOT_PID[$s]=$pid PID_JOB[$pid]=$job PID_SLOT[$pid]=$s pids[${JOB_NAME[job]}]=$pid

@@ -165,7 +165,7 @@ sweep::slots() {
 
 # sweep::dry_run — the plan, the GPU check right now, and each exact command; nothing is launched.
 sweep::dry_run() {
-  local job s gpu seen=() env_words
+  local job s gpu seen=()
   printf 'Plan: %d job(s) on %d slot(s) [%s]; MAX_UTIL %s%%, MAX_WAIT %ss, --on-timeout %s, --retries %s\n' \
     "${#SCHED_QUEUE[@]}" "${#SCHED_SLOTS[@]}" "${SCHED_SLOTS[*]}" "$MAX_UTIL" "$MAX_WAIT" "$ON_TIMEOUT" "$RETRIES"
   [[ ${SCHED_SLOTS[0]} == cpu:* ]] || gpu::sample || true
@@ -179,11 +179,9 @@ sweep::dry_run() {
     job=${SCHED_QUEUE[s]}
     gpu=${SCHED_SLOTS[s % ${#SCHED_SLOTS[@]}]%%:*}
     sched::argv "$job"
-    env_words=()
-    [[ -z ${JOB_ENV[job]} ]] || mapfile -t env_words <<<"${JOB_ENV[job]}"
     printf '%s -> %s: ' "${JOB_NAME[job]}" "$([[ $gpu == cpu ]] && echo CPU || echo "GPU $gpu")"
     printf '%q ' "CUDA_VISIBLE_DEVICES=${gpu/#cpu/}" CUDA_DEVICE_ORDER=PCI_BUS_ID "MGPU_CONFIG_NAME=${JOB_NAME[job]}" \
-      "${env_words[@]}" "${SCHED_ARGV[@]}"
+      "${SCHED_ARGV[@]}"
     echo
   done
 }
