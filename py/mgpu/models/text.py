@@ -1,0 +1,195 @@
+"""Text towers: OpenAI CLIP's text transformer and BERT, with module names that follow the published
+checkpoints (OpenAI/open_clip ``transformer.resblocks.N``; Hugging Face ``encoder.layer.N``), so their
+weights map onto these modules key for key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+@dataclass(frozen=True)
+class ClipTextSpec:
+    width: int
+    layers: int
+    heads: int
+    context: int = 77
+    vocab: int = 49408
+    dropout: float = 0.0
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, dropout) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, mask)
+        return x
+
+
+class ClipTextTower(nn.Module):
+    """CLIP's text encoder without its projection: token ids (B, context) -> features (B, width), read
+    at the end token (the largest id in each row, as OpenAI's tokenizer numbers it)."""
+
+    def __init__(self, spec: ClipTextSpec):
+        super().__init__()
+        self.spec = spec
+        self.out_dim = spec.width
+        self.token_embedding = nn.Embedding(spec.vocab, spec.width)
+        self.positional_embedding = nn.Parameter(torch.empty(spec.context, spec.width))
+        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.dropout)
+        self.ln_final = nn.LayerNorm(spec.width)
+        self.register_buffer("causal_mask", torch.full((spec.context, spec.context), float("-inf")).triu(1),
+                             persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1]
+        if n > self.spec.context:
+            raise ValueError(f"text of {n} tokens is longer than the context of {self.spec.context}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:n]
+        x = self.ln_final(self.transformer(x, self.causal_mask[:n, :n]))
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+
+
+@dataclass(frozen=True)
+class BertSpec:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int = 21128
+    max_positions: int = 512
+    type_vocab: int = 2
+    dropout: float = 0.1
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, s: BertSpec):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(s.vocab, s.hidden, padding_idx=0)
+        self.position_embeddings = nn.Embedding(s.max_positions, s.hidden)
+        self.token_type_embeddings = nn.Embedding(s.type_vocab, s.hidden)
+        self.LayerNorm = nn.LayerNorm(s.hidden, eps=1e-12)
+        self.dropout = nn.Dropout(s.dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.word_embeddings(ids) + self.position_embeddings(positions) \
+            + self.token_type_embeddings(torch.zeros_like(ids))
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, s: BertSpec):
+        super().__init__()
+        self.heads = s.heads
+        self.query = nn.Linear(s.hidden, s.hidden)
+        self.key = nn.Linear(s.hidden, s.hidden)
+        self.value = nn.Linear(s.hidden, s.hidden)
+        self.dropout_p = s.dropout
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        out = nn.functional.scaled_dot_product_attention(
+            split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=pad_mask,
+            dropout_p=self.dropout_p if self.training else 0.0)
+        return out.transpose(1, 2).reshape(b, n, d)
+
+
+class BertLayer(nn.Module):
+    """Post-LN encoder layer in Hugging Face's layout (attention.self / attention.output / intermediate / output)."""
+
+    def __init__(self, s: BertSpec):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.self = BertSelfAttention(s)
+        self.attention.output = self._dense_ln(s.hidden, s.hidden, s)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(s.hidden, s.intermediate)
+        self.output = self._dense_ln(s.intermediate, s.hidden, s)
+
+    @staticmethod
+    def _dense_ln(c_in: int, c_out: int, s: BertSpec) -> nn.Module:
+        m = nn.Module()
+        m.dense = nn.Linear(c_in, c_out)
+        m.LayerNorm = nn.LayerNorm(c_out, eps=1e-12)
+        m.dropout = nn.Dropout(s.dropout)
+        return m
+
+    @staticmethod
+    def _add_norm(m: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return m.LayerNorm(m.dropout(m.dense(h)) + residual)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        x = self._add_norm(self.attention.output, self.attention.self(x, pad_mask), x)
+        h = nn.functional.gelu(self.intermediate.dense(x))
+        return self._add_norm(self.output, h, x)
+
+
+class BertTower(nn.Module):
+    """BERT: token ids (B, n), padding id 0 -> the pooled [CLS] feature (B, hidden), as BertModel's
+    pooler_output (dense + tanh over the first token)."""
+
+    def __init__(self, spec: BertSpec):
+        super().__init__()
+        self.spec = spec
+        self.out_dim = spec.hidden
+        self.embeddings = BertEmbeddings(spec)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(BertLayer(spec) for _ in range(spec.layers))
+        self.pooler = nn.Module()
+        self.pooler.dense = nn.Linear(spec.hidden, spec.hidden)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] > self.spec.max_positions:
+            raise ValueError(f"text of {ids.shape[1]} tokens is longer than BERT's {self.spec.max_positions} positions")
+        pad_mask = (ids != 0)[:, None, None, :]  # True = attend
+        x = self.embeddings(ids)
+        for layer in self.encoder.layer:
+            x = layer(x, pad_mask)
+        return torch.tanh(self.pooler.dense(x[:, 0]))

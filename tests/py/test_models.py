@@ -1,0 +1,115 @@
+"""The encoders: published parameter counts, shapes, and the behaviours that matter for CLIP training."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from mgpu.models import UnknownEncoder, count_parameters, image_encoder, text_encoder
+from mgpu.models.starnet import StarNet, SPECS
+
+PUBLISHED_M = {"starnet_s1": 2.87, "starnet_s2": 3.68, "starnet_s3": 5.75, "starnet_s4": 7.48,
+               "starnet_s050": 0.54, "starnet_s100": 1.04, "starnet_s150": 1.56}
+
+
+@pytest.mark.parametrize("name,millions", PUBLISHED_M.items())
+def test_starnet_matches_the_published_parameter_count_with_a_1000_class_head(name, millions):
+    with torch.device("meta"):
+        model = StarNet(SPECS[name], num_classes=1000)
+    assert round(count_parameters(model) / 1e6, 2) == millions
+
+
+def test_clip_text_tower_with_its_projection_is_63_4_m():
+    with torch.device("meta"):
+        tower = text_encoder("clip:ViT-B/32")
+    assert tower.out_dim == 512
+    assert round((count_parameters(tower) + 512 * 512) / 1e6, 1) == 63.4
+
+
+def test_bert_base_chinese_is_about_102_m():
+    with torch.device("meta"):
+        bert = text_encoder("bert-base-chinese")
+    assert 101.5e6 < count_parameters(bert) < 102.5e6
+    assert bert.embeddings.word_embeddings.num_embeddings == 21128 and len(bert.encoder.layer) == 12
+
+
+def test_starnet_features_and_map():
+    torch.manual_seed(0)
+    model = image_encoder("starnet_s050").eval()
+    images = torch.randn(2, 3, 64, 64)
+    assert model(images).shape == (2, 128)
+    assert model.forward_map(images).shape == (2, 128, 2, 2)  # stride 32
+
+
+def test_drop_path_only_in_training():
+    model = image_encoder("starnet_s4")
+    assert max(b.drop_path.p for stage in model.stages for b in stage[1:]) == pytest.approx(0.1)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model(x), model(x))
+
+
+def clip_tokens(lengths, context=77, vocab=49408):
+    """Rows of random ids below the start token, each ending in the end token (the largest id)."""
+    rows = torch.zeros(len(lengths), context, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        rows[i, 0] = vocab - 2
+        rows[i, 1:n - 1] = torch.randint(1, vocab - 2, (n - 2,))
+        rows[i, n - 1] = vocab - 1
+    return rows
+
+
+def test_clip_text_reads_the_end_token_and_never_looks_ahead():
+    torch.manual_seed(0)
+    tower = text_encoder("clip:tiny").eval()
+    tokens = clip_tokens([5, 9])
+    out = tower(tokens)
+    assert out.shape == (2, 128)
+    after = tokens.clone()
+    after[0, 5:] = 7  # tokens after the end token must not change the feature (causal mask)
+    assert torch.allclose(tower(after)[0], out[0], atol=1e-6)
+    before = tokens.clone()
+    before[0, 2] = 11  # a token before it must
+    assert not torch.allclose(tower(before)[0], out[0], atol=1e-4)
+
+
+def test_clip_text_refuses_text_longer_than_its_context():
+    with pytest.raises(ValueError, match="longer than the context of 77"):
+        text_encoder("clip:tiny")(torch.ones(1, 78, dtype=torch.long))
+
+
+def test_bert_ignores_padding():
+    torch.manual_seed(0)
+    bert = text_encoder("bert:tiny-chinese").eval()
+    ids = torch.tensor([[101, 2769, 4263, 102, 0, 0], [101, 1920, 102, 0, 0, 0]])
+    out = bert(ids)
+    assert out.shape == (2, 128) and out.abs().max() <= 1  # tanh pooler
+    assert torch.allclose(bert(ids[:, :4])[0], out[0], atol=1e-5)  # fewer pads, same feature
+
+
+def test_every_parameter_gets_a_gradient():
+    # DDP needs every parameter in the graph (or find_unused_parameters, which costs time).
+    for model, x in ((image_encoder("starnet_s050"), torch.randn(2, 3, 64, 64)),
+                     (text_encoder("clip:tiny"), clip_tokens([4, 6])),
+                     (text_encoder("bert:tiny-chinese"), torch.tensor([[101, 5, 102], [101, 6, 102]]))):
+        model(x).sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert missing == [], missing
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(UnknownEncoder, match="unknown image encoder 'resnet50'; known: starnet_s050, "):
+        image_encoder("resnet50")
+    with pytest.raises(UnknownEncoder, match=r"known: clip:ViT-B/32, clip:tiny, bert-base-chinese, bert:tiny-chinese"):
+        text_encoder("clip:ViT-L/14")
+
+
+def test_python_m_mgpu_models_lists_every_encoder():
+    done = subprocess.run([sys.executable, "-m", "mgpu.models", "--json"], capture_output=True, text=True,
+                          cwd=ROOT / "py", check=True, timeout=120)
+    table = {r["name"]: r for r in json.loads(done.stdout)}
+    assert set(table) == set(PUBLISHED_M) | {"clip:ViT-B/32", "clip:tiny", "bert-base-chinese", "bert:tiny-chinese"}
+    assert table["clip:ViT-B/32"]["parameters"] == 63_165_952 and table["starnet_s1"]["out_dim"] == 192
