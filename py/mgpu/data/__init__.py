@@ -1,0 +1,1 @@
+"""Datasets for the CLIP trainer: the embedded synthetic one (more layouts come with the trainer)."""
