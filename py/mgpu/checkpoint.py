@@ -1,0 +1,155 @@
+"""Checkpoints that load anywhere (the save_model of seed 000, made safe).
+
+- ``save_model`` / ``save_checkpoint`` unwrap DataParallel, DDP and torch.compile first, so the keys
+  never carry ``module.`` or ``_orig_mod.``, and write atomically: a temporary file in the same folder,
+  fsync, rename, fsync of the folder. A crash mid-save leaves the previous checkpoint intact.
+- ``load_model`` accepts plain or wrapped state dicts (prefixes stripped), loads with
+  ``weights_only=True`` and ``map_location="cpu"`` (no pickle code runs; no rank allocates on GPU 0),
+  into a wrapped or plain model, and reports missing and unexpected keys.
+- ``latest_checkpoint`` finds the newest ``checkpoint_<step>.pt`` for ``--resume auto``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+_PREFIXES = ("module.", "_orig_mod.")
+_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """Keys without any leading ``module.`` / ``_orig_mod.`` (in any order, any number of them)."""
+    out = {}
+    for key, value in state.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The weights alone, unwrapped: they load into a plain, DataParallel or DDP model alike."""
+    path = Path(path)
+    _atomic_save({"model": unwrap(model).state_dict()}, path)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *[int(v) if isinstance(v, (int, np.integer))
+                                                                            else float(v) for v in np_state[2:]])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, step: int, epoch: int, optimizer=None,
+                    scheduler=None, scaler=None, config: dict | None = None) -> Path:
+    """Everything a run needs to continue exactly: weights, optimizer, scheduler, scaler, counters, RNG."""
+    path = Path(path)
+    state = {"model": unwrap(model).state_dict(), "step": step, "epoch": epoch, "rng": rng_state(),
+             "config": dict(config or {})}
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            state[name] = obj.state_dict()
+    _atomic_save(state, path)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file, or one that needs arbitrary pickle code
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def load_model(model: nn.Module, source: str | os.PathLike | dict, strict: bool = True) -> LoadReport:
+    """Load weights (a checkpoint path, a checkpoint dict, or a bare state dict) into a plain or wrapped
+    model. strict: missing or unexpected keys are an error that lists them."""
+    state = read_checkpoint(source) if not isinstance(source, dict) else source
+    weights = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    result = unwrap(model).load_state_dict(clean_state_dict(weights), strict=False)
+    report = LoadReport(list(result.missing_keys), list(result.unexpected_keys))
+    if strict and (report.missing or report.unexpected):
+        where = source if not isinstance(source, dict) else "the state dict"
+        raise CheckpointError(f"{where}: does not fit the model: missing {report.missing[:5]}"
+                              f"{'...' if len(report.missing) > 5 else ''}, unexpected {report.unexpected[:5]}"
+                              f"{'...' if len(report.unexpected) > 5 else ''}")
+    return report
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint_<step>.pt with the highest step in folder, or None."""
+    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint_*.pt") if (m := _NAME.match(p.name))]
+    return max(found)[1] if found else None

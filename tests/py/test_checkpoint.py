@@ -1,0 +1,129 @@
+"""Checkpoints round-trip between plain, DataParallel, DDP and compiled models, atomically and safely."""
+
+import os
+import random
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mgpu.checkpoint import (CheckpointError, clean_state_dict, latest_checkpoint, load_model, read_checkpoint,
+                             save_checkpoint, save_model, set_rng_state, unwrap)
+
+
+class Sneaky:
+    """An object whose unpickling would need this module's code: weights_only loading must refuse it."""
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+
+@pytest.fixture(scope="module")
+def ddp_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def wrappers(ddp_group):
+    return {"plain": lambda m: m, "dataparallel": nn.DataParallel,
+            "ddp": nn.parallel.DistributedDataParallel, "compiled": torch.compile,
+            "ddp+compiled": lambda m: torch.compile(nn.parallel.DistributedDataParallel(m))}
+
+
+@pytest.mark.parametrize("saver", ["plain", "dataparallel", "ddp", "compiled", "ddp+compiled"])
+@pytest.mark.parametrize("loader", ["plain", "dataparallel", "ddp", "compiled"])
+def test_round_trips_between_every_wrapping(tmp_path, ddp_group, saver, loader):
+    wrap = wrappers(ddp_group)
+    source = wrap[saver](net(0))
+    path = save_model(source, tmp_path / "out dir" / "model.pt")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in read_checkpoint(path)["model"])
+    target = wrap[loader](net(1))
+    report = load_model(target, path)
+    assert report.missing == [] and report.unexpected == []
+    for a, b in zip(unwrap(source).state_dict().values(), unwrap(target).state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_wrapped_state_dicts_from_elsewhere_load_too():
+    state = {f"module._orig_mod.{k}": v for k, v in net(0).state_dict().items()}
+    assert set(clean_state_dict(state)) == set(net().state_dict())
+    load_model(net(1), state)
+
+
+def test_a_mismatch_names_the_keys():
+    state = net().state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["2.bias"]
+    with pytest.raises(CheckpointError, match=r"missing \['2.bias'\], unexpected \['extra.weight'\]"):
+        load_model(net(), state)
+    report = load_model(net(), state, strict=False)
+    assert report.missing == ["2.bias"] and report.unexpected == ["extra.weight"]
+
+
+def test_a_crash_during_save_keeps_the_old_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    path = save_model(net(0), tmp_path / "model.pt")
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(net(1), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_unreadable_and_unsafe_files_are_refused(tmp_path):
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(CheckpointError, match="truncated.pt: not a readable checkpoint"):
+        read_checkpoint(tmp_path / "truncated.pt")
+
+    torch.save({"model": {}, "obj": Sneaky()}, tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError, match="unsafe.pt: not a readable checkpoint"):
+        read_checkpoint(tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        read_checkpoint(tmp_path / "none.pt")
+
+
+def test_a_full_checkpoint_restores_optimizer_scheduler_counters_and_rng(tmp_path):
+    model = net(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model(torch.randn(4, 4)).sum().backward()
+    opt.step(), sched.step()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    path = save_checkpoint(tmp_path / "checkpoint_7.pt", model, step=7, epoch=2, optimizer=opt, scheduler=sched,
+                           config={"lr": 0.1, "image_encoder": "starnet_s1"})
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+
+    state = read_checkpoint(path)
+    model2, opt2 = net(1), None
+    load_model(model2, state)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    opt2.load_state_dict(state["optimizer"])
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+    sched2.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+    assert (state["step"], state["epoch"], state["config"]["image_encoder"]) == (7, 2, "starnet_s1")
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_latest_checkpoint_is_the_highest_step(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
+    for step in (9, 100, 12):
+        save_model(net(), tmp_path / f"checkpoint_{step}.pt")
+    (tmp_path / "checkpoint_999.pt.tmp").write_bytes(b"")
+    assert latest_checkpoint(tmp_path).name == "checkpoint_100.pt"
