@@ -105,7 +105,8 @@ JSON
   assert_equal "$(summary '"\(.succeeded) \(.failed)"')" "2 1"
   assert_equal "$(summary '.configs[1] | "\(.status) \(.exit_code) \(.failure)"')" "failed 7 error"
   [[ $stderr == *"    | RuntimeError: configured to fail"* ]]
-  assert_line --regexp '^starnet_s2_clip_ViT-B_32 +[01] +failed +7 \(error\)'
+  # aligned by column(1) when bsdextrautils is installed, else tab-separated
+  assert_line --regexp '^starnet_s2_clip_ViT-B_32[[:space:]]+[01][[:space:]]+failed[[:space:]]+7 \(error\)'
 }
 
 @test "--retries: an out-of-memory failure is retried on another GPU" {
