@@ -12,6 +12,8 @@
 #   MGPU_SMI_TIMEOUT (10)      seconds before a silent nvidia-smi counts as hung
 
 _GPU_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib/json.sh
+source "$_GPU_LIB_DIR/json.sh"
 
 # gpu::backend — prints where GPUs come from: scenario | nvidia-smi | cpu
 gpu::backend() {
@@ -36,18 +38,12 @@ gpu::query() {
 }
 
 gpu::_from_scenario() {
-  local file=$1 out
+  local file=$1
   if [[ ! -f $file || ! -r $file ]]; then
     log::error "MGPU_FAKE_GPUS: $file: cannot read the scenario file (no such readable file)"
     return 1
   fi
-  if ! out=$(jq -r -f "$_GPU_LIB_DIR/scenario.jq" -- "$file" 2>&1); then
-    out=${out#jq: error (at *): }
-    [[ $out == *"parse error"* ]] && out="not valid JSON: ${out#*parse error: }"
-    log::error "MGPU_FAKE_GPUS: $file: $out"
-    return 1
-  fi
-  [[ -z $out ]] || printf '%s\n' "$out"
+  json::run MGPU_FAKE_GPUS "$file" "$_GPU_LIB_DIR/scenario.jq"
 }
 
 gpu::_from_smi() {

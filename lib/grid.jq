@@ -1,6 +1,7 @@
-# Turns a run_train_clip.sh config file into one compact JSON line per configuration:
-#   {"name": <given or null>, "image": "...", "text": "...", "flags": ["--batch-size", "64", "--fp16"],
-#    "where": "<JSON path>"}
+# Turns a run_train_clip.sh config file into lines, per configuration: its name (given, or
+# <image>_<text>), image encoder, text encoder, JSON path, the number of flag words, the flag words
+# (batch_size: 64 -> "--batch-size", "64"), and "." (so an empty last value is never lost as a trailing
+# newline). No value may hold a newline, so each is one line.
 # Two layouts: a grid {"image_encoders": [...], "text_encoders": [...], "args": {...}}
 #              a list {"defaults": {...}, "configs": [{"name"?, "image_encoder", "text_encoder", ...}]}
 # Faults stop with "<JSON path>: <what is wrong>".
@@ -54,4 +55,4 @@ elif has("image_encoders") or has("text_encoders") then
   | {name: null, image: $img, text: $txt, flags: $flags, where: ".image_encoders x .text_encoders"}
 else fail("."; "has neither \"configs\" (a list) nor \"image_encoders\"/\"text_encoders\" (a grid)")
 end
-| tojson
+| (.name // "\(.image)_\(.text)"), .image, .text, .where, (.flags | length), .flags[], "."

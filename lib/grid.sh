@@ -4,6 +4,8 @@
 # Names and values are data: never evaluated, and names keep only [A-Za-z0-9._-].
 
 _GRID_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib/json.sh
+source "$_GRID_LIB_DIR/json.sh"
 
 # grid::safe_name TEXT — TEXT with every character outside [A-Za-z0-9._-] made '_' and no leading dot,
 # so it can never leave the folder it names a file in: "../x" becomes "_._x".
@@ -43,21 +45,18 @@ grid::from_lists() {
 
 # grid::from_file FILE — the configurations of a JSON config file; errors name the file and JSON path.
 grid::from_file() {
-  local file=$1 out line fields
+  local file=$1 out lines=() i=0 n flags
   grid::_reset
   if [[ ! -f $file || ! -r $file ]]; then
     log::error "CONFIG_FILE: $file: no such readable file"
     return 1
   fi
-  if ! out=$(jq -r -f "$_GRID_LIB_DIR/grid.jq" -- "$file" 2>&1); then
-    out=${out#jq: error (at *): }
-    [[ $out == *"parse error"* ]] && out="not valid JSON: ${out#*parse error: }"
-    log::error "CONFIG_FILE: $file: $out"
-    return 1
-  fi
-  while IFS= read -r line; do
-    mapfile -t fields < <(jq -r '(.name // "\(.image)_\(.text)"), .image, .text, .where, (.flags | join("\n"))' <<<"$line")
-    grid::_add "${fields[0]}" "${fields[1]}" "${fields[2]}" "$(printf '%s\n' "${fields[@]:4}")" \
-      "$file: ${fields[3]}" || return 1
-  done <<<"$out"
+  out=$(json::run CONFIG_FILE "$file" "$_GRID_LIB_DIR/grid.jq") || return 1
+  mapfile -t lines <<<"$out"
+  while ((i + 4 < ${#lines[@]})); do # name, image, text, where, flag count, the flags, "." (grid.jq)
+    n=${lines[i + 4]}
+    printf -v flags '%s\n' "${lines[@]:i+5:n}"
+    grid::_add "${lines[i]}" "${lines[i + 1]}" "${lines[i + 2]}" "${flags%$'\n'}" "$file: ${lines[i + 3]}" || return 1
+    i=$((i + 6 + n))
+  done
 }

@@ -154,7 +154,6 @@ sweep::slots() {
       fi
     done
     ((${#kept[@]})) || die "none of the GPUs in GPUS (${GPUS[*]}) is available; this machine has GPUs $(sweep::_ranges "${have[@]}")"
-    [[ $USE_MULTI_CONFIG == true ]] || { kept=("${kept[0]}") JOBS_PER_GPU=1; }
     for ((k = 0; k < JOBS_PER_GPU; k++)); do
       for gpu in "${kept[@]}"; do SCHED_SLOTS+=("$gpu:$k"); done
     done

@@ -138,7 +138,7 @@ def load_model(model: nn.Module, source: str | os.PathLike | dict, strict: bool 
     """Load weights (a checkpoint path, a checkpoint dict, or a bare state dict) into a plain or wrapped
     model. strict: missing or unexpected keys are an error that lists them."""
     state = read_checkpoint(source) if not isinstance(source, dict) else source
-    weights = state.get("model", state) if isinstance(state.get("model"), dict) else state
+    weights = state["model"] if isinstance(state.get("model"), dict) else state
     result = unwrap(model).load_state_dict(clean_state_dict(weights), strict=False)
     report = LoadReport(list(result.missing_keys), list(result.unexpected_keys))
     if strict and (report.missing or report.unexpected):
