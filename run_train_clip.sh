@@ -35,6 +35,8 @@ Configurations (image encoder x text encoder, or a config file):
   --config-file FILE          CONFIG_FILE: {"image_encoders": [...], "text_encoders": [...], "args": {...}}
                               or {"defaults": {...}, "configs": [{"name"?, "image_encoder", "text_encoder", ...}]}
   --train-cmd CMD             the trainer (default: $PYTHON -m mgpu.train_clip); words split at spaces
+  --preset demo               starnet_s050 x (clip:tiny, bert:tiny-chinese), the trainer's --preset demo:
+                              about a minute a config on a CPU
 GPUs:
   --gpus 0,1,2,3              GPUS
   --jobs-per-gpu N            JOBS_PER_GPU (default 1)
@@ -61,11 +63,12 @@ USAGE
 own_arg() {
   SWEEP_SHIFT=0
   case $1 in
-    --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir)
+    --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir | --preset)
       (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
       case $1 in
-        --image-encoders) IMAGE_ENCODERS=("$2") ;;
-        --text-encoders) TEXT_ENCODERS=("$2") ;;
+        --image-encoders) IMAGE_ENCODERS=("$2") ENCODERS_GIVEN+=image ;;
+        --text-encoders) TEXT_ENCODERS=("$2") ENCODERS_GIVEN+=text ;;
+        --preset) PRESET=$2 ;;
         --config-file) CONFIG_FILE=$2 ;;
         --train-cmd) TRAIN_CMD=$2 ;;
         --ckpt-dir) CKPT_DIR=$2 ;;
@@ -77,22 +80,31 @@ own_arg() {
   esac
 }
 
-# trainer — the trainer's argv into TRAINER; the built-in one must exist.
+# trainer — the trainer's argv into TRAINER: --train-cmd, else mgpu's CLIP trainer in the project's
+# .venv (or $PYTHON, or python3).
 trainer() {
   if [[ -n $TRAIN_CMD ]]; then
     read -ra TRAINER <<<"$TRAIN_CMD"
     ((${#TRAINER[@]})) || DIE_STATUS=2 die "--train-cmd must not be empty"
-    return 0
+  else
+    local python=${PYTHON:-}
+    [[ -n $python ]] || { [[ -x $MGPU_ROOT/.venv/bin/python ]] && python=$MGPU_ROOT/.venv/bin/python || python=python3; }
+    TRAINER=(env "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mgpu.train_clip)
   fi
-  local python=${PYTHON:-}
-  [[ -n $python ]] || { [[ -x $MGPU_ROOT/.venv/bin/python ]] && python=$MGPU_ROOT/.venv/bin/python || python=python3; }
-  [[ -f $MGPU_ROOT/py/mgpu/train_clip.py ]] ||
-    DIE_STATUS=2 die "the built-in CLIP trainer (mgpu.train_clip) is not part of this mgpu yet; pass --train-cmd CMD"
-  TRAINER=(env "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mgpu.train_clip)
+  # --preset demo: small towers on the embedded data, about a minute a config on a CPU (--encoders win)
+  case $PRESET in
+    "") ;;
+    demo)
+      [[ $ENCODERS_GIVEN == *image* ]] || IMAGE_ENCODERS=(starnet_s050)
+      [[ $ENCODERS_GIVEN == *text* ]] || TEXT_ENCODERS=(clip:tiny bert:tiny-chinese)
+      TRAINER+=(--preset demo)
+      ;;
+    *) DIE_STATUS=2 die "--preset $PRESET: allowed: demo" ;;
+  esac
 }
 
 main() {
-  TRAIN_CMD=${TRAIN_CMD:-}
+  TRAIN_CMD=${TRAIN_CMD:-} PRESET="" ENCODERS_GIVEN=""
   sweep::parse "$@"
   sweep::defaults
   sweep::validate

@@ -49,15 +49,19 @@ main() {
   work=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-demo.XXXXXX")
   export MGPU_LOCK_DIR=$work/locks MGPU_UTIL_SAMPLES=1 MGPU_POLL_MS=500
   step "The seed's sweep (3 image x 2 text encoders on GPUs 0-3), planned but not launched" \
-    "bash run_train_clip.sh --dry-run --train-cmd 'python train.py'"
-  bash run_train_clip.sh --dry-run --train-cmd "python train.py" --log-dir "$work/logs" --ckpt-dir "$work/ckpt"
+    "bash run_train_clip.sh --dry-run"
+  PYTHON=$PYTHON bash run_train_clip.sh --dry-run --log-dir "$work/logs" --ckpt-dir "$work/ckpt"
 
   step "Eight 1-second jobs through gpu_queue.sh: GPU 2 stays busy, so the jobs flow to 0, 1 and 3" \
     "bash gpu_queue.sh --gpus 0,1,2,3 --max-wait 2 jobs.txt"
   local i
   for i in 1 2 3 4 5 6 7 8; do echo "sleep 1; echo job $i ran on GPU \$CUDA_VISIBLE_DEVICES"; done >"$work/jobs.txt"
   bash gpu_queue.sh --gpus 0,1,2,3 --max-wait 2 --log-dir "$work/logs" "$work/jobs.txt" || true
-  printf '\nLogs and summaries of this demo: %s\n' "$work/logs"
+  step "Real CLIP training, two small configs on GPUs 0 and 1 (the scenario's; here the CPU does the work, ~3 min)" \
+    "bash run_train_clip.sh --preset demo --gpus 0,1"
+  MGPU_FAKE_GPUS=examples/scenarios/4x-rtx4090-idle.json PYTHON=$PYTHON \
+    bash run_train_clip.sh --preset demo --gpus 0,1 --log-dir "$work/logs" --ckpt-dir "$work/ckpt" -- --no-tb || true
+  printf '\nLogs and summaries of this demo: %s; checkpoints and metrics.json: %s\n' "$work/logs" "$work/ckpt"
 }
 
 main "$@"

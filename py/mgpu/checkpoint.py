@@ -60,6 +60,9 @@ def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is as readable as any file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -37,13 +37,67 @@ class CLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_projection(self.text(tokens)), dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        """(image features, text features, scale): features L2-normalised, scale = exp(logit_scale) <= 100."""
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, boxes: torch.Tensor | None = None,
+                box_mask: torch.Tensor | None = None, box_phrases: torch.Tensor | None = None):
+        """(image features, text features, scale), features L2-normalised, scale = exp(logit_scale) <= 100
+        of shape (1,) (so DataParallel gathers one copy per replica; clip_loss takes their mean).
+
+        With boxes (B, K, 4 in pixels), box_mask (B, K) and box_phrases (B, K, m) token ids, also region
+        features pooled inside each box from the image tower's last feature map and the features of each
+        box's phrase, both (B, K, embed_dim), zero where box_mask is False. Everything runs in this one
+        forward so DDP sees every parameter used once."""
+        scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp().reshape(1)
+        text_features = self.encode_text(tokens)
+        if boxes is None:
+            return self.encode_image(images), text_features, scale
+        feature_map = self.visual.forward_map(images)
+        image_features = F.normalize(self.image_projection(feature_map.mean(dim=(2, 3))), dim=-1)
+        regions = region_pool(feature_map, boxes, images.shape[-1])
+        region_features = F.normalize(self.image_projection(regions), dim=-1) * box_mask[..., None]
+        phrase_features = region_features.new_zeros(region_features.shape)
+        if box_mask.any():
+            phrases = box_phrases[box_mask]
+            phrases = phrases[:, : int((phrases != 0).sum(dim=0).nonzero().max()) + 1]  # drop all-padding columns
+            phrase_features[box_mask] = self.encode_text(phrases).to(phrase_features.dtype)
+        return image_features, text_features, scale, region_features, phrase_features
+
+
+def region_pool(feature_map: torch.Tensor, boxes: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, K, C): the mean of the feature-map cells whose centres lie inside each box (x1, y1, x2, y2 in
+    image pixels); a box smaller than a cell takes the cell holding its centre."""
+    b, c, h, w = feature_map.shape
+    stride_y, stride_x = image_size / h, image_size / w
+    ys = (torch.arange(h, device=boxes.device) + 0.5) * stride_y
+    xs = (torch.arange(w, device=boxes.device) + 0.5) * stride_x
+    x1, y1, x2, y2 = (boxes[..., i, None, None] for i in range(4))
+    inside = (ys[:, None] >= y1) & (ys[:, None] <= y2) & (xs[None, :] >= x1) & (xs[None, :] <= x2)
+    cy = ((y1 + y2) / 2 / stride_y).long().clamp(0, h - 1)
+    cx = ((x1 + x2) / 2 / stride_x).long().clamp(0, w - 1)
+    centre = (torch.arange(h, device=boxes.device)[:, None] == cy) & (torch.arange(w, device=boxes.device)[None, :] == cx)
+    weights = torch.where(inside.flatten(2).any(-1, keepdim=True), inside.flatten(2), centre.flatten(2)).to(feature_map.dtype)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return weights @ feature_map.flatten(2).transpose(1, 2)
+
+
+def region_loss(region_features: torch.Tensor, phrase_features: torch.Tensor, box_phrases: torch.Tensor,
+                box_mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between the boxes of this batch and their phrases, where every box whose phrase
+    has the same tokens is a positive (two red circles share a phrase). 0 when the batch has no box."""
+    if not box_mask.any():
+        return region_features.sum() * 0  # keeps the graph connected for DDP
+    regions, phrases = region_features[box_mask].float(), phrase_features[box_mask].float()
+    ids = box_phrases[box_mask]
+    positive = (ids[:, None, :] == ids[None, :, :]).all(-1)
+    logits = scale.mean() * regions @ phrases.T
+    def multi_positive(logits: torch.Tensor) -> torch.Tensor:
+        return (torch.logsumexp(logits, dim=1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)).mean()
+    return (multi_positive(logits) + multi_positive(logits.T)) / 2
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch; the rows of this rank only (see the module docstring)."""
+    """Symmetric InfoNCE over the global batch; the rows of this rank only (see the module docstring).
+    scale: a scalar, or DataParallel's gathered copies of it (their mean is the value)."""
+    scale = scale.mean()
     rank = distributed.rank()
     all_images = distributed.gather_with_grad(image_features)
     all_texts = distributed.gather_with_grad(text_features)

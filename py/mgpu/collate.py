@@ -50,8 +50,8 @@ def collate_fn(batch: list[dict[str, Any]]) -> dict[str, Any]:
     out["num_boxes"] = counts
     out["box_mask"] = torch.arange(most)[None, :] < counts[:, None]
     if any("box_phrases" in s for s in batch):
-        phrases = [torch.as_tensor(s.get("box_phrases", []), dtype=torch.long).reshape(b.shape[0], -1)
-                   for s, b in zip(batch, boxes)]
+        phrases = [torch.as_tensor(s["box_phrases"], dtype=torch.long).reshape(b.shape[0], -1) if "box_phrases" in s
+                   else torch.zeros(b.shape[0], 0, dtype=torch.long) for s, b in zip(batch, boxes)]
         width = max((p.shape[1] for p in phrases), default=0)
         phrases = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=PAD_ID) for p in phrases]
         out["box_phrases"] = _pad_stack(phrases, most, PAD_ID)

@@ -2,8 +2,10 @@
 
 Vocabularies load from a file, a local model folder, or (CLIP) an installed package that ships
 ``bpe_simple_vocab_16e6.txt.gz`` (open_clip, OpenAI's clip). Nothing is downloaded. Without one:
-- CLIP falls back to bytes: every byte its own token (the same ids the first 512 vocabulary entries
-  have), so training works, only with longer sequences and no pretrained-vocabulary match;
+- CLIP falls back to byte-level BPE merges learned from the training captions
+  (``ClipTokenizer.from_texts``; bare bytes when no captions are given): the same byte alphabet and id
+  layout as CLIP's vocabulary, so training works, with no pretrained-vocabulary match; the merges are
+  saved with the checkpoint;
 - BERT falls back to the characters seen in the training captions (``WordPiece.from_texts``); the
   vocabulary is saved with the checkpoint so inference reads text the same way.
 Both warn when they fall back.
@@ -78,20 +80,64 @@ class ClipTokenizer:
         if len(vocab) > CLIP_SOT:
             raise ValueError(f"{len(merges)} merges do not fit a vocabulary of {CLIP_VOCAB_SIZE}")
         self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.merges = list(merges)
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.cache: dict[str, list[str]] = {}
 
     @classmethod
-    def load(cls, path: str | None = None, context: int = 77) -> "ClipTokenizer":
+    def load(cls, path: str | None = None, context: int = 77, texts: list[str] | None = None) -> "ClipTokenizer":
+        """The merges of PATH or of an installed package; without one, merges learned from texts (the
+        training captions) when given, else bare byte-level tokens. Both fallbacks warn."""
         found = find_clip_merges(path)
         if found is None:
-            log.warning("no CLIP BPE vocabulary (%s) given or installed: using byte-level tokens. "
-                        "Pass --clip-vocab PATH, or pip install open-clip-torch, for the real one", CLIP_MERGES_FILE)
+            advice = "Pass --clip-vocab PATH, or pip install open-clip-torch, for the real one"
+            if texts:
+                log.warning("no CLIP BPE vocabulary (%s) given or installed: using byte-level BPE merges learned "
+                            "from %d training captions. %s", CLIP_MERGES_FILE, len(texts), advice)
+                return cls.from_texts(texts, context=context)
+            log.warning("no CLIP BPE vocabulary (%s) given or installed: using byte-level tokens. %s",
+                        CLIP_MERGES_FILE, advice)
             return cls([], context)
         opener = gzip.open if found.suffix == ".gz" else open
         with opener(found, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1:] if len(line.split()) == 2]  # line 0: a header
+        return cls(merges[: CLIP_SOT - 512], context)
+
+    @classmethod
+    def from_texts(cls, texts: list[str], max_merges: int = 2000, context: int = 77) -> "ClipTokenizer":
+        """Byte-level BPE trained on texts the way CLIP's merges were: split words as CLIP does, then
+        repeatedly merge the most frequent adjacent pair (ties: the first seen) until no pair occurs
+        twice or max_merges is reached. Deterministic: every rank and run learns the same merges."""
+        byte_encoder, freq = bytes_to_unicode(), {}
+        for text in texts:
+            for word in _CLIP_PATTERN.findall(clean_text(text)):
+                symbols = [byte_encoder[b] for b in word.encode("utf-8")]
+                key = tuple(symbols[:-1] + [symbols[-1] + "</w>"])
+                freq[key] = freq.get(key, 0) + 1
+        words, merges = list(freq.items()), []
+        while len(merges) < max_merges:
+            pairs: dict[tuple[str, str], int] = {}
+            for parts, n in words:
+                for pair in zip(parts, parts[1:]):
+                    pairs[pair] = pairs.get(pair, 0) + n
+            if not pairs:
+                break
+            best = max(pairs, key=pairs.__getitem__)  # max keeps the first of equal counts
+            if pairs[best] < 2:
+                break
+            merges.append(best)
+            merged = best[0] + best[1]
+            for i, (parts, n) in enumerate(words):
+                out, j = [], 0
+                while j < len(parts):
+                    if j + 1 < len(parts) and (parts[j], parts[j + 1]) == best:
+                        out.append(merged)
+                        j += 2
+                    else:
+                        out.append(parts[j])
+                        j += 1
+                words[i] = (tuple(out), n)
         return cls(merges[: CLIP_SOT - 512], context)
 
     def _bpe(self, word: str) -> list[str]:

@@ -259,9 +259,25 @@ starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_
   assert_equal "$stderr" "[ERROR] GPUS must list GPU indices like 0,1,2,3; got 'x' in '0 x'"
   sweep --frobnicate
   assert_failure 2
-  run --separate-stderr bash "$ROOT/run_train_clip.sh" --image-encoders a --text-encoders b
+  run --separate-stderr bash "$ROOT/run_train_clip.sh" --preset large
   assert_failure 2
-  [[ $stderr == *"the built-in CLIP trainer (mgpu.train_clip) is not part of this mgpu yet; pass --train-cmd CMD"* ]]
+  assert_equal "$stderr" "[ERROR] --preset large: allowed: demo"
+}
+
+@test "--preset demo runs the real trainer: two small configs, real metrics in the summary" {
+  PYTHON=$ROOT/.venv/bin/python run --separate-stderr bash "$ROOT/run_train_clip.sh" --preset demo --gpus 0,1 \
+    -- --max-steps 3 --train-size 32 --val-size 8 --batch-size 8 --no-tb
+  assert_success
+  assert_equal "$(summary '[.configs[] | .name + " " + .status] | join(", ")')" \
+    "starnet_s050_clip_tiny succeeded, starnet_s050_bert_tiny-chinese succeeded"
+  assert_equal "$(summary '[.configs[].metrics | .steps, .val_samples, (.["image_to_text_R@1"] | type)] | map(tostring) | join(" ")')" \
+    "3 8 number 3 8 number"
+  run cat logs/clip_training/summary_*.tsv
+  assert_line --index 1 --regexp $'\timage_to_text_R@1=[0-9.e-]+\t'
+  run cat logs/clip_training/starnet_s050_bert_tiny-chinese_gpu*.log
+  assert_line "Using CPU for training (1 threads)"
+  assert_line --partial "starnet_s050 x bert:tiny-chinese: 3 steps"
+  assert [ -f checkpoints/clip_models/starnet_s050_clip_tiny/model.pt ]
 }
 
 @test "--order longest-first starts what took longest last time first, and never-seen jobs before all" {

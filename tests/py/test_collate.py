@@ -54,3 +54,26 @@ def test_works_in_a_dataloader_with_workers():
     loader = torch.utils.data.DataLoader(data, batch_size=3, collate_fn=collate_fn, num_workers=2)
     counts = [b["num_boxes"].tolist() for b in loader]
     assert counts == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_real_caption_files_with_boxes_in_jsonl_and_csv(tmp_path):
+    from PIL import Image
+
+    from mgpu.data.captions import CaptionFile, DataError
+
+    Image.new("RGB", (100, 50), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text('{"filepath": "a.png", "title": "red"}\n\n{"filepath": "a.png", "title": "again"}\n')
+    (tmp_path / "boxes.json").write_text('[{"image": "a.png", "boxes": [[0, 0, 50, 25], {"box": [50, 25, 100, 50], "phrase": "x"}]}]')
+    data = CaptionFile(tmp_path / "d.jsonl", 32, box_file=tmp_path / "boxes.json")
+    sample = data[1]
+    assert sample["caption"] == "again" and sample["image"].shape == (3, 32, 32)
+    assert abs(sample["image"][0].mean().item() - 1) < 1e-6 and sample["image"][1].max().item() == 0
+    assert sample["boxes"].tolist() == [[0, 0, 16, 16], [16, 16, 32, 32]] and sample["phrases"] == ["again", "x"]
+    (tmp_path / "d.csv").write_text("path;text\na.png;red\n")
+    try:
+        CaptionFile(tmp_path / "d.csv", 32)
+    except DataError as exc:
+        assert "no column 'filepath', 'title'; the columns are ['path;text'] (separator ','" in str(exc)
+    else:
+        raise AssertionError("a missing column must be an error")
+    assert CaptionFile(tmp_path / "d.csv", 32, img_key="path", caption_key="text", separator=";")[0]["caption"] == "red"

@@ -97,3 +97,18 @@ def test_wordpiece_fallback_from_captions(caplog):
     assert "[UNK]" not in tok.tokenize("蓝色的圆")
     assert tok.tokenize("绿") == ["[UNK]"]
     assert tok(["红色"]).tolist()[0][0] == 101
+
+
+def test_merges_learned_from_captions_make_frequent_words_single_tokens(caplog, monkeypatch):
+    captions = ["two small red circles and a large blue square", "a small red circle", "three large blue squares"] * 5
+    tok = ClipTokenizer.from_texts(captions)
+    assert tok.merges == ClipTokenizer.from_texts(captions).merges  # deterministic: every rank learns the same
+    for word in ("small", "red", "and", "large", "blue"):
+        assert len(tok.encode(word)) == 1, word
+    assert tok.encode("circle") != [] and len(tok.encode("purple")) > 1  # unseen words fall back to pieces
+    ids = tok(["a small red circle"])[0]
+    assert ids[0] == CLIP_SOT and ids[5] == CLIP_EOT and ids.max() == CLIP_EOT
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with caplog.at_level(logging.WARNING):
+        assert ClipTokenizer.load(texts=captions).merges == tok.merges
+    assert "byte-level BPE merges learned from 15 training captions" in caplog.text

@@ -9,7 +9,9 @@ colours x 2 sizes x 3 counts per group, captions are varied enough for retrieval
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -43,8 +45,16 @@ class Group:
         return f"{self.size} {self.colour} {self.shape}"
 
 
-def _pick(gen: torch.Generator, options: list) -> object:
-    return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+
+@lru_cache(maxsize=8)
+def _grid(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32), indexing="ij")
+
+
+@lru_cache(maxsize=None)
+def _colour(name: str) -> torch.Tensor:
+    return torch.tensor(COLOURS[name][1])[:, None]
 
 
 def _mask(shape: str, cx: float, cy: float, r: float, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -71,22 +81,37 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def _groups(self, gen: torch.Generator) -> list[Group]:
+    def _phrase_tokens(self, phrases: list[str]) -> torch.Tensor:
+        """Token ids of each phrase (there are only 36 phrases: each is tokenized once)."""
+        if not hasattr(self, "_phrase_cache"):
+            self._phrase_cache: dict[str, torch.Tensor] = {}
+        for p in phrases:
+            if p not in self._phrase_cache:
+                ids = self.tokenizer([p])[0]
+                self._phrase_cache[p] = ids[: int((ids != 0).nonzero().max()) + 1]
+        width = max((len(self._phrase_cache[p]) for p in phrases), default=0)
+        out = torch.zeros(len(phrases), width, dtype=torch.long)
+        for i, p in enumerate(phrases):
+            out[i, : len(self._phrase_cache[p])] = self._phrase_cache[p]
+        return out
+
+    def _groups(self, rng: random.Random) -> list[Group]:
         groups: list[Group] = []
-        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
-            g = Group(_pick(gen, list(SHAPES)), _pick(gen, list(COLOURS)), _pick(gen, list(SIZES)), 0)
+        for _ in range(rng.randint(1, 3)):
+            g = Group(rng.choice(list(SHAPES)), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), 0)
             if all((g.shape, g.colour, g.size) != (h.shape, h.colour, h.size) for h in groups):
                 groups.append(g)
         return groups
 
-    def _place(self, gen: torch.Generator, r: float, boxes: list[list[float]], tries: int = 30) -> list[tuple]:
+    def _place(self, rng: random.Random, r: float, boxes: list[list[float]], tries: int = 30) -> list[tuple]:
         """Positions for up to the wanted count of objects of radius r that overlap no box so far (with a
-        1-pixel gap), so no object hides another; boxes grows with each one placed."""
+        1-pixel gap), so no object hides another: each object takes the first of `tries` random centres
+        that fits; boxes grows with each one placed."""
         placed = []
-        wanted = int(torch.randint(1, 4, (1,), generator=gen))
-        for _ in range(wanted):
+        span = self.image_size - 1 - 2 * r
+        for _ in range(rng.randint(1, 3)):
             for _ in range(tries):
-                cx, cy = (r + torch.rand(2, generator=gen) * (self.image_size - 1 - 2 * r)).tolist()
+                cx, cy = r + rng.random() * span, r + rng.random() * span
                 box = [cx - r, cy - r, cx + r, cy + r]
                 if all(box[2] + 1 < b[0] or b[2] + 1 < box[0] or box[3] + 1 < b[1] or b[3] + 1 < box[1] for b in boxes):
                     boxes.append(box)
@@ -94,23 +119,38 @@ class SyntheticCaptions(torch.utils.data.Dataset):
                     break
         return placed
 
-    def __getitem__(self, index: int) -> dict:
+    def _layout(self, index: int) -> tuple[torch.Tensor, list[tuple[Group, list[tuple]]]]:
+        """The background noise and the groups actually placed, with their objects' positions."""
         if not 0 <= index < self.size:
             raise IndexError(f"sample {index} of {self.size}")
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + index)
+        key = self.seed * 1_000_003 + self.offset + index  # sample index's own stream: no shared state
+        rng = random.Random(key)
         n = self.image_size
-        ys, xs = torch.meshgrid(torch.arange(n, dtype=torch.float32), torch.arange(n, dtype=torch.float32),
-                                indexing="ij")
-        image = 0.9 + 0.05 * torch.randn(3, n, n, generator=gen)
+        noise = 0.05 * torch.randn(3, n, n, generator=torch.Generator().manual_seed(key))
+        boxes: list[list[float]] = []
+        layout = []
+        for g in self._groups(rng):
+            placed = self._place(rng, SIZES[g.size][1] * n, boxes)
+            if placed:  # the caption says what is visible
+                layout.append((Group(g.shape, g.colour, g.size, len(placed)), placed))
+        return noise, layout
+
+    def caption(self, index: int) -> str:
+        """Sample index's caption without drawing its image (for building a tokenizer's vocabulary)."""
+        groups = [g for g, _ in self._layout(index)[1]]
+        return "和".join(g.chinese() for g in groups) if self.language == "zh" else " and ".join(g.english() for g in groups)
+
+    def __getitem__(self, index: int) -> dict:
+        noise, layout = self._layout(index)
+        n = self.image_size
+        ys, xs = _grid(n)
+        image = 0.9 + noise
         groups, boxes, phrases = [], [], []
-        for g in self._groups(gen):
-            placed = self._place(gen, SIZES[g.size][1] * n, boxes)
-            if not placed:
-                continue
-            g = Group(g.shape, g.colour, g.size, len(placed))  # the caption says what is visible
+        for g, placed in layout:
             groups.append(g)
             for cx, cy, r in placed:
-                image[:, _mask(g.shape, cx, cy, r, ys, xs)] = torch.tensor(COLOURS[g.colour][1])[:, None]
+                image[:, _mask(g.shape, cx, cy, r, ys, xs)] = _colour(g.colour)
+                boxes.append([cx - r, cy - r, cx + r, cy + r])
                 phrases.append(g.phrase(self.language))
         caption_en = " and ".join(g.english() for g in groups)
         caption_zh = "和".join(g.chinese() for g in groups)
@@ -120,5 +160,5 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         if self.tokenizer is not None:
             ids = self.tokenizer([sample["caption"]])[0]
             sample["tokens"] = ids[: int((ids != 0).nonzero().max()) + 1]
-            sample["box_phrases"] = self.tokenizer(phrases)
+            sample["box_phrases"] = self._phrase_tokens(phrases)
         return sample

@@ -1,4 +1,8 @@
-"""Pretrained text-tower weights from local files, in the layouts people have (``--text-pretrained``):
+"""Pretrained tower weights from local files, in the layouts people have (``--image-pretrained``,
+``--text-pretrained``):
+
+- StarNet: the official release (``starnet_s1.pth.tar``: ``{"state_dict": ...}``, ConvBN's ``conv``/``bn``
+  names, an ImageNet ``head`` that is ignored), or a ``visual.``-prefixed CLIP image tower;
 
 - OpenAI CLIP / open_clip: a full CLIP state dict (``token_embedding``, ``positional_embedding``,
   ``transformer.resblocks.N...``, ``ln_final``, ``text_projection``, ``visual.*``), also under a ``text.``
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, clean_state_dict, read_checkpoint
+from .starnet import StarNet
 from .text import BertTower, ClipTextTower
 
 log = logging.getLogger(__name__)
@@ -83,16 +88,33 @@ def _hf_bert(state: dict[str, torch.Tensor], report: PretrainedReport) -> dict[s
     return mapped
 
 
-def load_text_pretrained(tower: nn.Module, path: str | Path) -> PretrainedReport:
-    """Load a local pretrained file into a text tower; shape mismatches are errors naming the key."""
+def _starnet(state: dict[str, torch.Tensor], report: PretrainedReport) -> dict[str, torch.Tensor]:
+    mapped = {}
+    for key, value in clean_state_dict(state).items():
+        key = key[len("visual."):] if key.startswith("visual.") else key
+        if key.startswith(("stem.", "stages.", "norm.")):
+            mapped[key] = value
+        else:  # the ImageNet classifier head, or other towers
+            report.ignored += 1
+    return mapped
+
+
+def load_pretrained(tower: nn.Module, path: str | Path) -> PretrainedReport:
+    """Load a local pretrained file into a tower (--image-pretrained / --text-pretrained); shape
+    mismatches are errors naming the key."""
     report = PretrainedReport(str(path))
     state = read_weights(path)
     if isinstance(tower, ClipTextTower):
         mapped = _clip_text(state, report)
     elif isinstance(tower, BertTower):
         mapped = _hf_bert(state, report)
+    elif isinstance(tower, StarNet):
+        mapped = _starnet(state, report)
     else:
         raise TypeError(f"no pretrained layout known for {type(tower).__name__}")
+    if not mapped:
+        raise CheckpointError(f"{path}: holds no weights of a {type(tower).__name__} "
+                              f"({report.ignored} keys of other parts): is it the right file?")
     own = tower.state_dict()
     for key, value in mapped.items():
         if key in own and own[key].shape != value.shape:

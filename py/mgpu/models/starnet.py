@@ -9,6 +9,7 @@ linear classifier.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +37,13 @@ SPECS = {
 
 def conv_bn(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1,
             bn: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups)]
+    """Named conv / bn, as the official StarNet's ConvBN: its released weights load key for key."""
+    layers = OrderedDict(conv=nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups))
     if bn:
-        norm = nn.BatchNorm2d(c_out)
-        nn.init.ones_(norm.weight)
-        nn.init.zeros_(norm.bias)
-        layers.append(norm)
-    return nn.Sequential(*layers)
+        layers["bn"] = nn.BatchNorm2d(c_out)
+        nn.init.ones_(layers["bn"].weight)
+        nn.init.zeros_(layers["bn"].bias)
+    return nn.Sequential(layers)
 
 
 class DropPath(nn.Module):
