@@ -314,7 +314,11 @@ class _Resumable(torch.utils.data.Sampler):
 
 
 def _seed_worker(seed: int, worker: int) -> None:
+    """Seeds a DataLoader worker; it ignores the stop signals, which reach it with its process group, so
+    the main process can finish its step and save (workers exit with it; KILL still ends them)."""
     torch.manual_seed(seed * 1000 + worker)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loaders(args, train, val, loader_batch: int, device: torch.device):

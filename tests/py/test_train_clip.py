@@ -151,16 +151,18 @@ def test_too_many_bad_images_stop_the_run_with_a_clear_error(tmp_path):
     assert "images read so far are missing or unreadable, more than --max-bad-images 0.01" in res.stderr
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_143(tmp_path):
+    """As the launcher stops a job: TERM to its whole process group, DataLoader workers included."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "py"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mgpu.train_clip", *TINY, "--max-steps", "100000",
-                             "--log-every", "1", "--output-dir", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             "--log-every", "1", "--workers", "2", "--output-dir", str(tmp_path / "o")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step 2/"):
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)
             break
     out = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, out
