@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 from collections import deque
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--world_size", "--world-size", type=pos_int, default=None)
     r.add_argument("--rank", type=nonneg_int, default=None)
     r.add_argument("--dist_url", "--dist-url", default="env://", help="init method: env:// or tcp://HOST:PORT")
+    r.add_argument("--dist-timeout", type=pos_int, default=600, metavar="SECONDS",
+                   help="how long a collective may wait for a missing rank before the job fails")
     return p
 
 
@@ -209,7 +212,8 @@ def setup_processes(args) -> tuple[torch.device, int]:
         if args.dist_url != "env://":
             kwargs = dict(world_size=args.world_size or env_world, rank=args.rank if args.rank is not None
                           else int(os.environ.get("RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=args.dist_url, **kwargs)
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=args.dist_url,
+                                timeout=timedelta(seconds=args.dist_timeout), **kwargs)
         return torch.device(f"cuda:{local_rank}" if cuda else "cpu"), 0
     if not cuda:
         return torch.device("cpu"), 0
@@ -426,6 +430,20 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def _check_replicas(model: nn.Module, device: torch.device) -> None:
+    """Every rank's parameters must be identical under DDP; a per-tensor checksum compared across ranks
+    says so (or names what diverged: a parameter changed outside DDP's view)."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+    gathered = [torch.empty_like(sums) for _ in range(distributed.world_size())]
+    dist.all_gather(gathered, sums)
+    names = [n for n, _ in model.named_parameters()]
+    differ = sorted({names[i] for g in gathered for i in (g != sums).nonzero().flatten().tolist()})
+    if differ:
+        log.warning("parameters differ between ranks: %s", ", ".join(differ[:5]))
+    else:
+        log.info("parameters identical on all %d ranks", distributed.world_size())
+
+
 def train(args) -> int:
     started = time.perf_counter()
     device, dp_gpus = setup_processes(args)
@@ -484,10 +502,13 @@ def train(args) -> int:
         signal.signal(sig, on_signal)
 
     def checkpoint() -> None:
+        """Rank 0 writes; every rank waits for it, so none runs ahead or exits before the file exists."""
         if main_rank:
             save_checkpoint(output / f"checkpoint_{step}.pt", model, step=step, epoch=step // steps_per_epoch,
                             optimizer=optimizer, scheduler=scheduler, scaler=scaler, config=config)
             _prune(output, args.keep_checkpoints)
+        if world > 1:
+            dist.barrier()
 
     progress = Progress(total, step, enabled=main_rank, every=args.log_every)
     recent: deque[torch.Tensor] = deque(maxlen=50)
@@ -570,6 +591,8 @@ def train(args) -> int:
                     break
         train_seconds = time.perf_counter() - loop_start - eval_seconds
         progress.close()
+        if world > 1:
+            _check_replicas(model, device)
         completed = step >= total
         checkpoint()
         if completed:

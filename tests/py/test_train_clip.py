@@ -236,3 +236,24 @@ def test_the_demo_preset_learns_retrieval(tmp_path):
                 "text_to_image_R@5", "text_to_image_R@10", "samples_per_second", "steps", "epochs",
                 "wall_seconds", "world_size"):
         assert isinstance(metrics[key], (int, float)), key
+
+
+def test_distributed_sampling_is_disjoint_covers_the_data_changes_order_and_resumes_mid_epoch():
+    from mgpu.train_clip import _Resumable
+
+    data = list(range(40))
+    epochs = {}
+    for epoch in (0, 1):
+        parts = []
+        for rank in (0, 1):
+            sampler = _Resumable(torch.utils.data.DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True,
+                                                                     seed=3, drop_last=True))
+            sampler.set_epoch(epoch)
+            parts.append(list(sampler))
+        assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == data
+        epochs[epoch] = parts
+    assert epochs[0] != epochs[1]
+    resumed = _Resumable(torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3,
+                                                             drop_last=True))
+    resumed.set_epoch(1, skip_samples=8)
+    assert list(resumed) == epochs[1][1][8:] and len(resumed) == 12

@@ -1,0 +1,120 @@
+# shellcheck shell=bash disable=SC2034  # DDP_* globals are results for the sourcing script
+# ddp:: — what train_torchrun.sh and train_ddp.sh share: how many processes, threads per process, a
+# free port, the Python to use, and the seed's "Using N GPUs for training" line. Needs log.sh, gpu.sh.
+
+# ddp::python — PYTHON, else the project's .venv, else python3; into DDP_PYTHON.
+ddp::python() {
+  DDP_PYTHON=${PYTHON:-}
+  [[ -n $DDP_PYTHON ]] && return 0
+  if [[ -x $MGPU_ROOT/.venv/bin/python ]]; then DDP_PYTHON=$MGPU_ROOT/.venv/bin/python; else DDP_PYTHON=python3; fi
+}
+
+# ddp::visible — the entries of CUDA_VISIBLE_DEVICES into DDP_VISIBLE (unset: every GPU of the machine);
+# an entry that is neither an index nor a GPU-/MIG- UUID, or an index the machine lacks, is an error. On
+# a machine without GPU the variable is checked, then ignored with a warning.
+ddp::visible() {
+  DDP_VISIBLE=()
+  local machine
+  machine=$(gpu::indices)
+  if [[ ! -v CUDA_VISIBLE_DEVICES ]]; then
+    read -ra DDP_VISIBLE <<<"$machine"
+    return 0
+  fi
+  [[ -n $CUDA_VISIBLE_DEVICES ]] ||
+    DIE_STATUS=2 die "CUDA_VISIBLE_DEVICES is set but empty: no GPU is visible (unset it, or list GPUs like 0,1)"
+  local entry entries
+  IFS=, read -ra entries <<<"$CUDA_VISIBLE_DEVICES"
+  for entry in "${entries[@]}"; do
+    entry=${entry// /}
+    [[ $entry =~ ^[0-9]+$ || $entry =~ ^(GPU|MIG)-[0-9A-Fa-f-]+$ ]] ||
+      DIE_STATUS=2 die "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: '$entry' is neither a GPU index nor a GPU-/MIG- UUID"
+    DDP_VISIBLE+=("$entry")
+  done
+  if [[ -z $machine ]]; then
+    log::warn "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES, but this machine has no GPU: running on the CPU"
+    DDP_VISIBLE=()
+    return 0
+  fi
+  for entry in "${DDP_VISIBLE[@]}"; do
+    [[ ! $entry =~ ^[0-9]+$ ]] || gpu::exists "$entry" ||
+      DIE_STATUS=2 die "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: GPU $entry does not exist (this machine has GPUs: $machine)"
+  done
+}
+
+# ddp::nproc — processes on this node into DDP_NPROC and the device kind into DDP_KIND (gpu|cpu):
+# NPROC_PER_NODE, else one per visible GPU, else 2 CPU processes (gloo).
+ddp::nproc() {
+  ddp::visible
+  DDP_KIND=gpu
+  ((${#DDP_VISIBLE[@]})) || DDP_KIND=cpu
+  if [[ -n ${NPROC_PER_NODE:-} ]]; then
+    log::require_int NPROC_PER_NODE "$NPROC_PER_NODE" 1 || exit 2
+    DDP_NPROC=$NPROC_PER_NODE
+    if [[ $DDP_KIND == gpu ]] && ((DDP_NPROC > ${#DDP_VISIBLE[@]})); then
+      log::warn "NPROC_PER_NODE=$DDP_NPROC is more than the ${#DDP_VISIBLE[@]} visible GPU(s): ranks will share GPUs"
+    fi
+  elif [[ $DDP_KIND == gpu ]]; then
+    DDP_NPROC=${#DDP_VISIBLE[@]}
+  else
+    DDP_NPROC=2
+  fi
+}
+
+# ddp::threads — OMP_NUM_THREADS for each process (cores / processes, at least 1) unless already set.
+ddp::threads() {
+  [[ -n ${OMP_NUM_THREADS:-} ]] && return 0
+  local cores
+  cores=$(nproc 2>/dev/null || echo 1)
+  OMP_NUM_THREADS=$((cores / DDP_NPROC))
+  ((OMP_NUM_THREADS >= 1)) || OMP_NUM_THREADS=1
+  export OMP_NUM_THREADS
+}
+
+# ddp::nodes — NNODES / NODE_RANK checked; several nodes need MASTER_ADDR.
+ddp::nodes() {
+  NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0}
+  log::require_int NNODES "$NNODES" 1 || exit 2
+  log::require_int NODE_RANK "$NODE_RANK" 0 $((NNODES - 1)) || exit 2
+  if ((NNODES > 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
+    DIE_STATUS=2 die "NNODES=$NNODES needs MASTER_ADDR: the address of node 0, reachable from every node"
+  fi
+  MASTER_PORT=${MASTER_PORT:-29500}
+  log::require_int MASTER_PORT "$MASTER_PORT" 1 65535 || exit 2
+}
+
+# ddp::announce — the seed's line, with the world size.
+ddp::announce() {
+  local world=$((DDP_NPROC * NNODES)) where=""
+  ((NNODES == 1)) || where=" ($NNODES nodes x $DDP_NPROC processes; this is node $NODE_RANK)"
+  if [[ $DDP_KIND == gpu ]]; then
+    if ((world == 1)); then
+      log::info "Using single GPU for training$where"
+    else
+      log::info "Using $world GPUs for training (world size $world)$where"
+    fi
+  else
+    log::info "Using $world CPU processes for training (no GPU: gloo, OMP_NUM_THREADS=$OMP_NUM_THREADS each)$where"
+  fi
+}
+
+# ddp::port_free PORT — 0 when nothing listens on PORT on this host.
+ddp::port_free() {
+  ! (: </dev/tcp/127.0.0.1/"$1") 2>/dev/null
+}
+
+# ddp::free_port — MASTER_PORT when set and free, else a free port the kernel picks; into DDP_PORT.
+ddp::free_port() {
+  if [[ -n ${MASTER_PORT:-} ]] && ddp::port_free "$MASTER_PORT"; then
+    DDP_PORT=$MASTER_PORT
+    return 0
+  fi
+  [[ -z ${MASTER_PORT:-} ]] || log::warn "MASTER_PORT=$MASTER_PORT is in use; choosing a free port"
+  DDP_PORT=$("$DDP_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+}
+
+# ddp::print_command ARGV... — the exact command, shell-quoted, on stdout (for --dry-run).
+ddp::print_command() {
+  local quoted
+  printf -v quoted '%q ' "$@"
+  printf '%s\n' "${quoted% }"
+}

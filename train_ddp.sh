@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# train_ddp.sh — the seed's second way to start DDP: python -m torch.distributed.launch --use_env, with a
+# free --master_port. Same trainer, settings and checks as train_torchrun.sh (prefer that one).
+#   CUDA_VISIBLE_DEVICES=0,1 bash train_ddp.sh --epochs 10
+#   bash train_ddp.sh --dry-run --preset demo
+# The trainer accepts --local_rank=N and --local-rank=N alike, whichever this torch passes.
+set -Eeuo pipefail
+[[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
+
+MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+# shellcheck source=lib/log.sh
+source "$MGPU_ROOT/lib/log.sh"
+# shellcheck source=lib/gpu.sh
+source "$MGPU_ROOT/lib/gpu.sh"
+# shellcheck source=lib/ddp.sh
+source "$MGPU_ROOT/lib/ddp.sh"
+
+usage() {
+  cat <<'USAGE'
+Usage: [CUDA_VISIBLE_DEVICES=0,1] bash train_ddp.sh [--dry-run] [trainer arguments]
+
+Starts python -m mgpu.train_clip with torch.distributed.launch --use_env, one process per visible GPU
+(NPROC_PER_NODE overrides; 2 CPU processes without GPU). MASTER_PORT is used when free, else a free
+port is chosen; NNODES, NODE_RANK, MASTER_ADDR as for train_torchrun.sh. Where this torch has no
+torch.distributed.launch, torchrun is used instead (and it says so).
+USAGE
+}
+
+main() {
+  local dry=0 args=()
+  while (($#)); do
+    case $1 in
+      --dry-run) dry=1 ;;
+      -h | --help)
+        usage
+        return 0
+        ;;
+      *) args+=("$1") ;;
+    esac
+    shift
+  done
+  ddp::python
+  ddp::nproc
+  local port_given=${MASTER_PORT:-}
+  ddp::nodes
+  MASTER_PORT=$port_given
+  ddp::threads
+  if ((NNODES == 1)); then
+    ddp::free_port
+  else
+    DDP_PORT=${MASTER_PORT:-29500} # every node must use the same port: no choosing here
+  fi
+  local launcher=torch.distributed.launch env_flag=(--use_env)
+  if ! "$DDP_PYTHON" -c 'import torch.distributed.launch' 2>/dev/null; then
+    log::warn "this torch has no torch.distributed.launch (removed in newer releases): using torchrun instead"
+    launcher=torch.distributed.run env_flag=()
+  fi
+  local cmd=(env "OMP_NUM_THREADS=$OMP_NUM_THREADS" "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$DDP_PYTHON" -W ignore::FutureWarning
+    -m "$launcher" "${env_flag[@]}" --nproc_per_node "$DDP_NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$DDP_PORT" -m mgpu.train_clip "${args[@]}")
+  ddp::announce
+  if ((dry)); then
+    ddp::print_command "${cmd[@]}"
+    return 0
+  fi
+  exec "${cmd[@]}"
+}
+
+main "$@"

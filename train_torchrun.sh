@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# train_torchrun.sh — DDP training of mgpu.train_clip through torchrun: one process per visible GPU.
+#   CUDA_VISIBLE_DEVICES=0,1 bash train_torchrun.sh --epochs 10 --batch-size 64
+#   bash train_torchrun.sh --preset demo                        # no GPU: 2 gloo processes on the CPU
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash train_torchrun.sh ...   # the same on every node
+#   bash train_torchrun.sh --dry-run ...                        # the exact torchrun command only
+# Arguments other than this script's own (--help) go to the trainer: python -m mgpu.train_clip --help.
+set -Eeuo pipefail
+[[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
+
+MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+# shellcheck source=lib/log.sh
+source "$MGPU_ROOT/lib/log.sh"
+# shellcheck source=lib/gpu.sh
+source "$MGPU_ROOT/lib/gpu.sh"
+# shellcheck source=lib/ddp.sh
+source "$MGPU_ROOT/lib/ddp.sh"
+
+usage() {
+  cat <<'USAGE'
+Usage: [CUDA_VISIBLE_DEVICES=0,1] bash train_torchrun.sh [options] [trainer arguments]
+
+Starts python -m mgpu.train_clip under torchrun, one process per visible GPU (CUDA_VISIBLE_DEVICES,
+else every GPU); with no GPU, NPROC_PER_NODE CPU processes (default 2) talking gloo.
+Options of this script:
+  --dry-run            print the exact command and exit
+  --log-dir DIR        also write each rank's output to DIR (torchrun --log-dir, --tee 3)
+  --ranks 0[,1...]     show only these local ranks' output on the console (torchrun --local-ranks-filter)
+  -h, --help           this help
+Environment:
+  NPROC_PER_NODE       processes on this node (default: the visible GPUs, or 2 without GPU)
+  NNODES, NODE_RANK    several nodes (default 1, 0); one node uses --standalone (no port to choose)
+  MASTER_ADDR, MASTER_PORT, RDZV_ID
+                       several nodes: the c10d rendezvous at MASTER_ADDR:MASTER_PORT (default port 29500),
+                       job id RDZV_ID (default $SLURM_JOB_ID, else mgpu)
+  MAX_RESTARTS         elastic restarts after a failure (default 0); the trainer then gets --resume auto
+  OMP_NUM_THREADS      threads per process (default: cores / processes)
+  PYTHON               the Python with torch (default: the project's .venv, else python3)
+Exit status: the trainer's (0 done, 2 bad input, 1 failure, 143 stopped); 2 for a bad setting here.
+USAGE
+}
+
+main() {
+  local dry=0 logs="" ranks="" args=()
+  while (($#)); do
+    case $1 in
+      --dry-run) dry=1 ;;
+      --log-dir | --ranks)
+        (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+        if [[ $1 == --log-dir ]]; then
+          logs=$2
+        else
+          [[ $2 =~ ^[0-9]+(,[0-9]+)*$ ]] || DIE_STATUS=2 die "--ranks must list local ranks like 0 or 0,1; got '$2'"
+          ranks=$2
+        fi
+        shift
+        ;;
+      -h | --help)
+        usage
+        return 0
+        ;;
+      *) args+=("$1") ;;
+    esac
+    shift
+  done
+  ddp::python
+  ddp::nproc
+  ddp::nodes
+  ddp::threads
+  MAX_RESTARTS=${MAX_RESTARTS:-0}
+  log::require_int MAX_RESTARTS "$MAX_RESTARTS" 0 || exit 2
+
+  local cmd=(env "OMP_NUM_THREADS=$OMP_NUM_THREADS" "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$DDP_PYTHON" -m torch.distributed.run)
+  if ((NNODES == 1)); then
+    cmd+=(--standalone --nnodes 1)
+  else
+    cmd+=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d
+      --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-mgpu}}")
+  fi
+  cmd+=(--nproc-per-node "$DDP_NPROC" --max-restarts "$MAX_RESTARTS")
+  [[ -z $logs ]] || cmd+=(--log-dir "$logs" --tee 3)
+  [[ -z $ranks ]] || cmd+=(--local-ranks-filter "$ranks")
+  if ((MAX_RESTARTS > 0)) && [[ " ${args[*]} " != *" --resume "* && " ${args[*]} " != *" --resume="* ]]; then
+    args+=(--resume auto) # a restarted job continues from its newest checkpoint
+  fi
+  cmd+=(-m mgpu.train_clip "${args[@]}")
+  ddp::announce
+  if ((dry)); then
+    ddp::print_command "${cmd[@]}"
+    return 0
+  fi
+  exec "${cmd[@]}"
+}
+
+main "$@"
