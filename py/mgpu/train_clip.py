@@ -481,7 +481,9 @@ def train(args) -> int:
         log.info("resumed from %s at step %d of %d", resume, step, total)
     wrapped: nn.Module = model
     if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients live in DDP's all-reduce buckets: no second copy of them in memory
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                      gradient_as_bucket_view=True)
     elif dp_gpus > 1:
         wrapped = nn.DataParallel(model)
     announce_devices(device, dp_gpus)

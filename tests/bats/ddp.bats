@@ -1,5 +1,5 @@
 #!/usr/bin/env bats
-# shellcheck disable=SC2154  # $stderr and $output come from bats' run
+# shellcheck disable=SC2154,SC2012  # $stderr and $output come from bats' run; ls of names we made
 # train_torchrun.sh and train_ddp.sh: real torchrun, real gloo processes on the CPU, the real trainer.
 
 load test_helper
