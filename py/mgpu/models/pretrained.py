@@ -76,27 +76,27 @@ def _clip_text(state: dict[str, torch.Tensor], report: PretrainedReport) -> dict
     return mapped
 
 
-def _hf_bert(state: dict[str, torch.Tensor], report: PretrainedReport) -> dict[str, torch.Tensor]:
+def _select(state: dict[str, torch.Tensor], report: PretrainedReport, prefix: str, keep: tuple[str, ...],
+            rename=lambda key: key) -> dict[str, torch.Tensor]:
+    """The tensors whose key, without wrapper prefixes and prefix, renamed, starts with one of keep; the
+    rest are counted as ignored (heads, other towers, BERT's position_ids buffer)."""
     mapped = {}
     for key, value in clean_state_dict(state).items():
-        key = key[len("bert."):] if key.startswith("bert.") else key
-        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if key.startswith(("embeddings.", "encoder.", "pooler.")) and not key.endswith("position_ids"):
+        key = rename(key.removeprefix(prefix))
+        if key.startswith(keep) and not key.endswith("position_ids"):
             mapped[key] = value
         else:
             report.ignored += 1
     return mapped
 
 
+def _hf_bert(state: dict[str, torch.Tensor], report: PretrainedReport) -> dict[str, torch.Tensor]:
+    return _select(state, report, "bert.", ("embeddings.", "encoder.", "pooler."),
+                   lambda key: key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"))
+
+
 def _starnet(state: dict[str, torch.Tensor], report: PretrainedReport) -> dict[str, torch.Tensor]:
-    mapped = {}
-    for key, value in clean_state_dict(state).items():
-        key = key[len("visual."):] if key.startswith("visual.") else key
-        if key.startswith(("stem.", "stages.", "norm.")):
-            mapped[key] = value
-        else:  # the ImageNet classifier head, or other towers
-            report.ignored += 1
-    return mapped
+    return _select(state, report, "visual.", ("stem.", "stages.", "norm."))
 
 
 def load_pretrained(tower: nn.Module, path: str | Path) -> PretrainedReport:
