@@ -89,13 +89,14 @@ ledger::record() {
 declare -a LEDGER_JSON=() LEDGER_ROW=()
 
 # ledger::_metrics FILE — LEDGER_METRICS (compact JSON) and LEDGER_METRIC ("name=value": the object's
-# "key_metric" entry, else its first number) from a trainer's metrics.json; 1 if it is no JSON object.
+# "key_metric" entry, else its first number, to 4 decimals) from a trainer's metrics.json; 1 if it is no JSON object.
 ledger::_metrics() {
   LEDGER_METRICS=null LEDGER_METRIC=""
   local lines=()
-  mapfile -t lines < <(jq -c 'if type == "object" then ., (
-      if (.key_metric | type) == "string" and has(.key_metric) then "\(.key_metric)=\(.[.key_metric])"
-      else (to_entries | map(select(.value | type == "number")) | first | if . then "\(.key)=\(.value)" else "" end)
+  mapfile -t lines < <(jq -c 'def short: if type == "number" then (. * 10000 + 0.5 | floor) / 10000 else . end;
+    if type == "object" then ., (
+      if (.key_metric | type) == "string" and has(.key_metric) then "\(.key_metric)=\(.[.key_metric] | short)"
+      else (to_entries | map(select(.value | type == "number")) | first | if . then "\(.key)=\(.value | short)" else "" end)
       end) else error("not an object") end' "$1" 2>/dev/null)
   ((${#lines[@]} == 2)) || return 1
   LEDGER_METRICS=${lines[0]} LEDGER_METRIC=${lines[1]//\"/}
