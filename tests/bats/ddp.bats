@@ -47,12 +47,15 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
 }
 
 @test "train_torchrun.sh: 2 gloo processes train; only rank 0 writes; world size 2 in metrics.json" {
-  run --separate-stderr bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 4 --output-dir out
+  run --separate-stderr bash "$ROOT/train_torchrun.sh" --log-dir ranks "${TINY[@]}" --max-steps 4 --output-dir out
   assert_success
+  # --log-dir: each rank's output in its own file as well (torchrun's <dir>/<run>/attempt_0/<rank>/)
+  assert_equal "$(find ranks -name stdout.log | wc -l)" 2
+  assert_equal "$(find ranks -name stdout.log -exec grep -l "parameters identical" {} + | wc -l)" 1
   assert_equal "$(head -1 <<<"$stderr")" "[INFO] Using 2 CPU processes for training (no GPU: gloo, OMP_NUM_THREADS=1 each)"
-  assert_line "Using 2 CPU processes for training (DDP, one process each, backend gloo)"
+  assert_line "[default0]:Using 2 CPU processes for training (DDP, one process each, backend gloo)" # --tee prefixes
   assert_line --partial "global batch 16 (8 x 2 processes), lr 0.002 (0.001 x 2, --lr-scale linear)"
-  assert_line "parameters identical on all 2 ranks"
+  assert_line "[default0]:parameters identical on all 2 ranks"
   assert_equal "$(metric out '[.world_size, .steps, .val_samples, .completed] | map(tostring) | join(" ")')" "2 4 13 true"
   assert_equal "$(ls out | tr '\n' ' ')" "checkpoint_4.pt metrics.json model.pt "
 }
@@ -122,6 +125,9 @@ PY
   wait "$job" || rc=$?
   ((rc != 0))
   ((SECONDS - start < 60))
-  run grep -c "ChildFailedError\|exitcode  *: -9" k.log
-  ((output >= 1))
+  # torchrun's summary names the rank that died and how
+  run grep -E "rank +: [01] \(local_rank: [01]\)" k.log
+  assert_success
+  run grep -E "exitcode +: -9 \(pid: ${workers[1]}\)" k.log
+  assert_success
 }

@@ -67,7 +67,7 @@ def test_stop_after_then_resume_gives_the_weights_of_a_straight_run(tmp_path):
 
 
 def test_ddp_over_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_path):
-    common = [*TINY, "--max-steps", "4", "--freeze-bn", "--lr-scale", "none", "--val-size", "13"]
+    common = [*TINY, "--max-steps", "3", "--freeze-bn", "--lr-scale", "none", "--val-size", "13", "--seed", "0"]
     one = trainer(*common, "--batch-size", "16", "--output-dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -77,19 +77,19 @@ def test_ddp_over_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_
     assert "Using 2 CPU processes for training (DDP, one process each, backend gloo)" in two.stdout
     assert two.stdout.count("Using 2 CPU processes") == 1  # rank 0 alone logs
     assert "global batch 16 (8 x 2 processes)" in two.stdout
-    a, b = weights(tmp_path / "one" / "checkpoint_4.pt"), weights(tmp_path / "two" / "checkpoint_4.pt")
+    a, b = weights(tmp_path / "one" / "checkpoint_3.pt"), weights(tmp_path / "two" / "checkpoint_3.pt")
     for key in a:
         if key.endswith("attn.in_proj_bias"):  # the key bias has a zero gradient (softmax ignores a shift):
             width = a[key].shape[0] // 3       # Adam divides rounding noise by its own size, so skip it
             a[key], b[key] = a[key][:width], b[key][:width]
-        assert torch.allclose(a[key], b[key], atol=2e-5), key
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5), key
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m2["world_size"] == 2 and m2["global_batch"] == 16 and m1["world_size"] == 1
     assert m1["val_samples"] == m2["val_samples"] == 13  # shards of 6 and 7: nothing padded, nothing twice
     for key in ("image_to_text_R@1", "text_to_image_R@5", "val_loss", "image_to_text_mean_rank"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-4), key
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint_4.pt", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint_3.pt", "metrics.json", "model.pt"]
 
 
 def test_the_legacy_launcher_flags_are_accepted():
