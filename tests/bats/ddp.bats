@@ -46,8 +46,9 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_output --partial "--nnodes 2 --node-rank 1 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 --rdzv-id job7 --nproc-per-node 8"
 }
 
-@test "train_torchrun.sh: 2 gloo processes train; only rank 0 writes; world size 2 in metrics.json" {
-  run --separate-stderr bash "$ROOT/train_torchrun.sh" --log-dir ranks "${TINY[@]}" --max-steps 4 --output-dir out
+@test "train_torchrun.sh: 2 gloo processes run the demo preset; only rank 0 writes; world size 2 in metrics.json" {
+  run --separate-stderr bash "$ROOT/train_torchrun.sh" --log-dir ranks --preset demo --max-steps 4 --batch-size 8 \
+    --train-size 48 --val-size 13 --no-tb --lr 1e-3 --lr-scale linear --output-dir out
   assert_success
   # --log-dir: each rank's output in its own file as well (torchrun's <dir>/<run>/attempt_0/<rank>/)
   assert_equal "$(find ranks -name stdout.log | wc -l)" 2
@@ -130,4 +131,22 @@ PY
   assert_success
   run grep -E "exitcode +: -9 \(pid: ${workers[1]}\)" k.log
   assert_success
+}
+
+@test "MAX_RESTARTS: a killed worker is restarted and the job resumes from its last checkpoint" {
+  MAX_RESTARTS=1 bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 12 --save-every 3 --log-every 1 \
+    --output-dir r >r.log 2>&1 &
+  local job=$! waited=0 victim
+  until [[ -f r/checkpoint_3.pt ]] && grep -q '^step 4/' r.log; do
+    sleep 0.2
+    ((++waited < 600)) || { cat r.log; false; }
+  done
+  victim=$(pgrep -f -- '-m mgpu.train_clip .*--output-dir r' | while read -r pid; do
+    [[ $(ps -o args= -p "$pid") == *"torch.distributed.run"* ]] || echo "$pid"
+  done | tail -1)
+  kill -KILL "$victim"
+  wait "$job" || { cat r.log; false; }
+  run grep -E "resumed from r/checkpoint_[0-9]+\.pt at step [0-9]+ of 12" r.log
+  assert_success
+  assert_equal "$(metric r '[.steps, .completed] | map(tostring) | join(" ")')" "12 true"
 }
