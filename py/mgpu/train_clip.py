@@ -74,6 +74,10 @@ class TrainError(RuntimeError):
     """A problem with the inputs found after parsing (data, checkpoint, device); exit code 2."""
 
 
+class TrainingFailed(RuntimeError):
+    """Training itself went wrong (a non-finite loss); exit code 1."""
+
+
 class Stopped(Exception):
     def __init__(self, code: int):
         super().__init__(code)
@@ -543,7 +547,7 @@ def train(args) -> int:
                 if extra:
                     loss = loss + args.loss_region * region_loss(out[3], out[4], extra[2], extra[1], out[2].float())
                 if not torch.isfinite(loss):
-                    raise TrainError(f"loss is {loss.item()} at step {step + 1}: lower --lr "
+                    raise TrainingFailed(f"loss is {loss.item()} at step {step + 1}: lower --lr "
                                      f"({lr:g}), add --grad-clip, or use --amp bf16 instead of fp16")
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -651,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, CheckpointError) as exc:
         print(f"mgpu.train_clip: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:
+        print(f"mgpu.train_clip: training failed: {exc}", file=sys.stderr)
+        return 1
     finally:
         if distributed.is_on():
             dist.destroy_process_group()

@@ -257,3 +257,10 @@ def test_distributed_sampling_is_disjoint_covers_the_data_changes_order_and_resu
                                                              drop_last=True))
     resumed.set_epoch(1, skip_samples=8)
     assert list(resumed) == epochs[1][1][8:] and len(resumed) == 12
+
+
+def test_a_diverging_run_fails_with_exit_1_and_advice(tmp_path, capsys):
+    assert train_clip.main([*TINY, "--lr", "1e30", "--warmup", "0", "--max-steps", "6",
+                            "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "mgpu.train_clip: training failed: loss is nan at step" in err and "lower --lr (1e+30)" in err
