@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=_number(float, 0), default=0.0, help="max gradient norm (0: off)")
     t.add_argument("--seed", type=nonneg_int, default=0, help="same init on every rank; data seeded seed + rank")
     t.add_argument("--freeze-bn", action="store_true", help="BatchNorm uses and keeps its running statistics")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="DDP on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     t.add_argument("--loss-region", type=_number(float, 0), default=0.0, metavar="W",
                    help="weight of the box-phrase region loss (0: off)")
     t.add_argument("--use-region-loss", action="store_true", help="the seed's switch: --loss-region 0.5 if unset")
@@ -484,6 +486,11 @@ def train(args) -> int:
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d of %d", resume, step, total)
     wrapped: nn.Module = model
+    if world > 1 and args.sync_bn:
+        if device.type == "cuda":  # the new layers keep the same Parameter objects: the optimizer still holds them
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.warning("--sync-bn: SyncBatchNorm needs CUDA; on the CPU (gloo) BatchNorm statistics stay per rank")
     if world > 1:
         # gradients live in DDP's all-reduce buckets: no second copy of them in memory
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,

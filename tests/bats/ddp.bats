@@ -48,8 +48,9 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
 
 @test "train_torchrun.sh: 2 gloo processes run the demo preset; only rank 0 writes; world size 2 in metrics.json" {
   run --separate-stderr bash "$ROOT/train_torchrun.sh" --log-dir ranks --preset demo --max-steps 4 --batch-size 8 \
-    --train-size 48 --val-size 13 --no-tb --lr 1e-3 --lr-scale linear --output-dir out
+    --train-size 48 --val-size 13 --no-tb --lr 1e-3 --lr-scale linear --sync-bn --output-dir out
   assert_success
+  assert_line --partial "--sync-bn: SyncBatchNorm needs CUDA; on the CPU (gloo) BatchNorm statistics stay per rank"
   # --log-dir: each rank's output in its own file as well (torchrun's <dir>/<run>/attempt_0/<rank>/)
   assert_equal "$(find ranks -name stdout.log | wc -l)" 2
   assert_equal "$(find ranks -name stdout.log -exec grep -l "parameters identical" {} + | wc -l)" 1
