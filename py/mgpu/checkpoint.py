@@ -78,10 +78,14 @@ def _atomic_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
-def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
-    """The weights alone, unwrapped: they load into a plain, DataParallel or DDP model alike."""
+def save_model(model: nn.Module, path: str | os.PathLike, config: dict | None = None) -> Path:
+    """The weights, unwrapped: they load into a plain, DataParallel or DDP model alike; with config (how
+    to rebuild the model, e.g. for mgpu.infer) when given."""
     path = Path(path)
-    _atomic_save({"model": unwrap(model).state_dict()}, path)
+    state = {"model": unwrap(model).state_dict()}
+    if config is not None:
+        state["config"] = dict(config)
+    _atomic_save(state, path)
     return path
 
 

@@ -613,7 +613,7 @@ def train(args) -> int:
             results = evaluate(model, val_loader, device, global_batch, autocast)
             eval_seconds += time.perf_counter() - t0
             if main_rank:
-                save_model(model, output / "model.pt")
+                save_model(model, output / "model.pt", config)
         if main_rank:
             metrics = {"key_metric": "image_to_text_R@1", **results,
                        "train_loss": torch.stack(list(recent)).mean().item() if recent else None,

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# infer_parallel.sh — data-parallel inference (seed 001): one full model per GPU, the data cut into one
+# contiguous shard per GPU, the results merged back in dataset order. Runs on the sweep engine, so GPU
+# leases, busy-GPU waits, retries, logs, --resume and Ctrl-C work as in run_train_clip.sh.
+#   bash infer_parallel.sh --checkpoint checkpoints/clip_models/X/model.pt --out results/X
+#   GPUS="0 1" bash infer_parallel.sh --checkpoint C --out D --data test.csv --batch-size 512
+#   bash infer_parallel.sh --checkpoint C --out D --resume      # redo only the shards that did not finish
+set -Eeuo pipefail
+[[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
+
+[[ -v GPUS ]] || GPUS=(0 1 2 3)
+MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+# shellcheck source=lib/sweep.sh
+source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
+
+usage() {
+  cat <<'USAGE'
+Usage: bash infer_parallel.sh --checkpoint PATH --out DIR [options]
+
+Encodes a dataset with a checkpoint of mgpu.train_clip, one process per GPU (python -m mgpu.infer
+--shard I/N), each loading the whole model on its own GPU, then merges: DIR/image_embeddings.npy,
+DIR/text_embeddings.npy (float32, dataset order), DIR/metrics.json (retrieval R@1/5/10, per-shard
+throughput).
+  --checkpoint PATH     checkpoint_<step>.pt or model.pt (required)
+  --out DIR             results folder (required); shards in DIR/shards, logs in DIR/logs
+  --data D              default: the validation split the checkpoint was trained on; 'synthetic'; or a
+                        .csv/.tsv/.jsonl file (every row)
+  --batch-size N        per process (default 256)
+  --gpus 0,1,2,3        GPUS; a GPU without room for the model (see the plan) is skipped
+  --cpu-procs N         processes when the machine has no GPU (default 1)
+  --max-util PCT  --max-wait SEC  --on-timeout run|skip|fail  --retries N  --grace SEC
+                        as for run_train_clip.sh: busy GPUs are waited for, then the policy applies
+  --resume              keep the shards an earlier run finished; run the rest
+  --dry-run             the memory plan, the shards and each exact command; nothing runs
+Exit status: 0 merged; 1 a shard failed (its log is shown; --resume redoes only it); 2 bad input.
+USAGE
+}
+
+own_arg() {
+  SWEEP_SHIFT=0
+  case $1 in
+    --checkpoint | --out | --data | --batch-size | --cpu-procs)
+      (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+      case $1 in
+        --checkpoint) CHECKPOINT=$2 ;;
+        --out) OUT=$2 ;;
+        --data) DATA=$2 ;;
+        --batch-size) BATCH=$2 ;;
+        --cpu-procs) CPU_SLOTS=$2 ;;
+      esac
+      SWEEP_SHIFT=2
+      ;;
+    *) ;;
+  esac
+}
+
+# plan — MiB one process needs (mgpu.infer --plan), then drop from GPUS each GPU with less free memory.
+plan() {
+  local line parts=() gpu kept=() free
+  line=$("${PY[@]}" --checkpoint "$CHECKPOINT" --plan --batch-size "$BATCH") || exit 2
+  read -ra parts <<<"$line"
+  local -A need=()
+  local part
+  for part in "${parts[@]}"; do need[${part%%=*}]=${part#*=}; done
+  log::info "memory plan: each process needs about ${need[total]} MiB (weights ${need[weights]}, activations" \
+    "${need[activations]} at batch $BATCH, CUDA context ${need[context]})"
+  [[ $(gpu::backend) != cpu ]] || return 0
+  gpu::sample || DIE_STATUS=1 die "the GPU query failed (see above)"
+  for gpu in "${GPUS[@]}"; do
+    [[ -n ${GPU_MEM_TOTAL[$gpu]:-} ]] || { kept+=("$gpu"); continue; } # sweep::slots reports missing GPUs
+    free=$((GPU_MEM_TOTAL[$gpu] - GPU_MEM_USED[$gpu]))
+    if ((free < need[total])); then
+      log::error "GPU $gpu: ${free} MiB free of ${GPU_MEM_TOTAL[$gpu]}, the model needs ${need[total]} MiB; skipping it"
+    else
+      kept+=("$gpu")
+    fi
+  done
+  ((${#kept[@]})) || DIE_STATUS=1 die "no GPU in GPUS (${GPUS[*]}) has ${need[total]} MiB free; lower --batch-size or free a GPU"
+  GPUS=("${kept[@]}")
+}
+
+main() {
+  CHECKPOINT="" OUT="" DATA="" BATCH=256
+  sweep::parse "$@"
+  ((${#SWEEP_REST[@]} == 0)) || DIE_STATUS=2 die "infer_parallel.sh takes no arguments after --"
+  [[ -n $CHECKPOINT ]] || DIE_STATUS=2 die "--checkpoint PATH is required (see --help)"
+  [[ -f $CHECKPOINT ]] || DIE_STATUS=2 die "--checkpoint $CHECKPOINT: no such file"
+  [[ -n $OUT ]] || DIE_STATUS=2 die "--out DIR is required (see --help)"
+  log::require_int --batch-size "$BATCH" 1 || exit 2
+  LOG_DIR=${LOG_DIR:-$OUT/logs}
+  sweep::defaults
+  sweep::validate
+  local python=${PYTHON:-}
+  [[ -n $python ]] || { [[ -x $MGPU_ROOT/.venv/bin/python ]] && python=$MGPU_ROOT/.venv/bin/python || python=python3; }
+  PY=(env "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mgpu.infer)
+  plan
+  sweep::slots
+  local n=${#SCHED_SLOTS[@]} i data=()
+  [[ -z $DATA ]] || data=(--data "$DATA")
+  mkdir -p "$OUT/shards" "$LOG_DIR"
+  sched::init
+  for ((i = 0; i < n; i++)); do
+    sched::add "shard${i}_of_$n" "" "" "" "$OUT/shards/.mgpu_done_${i}_of_$n" -- \
+      "${PY[@]}" --checkpoint "$CHECKPOINT" --out "$OUT" --shard "$i/$n" --batch-size "$BATCH" "${data[@]}"
+  done
+  sweep::drop_done
+  if [[ $DRY_RUN == true ]]; then
+    sweep::dry_run
+    printf 'then:'
+    printf ' %q' "${PY[@]}" --checkpoint "$CHECKPOINT" --out "$OUT" --merge "$n"
+    echo
+    exit 0
+  fi
+  log::info "$n shard(s) on $n slot(s); logs in $LOG_DIR"
+  sched::run
+  if ((SCHED_EXIT != 0)); then
+    log::error "not every shard finished; fix the cause shown above, then run the same command with --resume:" \
+      "only the unfinished shards run again"
+    exit "$SCHED_EXIT"
+  fi
+  "${PY[@]}" --checkpoint "$CHECKPOINT" --out "$OUT" --merge "$n"
+}
+
+main "$@"
