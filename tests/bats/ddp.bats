@@ -135,7 +135,7 @@ PY
 }
 
 @test "MAX_RESTARTS: a killed worker is restarted and the job resumes from its last checkpoint" {
-  MAX_RESTARTS=1 bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 12 --save-every 3 --log-every 1 \
+  MAX_RESTARTS=3 bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 12 --save-every 3 --log-every 1 \
     --output-dir r >r.log 2>&1 &
   local job=$! waited=0 victim
   until [[ -f r/checkpoint_3.pt ]] && grep -q '^step 4/' r.log; do
