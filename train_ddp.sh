@@ -35,6 +35,10 @@ main() {
         usage
         return 0
         ;;
+      --)
+        args+=("${@:2}") # like run_train_clip.sh: what follows -- goes to the trainer as is
+        break
+        ;;
       *) args+=("$1") ;;
     esac
     shift
@@ -55,15 +59,11 @@ main() {
     log::warn "this torch has no torch.distributed.launch (removed in newer releases): using torchrun instead"
     launcher=torch.distributed.run env_flag=()
   fi
-  local cmd=(env "OMP_NUM_THREADS=$OMP_NUM_THREADS" "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$DDP_PYTHON" -W ignore::FutureWarning
+  ddp::python_cmd
+  local cmd=("${DDP_CMD[@]}" -W ignore::FutureWarning
     -m "$launcher" "${env_flag[@]}" --nproc_per_node "$DDP_NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK"
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$DDP_PORT" -m mgpu.train_clip "${args[@]}")
-  ddp::announce
-  if ((dry)); then
-    ddp::print_command "${cmd[@]}"
-    return 0
-  fi
-  exec "${cmd[@]}"
+  ddp::launch "$dry" "${cmd[@]}"
 }
 
 main "$@"

@@ -59,6 +59,10 @@ main() {
         usage
         return 0
         ;;
+      --)
+        args+=("${@:2}") # like run_train_clip.sh: what follows -- goes to the trainer as is
+        break
+        ;;
       *) args+=("$1") ;;
     esac
     shift
@@ -70,7 +74,8 @@ main() {
   MAX_RESTARTS=${MAX_RESTARTS:-0}
   log::require_int MAX_RESTARTS "$MAX_RESTARTS" 0 || exit 2
 
-  local cmd=(env "OMP_NUM_THREADS=$OMP_NUM_THREADS" "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$DDP_PYTHON" -m torch.distributed.run)
+  ddp::python_cmd
+  local cmd=("${DDP_CMD[@]}" -m torch.distributed.run)
   if ((NNODES == 1)); then
     cmd+=(--standalone --nnodes 1)
   else
@@ -84,12 +89,7 @@ main() {
     args+=(--resume auto) # a restarted job continues from its newest checkpoint
   fi
   cmd+=(-m mgpu.train_clip "${args[@]}")
-  ddp::announce
-  if ((dry)); then
-    ddp::print_command "${cmd[@]}"
-    return 0
-  fi
-  exec "${cmd[@]}"
+  ddp::launch "$dry" "${cmd[@]}"
 }
 
 main "$@"

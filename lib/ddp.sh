@@ -118,3 +118,21 @@ ddp::print_command() {
   printf -v quoted '%q ' "$@"
   printf '%s\n' "${quoted% }"
 }
+
+# ddp::launch DRY ARGV... — the seed's line, then the command: printed (DRY=1, --dry-run) or exec'd, so
+# signals reach the launcher directly and no shell is left waiting.
+ddp::launch() {
+  local dry=$1
+  shift
+  ddp::announce
+  if ((dry)); then
+    ddp::print_command "$@"
+    exit 0
+  fi
+  exec "$@"
+}
+
+# ddp::python_cmd — into DDP_CMD: env with the threads and mgpu on PYTHONPATH, then the Python.
+ddp::python_cmd() {
+  DDP_CMD=(env "OMP_NUM_THREADS=$OMP_NUM_THREADS" "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$DDP_PYTHON")
+}

@@ -44,6 +44,9 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_success
   assert_equal "$stderr" "[INFO] Using 16 GPUs for training (world size 16) (2 nodes x 8 processes; this is node 1)"
   assert_output --partial "--nnodes 2 --node-rank 1 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 --rdzv-id job7 --nproc-per-node 8"
+  run --separate-stderr bash "$ROOT/train_ddp.sh" --dry-run -- --epochs 2 --lr 0.1
+  assert_success
+  assert_output --regexp " -m mgpu.train_clip --epochs 2 --lr 0.1$"
 }
 
 @test "train_torchrun.sh: 2 gloo processes run the demo preset; only rank 0 writes; world size 2 in metrics.json" {
