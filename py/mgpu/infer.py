@@ -33,6 +33,7 @@ from . import train_clip
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .clip import CLIP
 from .collate import collate_fn
+from .data import loading
 from .data.captions import CaptionFile, DataError
 from .evaluate import shard
 from .metrics import retrieval_metrics
@@ -110,11 +111,11 @@ def dataset(config: argparse.Namespace, data: str | None, tokenizer_state: dict 
         if data and data != "synthetic":
             return CaptionFile(data, config.image_size, img_key=config.csv_img_key, caption_key=config.csv_caption_key,
                                separator=config.csv_separator,
-                               tokenizer=train_clip.build_tokenizer(config, [], tokenizer_state))
+                               tokenizer=loading.build_tokenizer(config, [], tokenizer_state))
         if data == "synthetic":
             config = argparse.Namespace(**{**vars(config), "data": "synthetic"})
-        return train_clip.build_data(config, tokenizer_state)[1]
-    except (DataError, train_clip.TrainError) as exc:
+        return loading.build_data(config, tokenizer_state)[1]
+    except DataError as exc:
         raise InferError(str(exc)) from None
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -45,15 +44,13 @@ from . import distributed
 from .checkpoint import CheckpointError, latest_checkpoint, load_model, read_checkpoint, save_checkpoint, \
     save_model, set_rng_state, unwrap
 from .clip import CLIP, clip_loss, region_loss
-from .collate import collate_fn
-from .data.captions import CaptionFile, DataError
-from .data.synthetic import SyntheticCaptions
-from .evaluate import evaluate, shard
+from .data.captions import DataError
+from .data.loading import build_data, build_loaders, tokenizer_state
+from .evaluate import evaluate
 from .models import IMAGE_ENCODERS, TEXT_ENCODERS, image_encoder, text_encoder
 from .models.pretrained import load_pretrained
 from .progress import Progress, format_eta
 from .tensorboard import ScalarWriter
-from .tokenizers import ClipTokenizer, WordPiece
 
 log = logging.getLogger("mgpu.train_clip")
 
@@ -218,8 +215,19 @@ def setup_processes(args) -> tuple[torch.device, int]:
         if args.dist_url != "env://":
             kwargs = dict(world_size=args.world_size or env_world, rank=args.rank if args.rank is not None
                           else int(os.environ.get("RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=args.dist_url,
-                                timeout=timedelta(seconds=args.dist_timeout), **kwargs)
+        backend, timeout = "nccl" if cuda else "gloo", timedelta(seconds=args.dist_timeout)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and args.dist_url == "env://":
+            # torchrun's agent store outlives a restart: without a prefix per attempt, a restarted rank can
+            # read a dead worker's address and the new group never connects (seen with torch 2.13 + gloo)
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=not agent_store and rank == 0, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"mgpu/attempt_{restart}/", store),
+                                    rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method=args.dist_url, timeout=timeout, **kwargs)
         return torch.device(f"cuda:{local_rank}" if cuda else "cpu"), 0
     if not cuda:
         return torch.device("cpu"), 0
@@ -240,114 +248,6 @@ def announce_devices(device: torch.device, dp_gpus: int) -> None:
                  "for DDP)" if visible > 1 else "")
     else:
         log.info("Using CPU for training (%d threads)", torch.get_num_threads())
-
-
-# ---- data ----------------------------------------------------------------------------------------------------
-
-class _Cached(torch.utils.data.Dataset):
-    """Keeps each generated sample: the synthetic set is deterministic, so this changes nothing but speed."""
-
-    def __init__(self, dataset):
-        self.dataset, self.cache = dataset, {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        if index not in self.cache:
-            self.cache[index] = self.dataset[index]
-        return self.cache[index]
-
-
-def build_tokenizer(args, captions: list[str], state: dict | None):
-    """The text tower's tokenizer; state (from a checkpoint) rebuilds a fallback vocabulary exactly."""
-    if args.text_encoder.startswith("clip"):
-        if state and state.get("kind") == "clip" and not args.clip_vocab:
-            return ClipTokenizer([tuple(m) for m in state["merges"]])
-        return ClipTokenizer.load(args.clip_vocab, texts=captions)
-    if state and state.get("kind") == "wordpiece" and not args.bert_vocab:
-        return WordPiece(list(state["vocab"]))
-    return WordPiece.load(args.bert_vocab) if args.bert_vocab else WordPiece.from_texts(captions)
-
-
-def tokenizer_state(tokenizer) -> dict:
-    if isinstance(tokenizer, ClipTokenizer):
-        return {"kind": "clip", "merges": [list(m) for m in tokenizer.merges]}
-    return {"kind": "wordpiece", "vocab": list(tokenizer.vocab)}
-
-
-def build_data(args, tokenizer_saved: dict | None):
-    """(train set, val set, tokenizer)."""
-    if args.data == "synthetic":
-        language = "zh" if args.text_encoder.startswith("bert") else "en"
-        train = SyntheticCaptions("train", args.train_size, args.val_size, args.image_size, args.seed, language)
-        val = SyntheticCaptions("val", args.train_size, args.val_size, args.image_size, args.seed, language)
-        captions = [train.caption(i) for i in range(min(500, len(train)))]
-    else:
-        try:
-            options = dict(img_key=args.csv_img_key, caption_key=args.csv_caption_key, separator=args.csv_separator,
-                           box_file=args.box_file)
-            train = CaptionFile(args.data, args.image_size, **options)
-            val = CaptionFile(args.val_data, args.image_size, **options) if args.val_data \
-                else None
-        except DataError as exc:
-            raise TrainError(str(exc)) from None
-        if val is None:
-            if len(train) < 2:
-                raise TrainError(f"--data {args.data}: {len(train)} sample; give more, or --val-data")
-            train, val = train.split(args.val_fraction, args.seed)
-        captions = [caption for _, caption in train.rows[:10_000]]
-    tokenizer = build_tokenizer(args, captions, tokenizer_saved)
-    train.tokenizer = val.tokenizer = tokenizer
-    if args.data == "synthetic" and args.workers == 0:
-        per_sample = 3 * args.image_size ** 2 * 4
-        if (len(train) + len(val)) * per_sample < 1 << 30:  # cache what fits in 1 GiB
-            train, val = _Cached(train), _Cached(val)
-    return train, val, tokenizer
-
-
-class _Resumable(torch.utils.data.Sampler):
-    """A DistributedSampler that can start its next epoch part-way (after a resume)."""
-
-    def __init__(self, sampler: torch.utils.data.DistributedSampler):
-        self.sampler, self.skip = sampler, 0
-
-    def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
-        self.skip = skip_samples
-
-    def __iter__(self):
-        return iter(list(self.sampler)[self.skip:])
-
-    def __len__(self) -> int:
-        return len(self.sampler) - self.skip
-
-
-def _seed_worker(seed: int, worker: int) -> None:
-    """Seeds a DataLoader worker; it ignores the stop signals, which reach it with its process group, so
-    the main process can finish its step and save (workers exit with it; KILL still ends them)."""
-    torch.manual_seed(seed * 1000 + worker)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def build_loaders(args, train, val, loader_batch: int, device: torch.device):
-    rank, world = distributed.rank(), distributed.world_size()
-    sampler = _Resumable(torch.utils.data.DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True,
-                                                             seed=args.seed, drop_last=True))
-    steps_per_epoch = len(sampler.sampler) // loader_batch
-    if steps_per_epoch == 0:
-        raise TrainError(f"--batch-size {args.batch_size}: the training split has {len(train)} samples, fewer "
-                         f"than one batch of {loader_batch} for each of {world} process(es); lower it or add data")
-    worker_seed = args.seed + rank
-    common = dict(collate_fn=collate_fn, num_workers=args.workers, pin_memory=device.type == "cuda",
-                  persistent_workers=args.workers > 0,
-                  worker_init_fn=functools.partial(_seed_worker, worker_seed))
-    train_loader = torch.utils.data.DataLoader(train, loader_batch, sampler=sampler, drop_last=True,
-                                               generator=torch.Generator().manual_seed(worker_seed), **common)
-    val_part = torch.utils.data.Subset(val, list(shard(len(val), rank, world)))
-    val_loader = torch.utils.data.DataLoader(val_part, loader_batch, shuffle=False, **common)
-    return train_loader, val_loader, sampler, steps_per_epoch
 
 
 # ---- model and optimisation --------------------------------------------------------------------------------
@@ -659,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         return train(args)
     except Stopped as stop:
         return stop.code
-    except (TrainError, CheckpointError) as exc:
+    except (TrainError, CheckpointError, DataError) as exc:
         print(f"mgpu.train_clip: error: {exc}", file=sys.stderr)
         return 2
     except TrainingFailed as exc:

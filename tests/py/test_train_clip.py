@@ -239,7 +239,7 @@ def test_the_demo_preset_learns_retrieval(tmp_path):
 
 
 def test_distributed_sampling_is_disjoint_covers_the_data_changes_order_and_resumes_mid_epoch():
-    from mgpu.train_clip import _Resumable
+    from mgpu.data.loading import _Resumable
 
     data = list(range(40))
     epochs = {}
