@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import train_clip
+from . import train_clip, train_params
 from .checkpoint import CheckpointError, load_model, read_checkpoint
 from .clip import CLIP
 from .collate import collate_fn
@@ -63,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--shard", type=parse_shard, metavar="I/N", help="encode shard I of N (0-based)")
-    what.add_argument("--merge", type=train_clip._number(int, 1), metavar="N", help="merge the N shards")
+    what.add_argument("--merge", type=train_params._number(int, 1), metavar="N", help="merge the N shards")
     what.add_argument("--plan", action="store_true", help="print the MiB one process needs, then exit")
     p.add_argument("--data", help="default: the validation split the checkpoint was trained with; or "
                                   "'synthetic' (its val split), or a .csv/.tsv/.jsonl file (every row)")
     p.add_argument("--image-encoder", help="must match the checkpoint (a check, not a choice)")
     p.add_argument("--text-encoder", help="must match the checkpoint (a check, not a choice)")
-    p.add_argument("--batch-size", type=train_clip._number(int, 1), default=256)
-    p.add_argument("--workers", type=train_clip._number(int, 0), default=2)
+    p.add_argument("--batch-size", type=train_params._number(int, 1), default=256)
+    p.add_argument("--workers", type=train_params._number(int, 0), default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=("off", "bf16"), default="off")
     return p

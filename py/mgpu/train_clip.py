@@ -22,7 +22,6 @@ Exit codes: 0 done (or stopped on purpose by --stop-after), 2 bad input, 1 a fai
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -47,25 +46,13 @@ from .clip import CLIP, clip_loss, region_loss
 from .data.captions import DataError
 from .data.loading import build_data, build_loaders, tokenizer_state
 from .evaluate import evaluate
-from .models import IMAGE_ENCODERS, TEXT_ENCODERS, image_encoder, text_encoder
+from .models import image_encoder, text_encoder
 from .models.pretrained import load_pretrained
 from .progress import Progress, format_eta
 from .tensorboard import ScalarWriter
+from .train_params import parse_args
 
 log = logging.getLogger("mgpu.train_clip")
-
-PRESETS = {
-    # One configuration in about a minute on a 2-core CPU: val image->text R@1 above 0.5 (chance: 1/256).
-    "demo": dict(image_encoder="starnet_s050", text_encoder="clip:tiny", data="synthetic", image_size=32,
-                 embed_dim=128, batch_size=64, lr=3e-3, weight_decay=0.1, warmup=20, max_steps=220,
-                 train_size=2048, val_size=256, workers=0, lr_scale="none"),
-    # The real towers at full resolution, for a GPU: bf16, batch 128 per process.
-    "full": dict(image_encoder="starnet_s1", text_encoder="clip:ViT-B/32", data="synthetic", image_size=224,
-                 embed_dim=512, batch_size=128, lr=5e-4, weight_decay=0.2, warmup=500, epochs=10,
-                 train_size=100_000, val_size=1000, workers=4, amp="bf16"),
-}
-IMAGE_STRIDE = 32  # StarNet halves the resolution five times
-
 
 class TrainError(RuntimeError):
     """A problem with the inputs found after parsing (data, checkpoint, device); exit code 2."""
@@ -79,117 +66,6 @@ class Stopped(Exception):
     def __init__(self, code: int):
         super().__init__(code)
         self.code = code
-
-
-# ---- arguments -------------------------------------------------------------------------------------------
-
-def _number(kind, low: float, inclusive: bool = True, what: str = ""):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if value < low or (value == low and not inclusive) or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {'at least' if inclusive else 'more than'} {low}{what}")
-        return value
-    return parse
-
-
-def _encoder(table: dict, kind: str):
-    def parse(text: str) -> str:
-        if text not in table:
-            raise argparse.ArgumentTypeError(f"unknown {kind} encoder {text!r}; known: {', '.join(table)}")
-        return text
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mgpu.train_clip", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pos_int, nonneg_int = _number(int, 1), _number(int, 0)
-    m = p.add_argument_group("model")
-    m.add_argument("--image-encoder", type=_encoder(IMAGE_ENCODERS, "image"), default="starnet_s1",
-                   help=f"image tower: {', '.join(IMAGE_ENCODERS)}")
-    m.add_argument("--text-encoder", type=_encoder(TEXT_ENCODERS, "text"), default="clip:ViT-B/32",
-                   help=f"text tower: {', '.join(TEXT_ENCODERS)}")
-    m.add_argument("--embed-dim", type=pos_int, default=512, help="shared embedding size of the CLIP head")
-    m.add_argument("--image-pretrained", metavar="PATH", help="local StarNet weights (official release layout)")
-    m.add_argument("--text-pretrained", metavar="PATH",
-                   help="local text weights: OpenAI/open_clip .pt, or a Hugging Face BERT file or folder")
-    m.add_argument("--clip-vocab", metavar="PATH", help="CLIP's bpe_simple_vocab_16e6.txt.gz (file or folder)")
-    m.add_argument("--bert-vocab", metavar="PATH", help="BERT's vocab.txt (file or model folder)")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default="synthetic", help="'synthetic' (embedded), or a .csv, .tsv or .jsonl file")
-    d.add_argument("--val-data", metavar="FILE", help="validation file; default: --val-fraction of --data")
-    d.add_argument("--val-fraction", type=_number(float, 0, False), default=0.05)
-    d.add_argument("--train-size", type=pos_int, default=20_000, help="synthetic: training samples")
-    d.add_argument("--val-size", type=pos_int, default=1000, help="synthetic: validation samples")
-    d.add_argument("--csv-img-key", default="filepath")
-    d.add_argument("--csv-caption-key", default="title")
-    d.add_argument("--csv-separator", default=None, help="default: ',' for .csv, a tab for .tsv")
-    d.add_argument("--box-file", metavar="FILE", help="JSON boxes per image (see mgpu.data.captions)")
-    d.add_argument("--max-bad-images", type=_number(float, 0), default=0.01, metavar="FRACTION",
-                   help="fail when more than this fraction of the images read so far is missing or unreadable")
-    d.add_argument("--image-size", type=pos_int, default=224, help=f"pixels, a multiple of {IMAGE_STRIDE}")
-    d.add_argument("--workers", type=nonneg_int, default=4, help="DataLoader worker processes per process")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", "--num-epochs", type=pos_int, default=1)
-    t.add_argument("--max-steps", type=nonneg_int, default=0, help="total optimizer steps (0: from --epochs)")
-    t.add_argument("--batch-size", "--batchsize", type=pos_int, default=64,
-                   help="per process under DDP; the whole batch, split over GPUs, under --dp")
-    t.add_argument("--lr", "--learning-rate", type=_number(float, 0, False), default=5e-4)
-    t.add_argument("--lr-scale", choices=("linear", "none"), default="linear",
-                   help="linear: multiply --lr by the number of DDP processes")
-    t.add_argument("--warmup", type=nonneg_int, default=100, help="linear warm-up steps, then cosine decay")
-    t.add_argument("--weight-decay", type=_number(float, 0), default=0.1)
-    t.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="fp16 uses a GradScaler (CUDA)")
-    t.add_argument("--grad-clip", type=_number(float, 0), default=0.0, help="max gradient norm (0: off)")
-    t.add_argument("--seed", type=nonneg_int, default=0, help="same init on every rank; data seeded seed + rank")
-    t.add_argument("--freeze-bn", action="store_true", help="BatchNorm uses and keeps its running statistics")
-    t.add_argument("--sync-bn", action="store_true",
-                   help="DDP on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
-    t.add_argument("--loss-region", type=_number(float, 0), default=0.0, metavar="W",
-                   help="weight of the box-phrase region loss (0: off)")
-    t.add_argument("--use-region-loss", action="store_true", help="the seed's switch: --loss-region 0.5 if unset")
-    o = p.add_argument_group("output")
-    o.add_argument("--output-dir", help="checkpoints, metrics.json, tb/ (default: checkpoints/clip/<image>_<text>)")
-    o.add_argument("--save-every", type=nonneg_int, default=0, help="checkpoint every N steps (0: at the end)")
-    o.add_argument("--keep-checkpoints", type=pos_int, default=2, help="how many checkpoint_<step>.pt to keep")
-    o.add_argument("--eval-every", type=nonneg_int, default=0, help="evaluate every N steps (0: at the end)")
-    o.add_argument("--log-every", type=nonneg_int, default=0, help="plain progress line every N steps (0: ~20 a run)")
-    o.add_argument("--no-tb", dest="tb", action="store_false", help="no TensorBoard events in <output-dir>/tb")
-    o.add_argument("--resume", metavar="auto|PATH", help="auto: the newest checkpoint in --output-dir, if any")
-    o.add_argument("--stop-after", type=pos_int, metavar="STEPS",
-                   help="end after this many steps with a resumable checkpoint; the schedule is unchanged")
-    o.add_argument("--preset", choices=tuple(PRESETS), help="defaults for the demo or the full-size run")
-    r = p.add_argument_group("devices")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    r.add_argument("--dp", action="store_true", help="DataParallel over every visible GPU")
-    r.add_argument("--distributed", action="store_true", help="DDP (implied under torchrun)")
-    r.add_argument("--local_rank", "--local-rank", type=nonneg_int, default=None, help="set by the legacy launcher")
-    r.add_argument("--world_size", "--world-size", type=pos_int, default=None)
-    r.add_argument("--rank", type=nonneg_int, default=None)
-    r.add_argument("--dist_url", "--dist-url", default="env://", help="init method: env:// or tcp://HOST:PORT")
-    r.add_argument("--dist-timeout", type=pos_int, default=600, metavar="SECONDS",
-                   help="how long a collective may wait for a missing rank before the job fails")
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if known.preset:
-        parser.set_defaults(**PRESETS[known.preset])
-    args = parser.parse_args(argv)
-    if args.image_size % IMAGE_STRIDE:
-        parser.error(f"argument --image-size: {args.image_size} cannot be taken by {args.image_encoder}: "
-                     f"it must be a multiple of {IMAGE_STRIDE} (e.g. {max(IMAGE_STRIDE, args.image_size // IMAGE_STRIDE * IMAGE_STRIDE)})")
-    if args.use_region_loss and not args.loss_region:
-        args.loss_region = 0.5
-    if args.output_dir is None:
-        args.output_dir = str(Path("checkpoints/clip") / re.sub(r"[^A-Za-z0-9._-]+", "_",
-                                                                f"{args.image_encoder}_{args.text_encoder}"))
-    return args
 
 
 # ---- processes and devices ---------------------------------------------------------------------------------
