@@ -10,7 +10,7 @@ set -Eeuo pipefail
 [[ -v GPUS ]] || GPUS=(0 1 2 3)
 LOG_DIR=${LOG_DIR:-logs/gpu_queue}
 
-MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
 # shellcheck source=lib/sweep.sh
 source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
 
@@ -37,20 +37,22 @@ own_arg() {
 }
 
 main() {
-  local source="" line n=0
+  local source="" line n=0 input
   sweep::parse "$@"
   ((${#SWEEP_REST[@]} == 0)) || DIE_STATUS=2 die "gpu_queue.sh takes no arguments after --"
   [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
   [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
   sweep::defaults
   sweep::validate
-  mkdir -p "$LOG_DIR"
+  [[ -d $LOG_DIR ]] || mkdir -p -- "$LOG_DIR"
   sched::init
+  input=$source
+  [[ $source != - ]] || input=/dev/stdin
   while IFS= read -r line || [[ -n $line ]]; do
     n=$((n + 1))
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
     sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c "$line"
-  done < <(if [[ $source == - ]]; then cat; else cat -- "$source"; fi)
+  done <"$input"
   ((${#JOB_NAME[@]})) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
   sweep::launch
 }

@@ -9,7 +9,7 @@ set -Eeuo pipefail
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
 [[ -v GPUS ]] || GPUS=(0 1 2 3)
-MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
 # shellcheck source=lib/sweep.sh
 source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
 

@@ -21,7 +21,7 @@ LOG_DIR=${LOG_DIR:-logs/clip_training}
 CKPT_DIR=${CKPT_DIR:-checkpoints/clip_models}
 # -------------------------------------------------------------------------------------------------------
 
-MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
 # shellcheck source=lib/sweep.sh
 source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
 

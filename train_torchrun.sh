@@ -8,7 +8,7 @@
 set -Eeuo pipefail
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
-MGPU_ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
+MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
 # shellcheck source=lib/log.sh
 source "$MGPU_ROOT/lib/log.sh"
 # shellcheck source=lib/gpu.sh

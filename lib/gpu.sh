@@ -2,6 +2,7 @@
 # gpu:: — which GPUs exist and how busy they are; one query of all GPUs per call.
 # Source of truth: the scenario named by MGPU_FAKE_GPUS (re-read at every query), else
 # ${NVIDIA_SMI:-nvidia-smi} (wrapped in `timeout`), else CPU mode. Needs lib/log.sh and jq (scenarios).
+# Queries fill globals rather than print, so the hot paths of a sweep fork nothing they can avoid.
 #
 # Settings (environment):
 #   MAX_UTIL (70)              a GPU whose median utilization is above this is busy
@@ -11,18 +12,26 @@
 #   MGPU_POLL_MS (5000)        pause between free checks while waiting
 #   MGPU_SMI_TIMEOUT (10)      seconds before a silent nvidia-smi counts as hung
 
-_GPU_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+_GPU_LIB_DIR=${BASH_SOURCE[0]%/*}
+[[ ${BASH_SOURCE[0]} == */* ]] || _GPU_LIB_DIR=.
+[[ $_GPU_LIB_DIR == /* ]] || _GPU_LIB_DIR=$PWD/$_GPU_LIB_DIR
 # shellcheck source=lib/json.sh
 source "$_GPU_LIB_DIR/json.sh"
 
 # gpu::backend — prints where GPUs come from: scenario | nvidia-smi | cpu
 gpu::backend() {
+  gpu::_backend
+  echo "$GPU_BACKEND"
+}
+
+# gpu::_backend — gpu::backend's answer into the global GPU_BACKEND (no subshell).
+gpu::_backend() {
   if [[ -n ${MGPU_FAKE_GPUS:-} ]]; then
-    echo scenario
+    GPU_BACKEND=scenario
   elif command -v "${NVIDIA_SMI:-nvidia-smi}" >/dev/null 2>&1; then
-    echo nvidia-smi
+    GPU_BACKEND=nvidia-smi
   else
-    echo cpu
+    GPU_BACKEND=cpu
   fi
 }
 
@@ -30,20 +39,62 @@ gpu::backend() {
 # (utilization NA when the GPU does not report it). CPU mode prints nothing and succeeds.
 # Returns 1, with the reason logged, when the scenario is unusable or nvidia-smi fails or hangs.
 gpu::query() {
-  case $(gpu::backend) in
+  gpu::_read || return 1
+  [[ -z $GPU_LINES ]] || printf '%s\n' "$GPU_LINES"
+}
+
+# gpu::_read — gpu::query's lines into the global GPU_LINES (newline-separated, no trailing newline).
+gpu::_read() {
+  GPU_LINES=""
+  gpu::_backend
+  case $GPU_BACKEND in
     scenario) gpu::_from_scenario "$MGPU_FAKE_GPUS" ;;
     nvidia-smi) gpu::_from_smi "${NVIDIA_SMI:-nvidia-smi}" ;;
     cpu) return 0 ;;
   esac
 }
 
+# A scenario's lines depend on its text alone, so the text and its lines are kept, in this process and
+# in MGPU_CACHE_DIR (default ~/.cache/mgpu), and jq runs only when the text is new. A scenario edited
+# between queries (as the tests do to free a GPU) is therefore still re-read.
 gpu::_from_scenario() {
-  local file=$1
+  local file=$1 text="" cache cached="" lines=""
   if [[ ! -f $file || ! -r $file ]]; then
     log::error "MGPU_FAKE_GPUS: $file: cannot read the scenario file (no such readable file)"
     return 1
   fi
-  json::run MGPU_FAKE_GPUS "$file" "$_GPU_LIB_DIR/scenario.jq"
+  IFS= read -r -d '' text <"$file" || true
+  if [[ ${GPU_SCENARIO_TEXT-x} == "$text" ]]; then
+    GPU_LINES=$GPU_SCENARIO_LINES
+    return 0
+  fi
+  gpu::_cache_file "$file"
+  cache=$GPU_CACHE_FILE
+  if [[ -n $cache && -f $cache && ! -L $cache ]]; then
+    { IFS= read -r -d '' cached && IFS= read -r -d '' lines; } <"$cache" || cached=""
+  fi
+  if [[ -z $cache || $cached != "$text" || -z $cached ]]; then
+    lines=$(json::run MGPU_FAKE_GPUS "$file" "$_GPU_LIB_DIR/scenario.jq") || return 1
+    [[ -z $cache ]] || gpu::_cache_write "$cache" "$text" "$lines"
+  fi
+  GPU_SCENARIO_TEXT=$text GPU_SCENARIO_LINES=$lines GPU_LINES=$lines
+}
+
+# gpu::_cache_file FILE — GPU_CACHE_FILE: where the parsed copy of this scenario is kept; empty (no
+# caching) when the cache folder cannot be made, is not writable or is a symbolic link.
+gpu::_cache_file() {
+  local dir=${MGPU_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/mgpu} name=$1
+  GPU_CACHE_FILE=""
+  [[ $name == /* ]] || name=$PWD/$name
+  [[ -d $dir ]] || { mkdir -p -- "${dir%/*}" && mkdir -m 700 -- "$dir"; } 2>/dev/null || [[ -d $dir ]] || return 0
+  [[ ! -L $dir && -w $dir ]] || return 0
+  GPU_CACHE_FILE=$dir/scenario${name//[!A-Za-z0-9._-]/_}
+}
+
+# gpu::_cache_write CACHE TEXT LINES — replace the cache file whole (a reader never sees half of one).
+gpu::_cache_write() {
+  local tmp=$1.$$.$RANDOM
+  { printf '%s\0%s\0' "$2" "$3" >"$tmp" && mv -f -- "$tmp" "$1"; } 2>/dev/null || rm -f -- "$tmp"
 }
 
 gpu::_from_smi() {
@@ -66,69 +117,76 @@ gpu::_from_smi() {
         "(expected: index, uuid, utilization.gpu, memory.used, memory.total)"
       return 1
     }
+    GPU_LINES+=${GPU_LINES:+$'\n'}$GPU_LINE
   done <<<"$out"
 }
 
-# gpu::_smi_line LINE — print one normalized CSV line from nvidia-smi's, or fail.
+# gpu::_smi_line LINE — one normalized CSV line from nvidia-smi's into GPU_LINE, or fail.
 gpu::_smi_line() {
   local index uuid util used total extra
   IFS=, read -r index uuid util used total extra <<<"${1//[[:space:]]/}"
   [[ -z $extra && $index =~ ^[0-9]+$ && -n $uuid && $used =~ ^[0-9]+$ && $total =~ ^[0-9]+$ ]] || return 1
   [[ $util == "[N/A]" || $util == N/A ]] && util=NA
   [[ $util =~ ^[0-9]+$ || $util == NA ]] || return 1
-  printf '%s,%s,%s,%s,%s\n' "$index" "$uuid" "$util" "$used" "$total"
+  printf -v GPU_LINE '%s,%s,%s,%s,%s' "$index" "$uuid" "$util" "$used" "$total"
 }
 
 # gpu::exists ID — is there a GPU with this index or UUID? 0 yes, 1 no, 2 the query failed.
 gpu::exists() {
-  local id=$1 lines index uuid _
-  lines=$(gpu::query) || return 2
+  local id=$1 index uuid _
+  gpu::_read || return 2
   while IFS=, read -r index uuid _; do
     [[ $id == "$index" || $id == "$uuid" ]] && return 0
-  done <<<"$lines"
+  done <<<"$GPU_LINES"
   return 1
 }
 
 # gpu::indices — print the GPU indices, space-separated (empty in CPU mode).
 gpu::indices() {
-  local lines index _ out=()
-  lines=$(gpu::query) || return 1
+  local index _ out=()
+  gpu::_read || return 1
   while IFS=, read -r index _; do
     [[ -n $index ]] && out+=("$index")
-  done <<<"$lines"
+  done <<<"$GPU_LINES"
   echo "${out[*]}"
 }
 
 # gpu::sample — MGPU_UTIL_SAMPLES queries over MGPU_UTIL_WINDOW_MS. Fills the globals
 # GPU_UTIL[index] (median utilization, NA if never reported), GPU_MEM_USED[index], GPU_MEM_TOTAL[index].
 gpu::sample() {
-  local n=${MGPU_UTIL_SAMPLES:-5} window=${MGPU_UTIL_WINDOW_MS:-1000} i lines index uuid util used total
+  local n=${MGPU_UTIL_SAMPLES:-5} window=${MGPU_UTIL_WINDOW_MS:-1000} i index uuid util used total
   log::require_int MGPU_UTIL_SAMPLES "$n" 1 100 || return 1
   log::require_int MGPU_UTIL_WINDOW_MS "$window" 0 || return 1
   declare -gA GPU_UTIL=() GPU_MEM_USED=() GPU_MEM_TOTAL=()
   local -A readings=()
   for ((i = 0; i < n; i++)); do
     ((i == 0)) || sleep "$(gpu::_seconds $((window / (n - 1))))"
-    lines=$(gpu::query) || return 1
+    gpu::_read || return 1
     while IFS=, read -r index uuid util used total; do
       [[ -n $index ]] || continue
       [[ $util == NA ]] || readings[$index]+="$util "
       GPU_MEM_USED[$index]=$used GPU_MEM_TOTAL[$index]=$total
-    done <<<"$lines"
+    done <<<"$GPU_LINES"
   done
   local values=()
   for index in "${!GPU_MEM_TOTAL[@]}"; do
     read -ra values <<<"${readings[$index]:-}"
-    GPU_UTIL[$index]=$(gpu::_median "${values[@]}")
+    gpu::_median "${values[@]}"
+    GPU_UTIL[$index]=$GPU_MEDIAN
   done
 }
 
-# gpu::_median N... — the median of integers (the lower middle for an even count); NA for none.
+# gpu::_median N... — the median of integers (the lower middle for an even count), NA for none, into
+# GPU_MEDIAN: an insertion sort in bash, as there are only a few samples.
 gpu::_median() {
-  (($#)) || { echo NA; return 0; }
-  local sorted
-  mapfile -t sorted < <(printf '%s\n' "$@" | sort -n)
-  echo "${sorted[($# - 1) / 2]}"
+  local sorted=() v i
+  for v in "$@"; do
+    for ((i = ${#sorted[@]}; i > 0 && sorted[i - 1] > v; i--)); do sorted[i]=${sorted[i - 1]}; done
+    sorted[i]=$v
+  done
+  GPU_MEDIAN=NA
+  (($#)) && GPU_MEDIAN=${sorted[($# - 1) / 2]}
+  return 0
 }
 
 # gpu::_seconds MS — milliseconds as a decimal number of seconds, for sleep.

@@ -3,7 +3,9 @@
 # grid.jq). Fills CFG_NAME[i], CFG_IMAGE[i], CFG_TEXT[i] and CFG_FLAGS[i] (one flag word per line).
 # Names and values are data: never evaluated, and names keep only [A-Za-z0-9._-].
 
-_GRID_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+_GRID_LIB_DIR=${BASH_SOURCE[0]%/*}
+[[ ${BASH_SOURCE[0]} == */* ]] || _GRID_LIB_DIR=.
+[[ $_GRID_LIB_DIR == /* ]] || _GRID_LIB_DIR=$PWD/$_GRID_LIB_DIR
 # shellcheck source=lib/json.sh
 source "$_GRID_LIB_DIR/json.sh"
 

@@ -2,7 +2,7 @@
 # ledger:: — what a sweep did: progress lines, one record per job, completion markers for --resume,
 # and the summary (a table on stdout; LOG_DIR/summary_<YYYYmmdd_HHMMSS>.json and .tsv). Needs jq.
 
-LEDGER_STARTED="" LEDGER_STARTED_MS=0 LEDGER_TS=""
+LEDGER_STARTED="" LEDGER_STARTED_MS=0 LEDGER_TS="" LEDGER_FINISHED=""
 
 ledger::begin() {
   printf -v LEDGER_STARTED '%(%Y-%m-%dT%H:%M:%S%z)T' -1
@@ -13,13 +13,13 @@ ledger::begin() {
 
 # ledger::event TEXT — one progress line: counts, elapsed, and an ETA from the jobs finished so far.
 ledger::event() {
-  local total=${#JOB_NAME[@]} eta=""
-  local left=$((total - LEDGER_DONE)) queued=$((total - LEDGER_DONE - ${#PID_JOB[@]}))
+  local total=${#JOB_NAME[@]} eta="" ended=$((LEDGER_DONE + ${#SCHED_ENDED[@]}))
+  local left=$((total - ended)) queued=$((total - ended - ${#PID_JOB[@]}))
   gpu::_now_ms
   if ((LEDGER_RAN && left)); then
     eta=", ETA ~$(((LEDGER_RAN_MS / LEDGER_RAN) * left / ${#SCHED_SLOTS[@]} / 1000 + 1))s"
   fi
-  local counts="$LEDGER_DONE/$total done, ${#PID_JOB[@]} running, $queued queued, $(((GPU_NOW_MS - LEDGER_STARTED_MS) / 1000))s$eta"
+  local counts="$ended/$total done, ${#PID_JOB[@]} running, $queued queued, $(((GPU_NOW_MS - LEDGER_STARTED_MS) / 1000))s$eta"
   log::info "[$counts] $*"
   log::status "mgpu: $counts (failed so far: $LEDGER_FAILED)"
 }
@@ -102,11 +102,31 @@ ledger::_metrics() {
   LEDGER_METRICS=${lines[0]} LEDGER_METRIC=${lines[1]//\"/}
 }
 
+# ledger::_table ROW... — tab-separated rows as a table, each column as wide as its widest cell. Rows
+# are split by IFS=\x1f (tabs as IFS would merge around an empty cell), with globbing off.
+# shellcheck disable=SC2206  # the unquoted splits are meant: IFS and set -f are set for them
+ledger::_table() {
+  local - row cells=() widths=() i fmt="" IFS=$'\x1f'
+  set -f
+  for row in "$@"; do
+    cells=(${row//$'\t'/$'\x1f'})
+    for i in "${!cells[@]}"; do ((${#cells[i]} <= ${widths[i]:-0})) || widths[i]=${#cells[i]}; done
+  done
+  for i in "${!widths[@]}"; do fmt+="%-${widths[i]}s  "; done
+  fmt="${fmt%"%-${widths[-1]}s  "}%s\n" # the last column is not padded
+  for row in "$@"; do
+    cells=(${row//$'\t'/$'\x1f'})
+    # shellcheck disable=SC2059  # the format is built above from the column widths alone
+    printf "$fmt" "${cells[@]}"
+  done
+}
+
 # ledger::finish — write LOG_DIR/summary_<ts>.json and .tsv, print the table, and set SCHED_EXIT.
 ledger::finish() {
   local json=$LOG_DIR/summary_$LEDGER_TS.json tsv=$LOG_DIR/summary_$LEDGER_TS.tsv job finished configs
   local -A n=([succeeded]=0 [failed]=0 [skipped]=0 [interrupted]=0)
   local bad=0
+  LEDGER_FINISHED=1
   for job in "${!JOB_NAME[@]}"; do
     [[ -n ${LEDGER_JSON[job]:-} ]] || continue
     n[${JOB_STATUS[job]}]=$((n[${JOB_STATUS[job]}] + 1))
@@ -120,7 +140,7 @@ ledger::finish() {
     "${configs%,$'\n'}" >"$json"
   printf '%s\n' $'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog' "${LEDGER_ROW[@]}" >"$tsv"
   log::status ""
-  if command -v column >/dev/null 2>&1; then column -t -s $'\t' "$tsv"; else cat "$tsv"; fi
+  ledger::_table $'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog' "${LEDGER_ROW[@]}"
   log::info "summary: ${n[succeeded]} succeeded, ${n[failed]} failed, ${n[skipped]} skipped, ${n[interrupted]} interrupted; $json"
   case $SCHED_STOP in
     INT) SCHED_EXIT=130 ;;

@@ -126,8 +126,11 @@ sched::_log_path() {
   until ((made)); do
     if { : >"$path"; } 2>/dev/null; then
       made=1
-    else
+    elif [[ -e $path || -L $path ]]; then
       n=$((n + 1)) path=${base}_$n.log
+    else
+      set +C
+      die "cannot create the log file $path (LOG_DIR $LOG_DIR: removed, or not writable?)"
     fi
   done
   set +C
@@ -140,10 +143,14 @@ sched::_launch() {
   [[ $gpu == cpu ]] && visible=""
   sched::_log_path "$job" "$gpu"
   sched::argv "$job"
-  [[ -z ${JOB_OUT[job]} ]] || mkdir -p "${JOB_OUT[job]}"
+  [[ -z ${JOB_OUT[job]} || -d ${JOB_OUT[job]} ]] || mkdir -p -- "${JOB_OUT[job]}"
+  # Job control on for this one fork: the job leads its own process group (its pid is the group id), so
+  # stopping it reaches every process it started; and, unlike `setsid`, no program is run to do it.
+  set -m
   CUDA_VISIBLE_DEVICES=$visible CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB_NAME[job]} MGPU_GPU=$gpu \
-    OMP_NUM_THREADS=$SCHED_THREADS setsid "${SCHED_ARGV[@]}" </dev/null >"$SCHED_LOG" 2>&1 &
+    OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >"$SCHED_LOG" 2>&1 &
   pid=$!
+  set +m
   exec {LEASE_FD}<&-
   SLOT_PID[$s]=$pid PID_JOB[$pid]=$job PID_SLOT[$pid]=$s pids[${JOB_NAME[job]}]=$pid
   JOB_STATUS[job]=running JOB_GPU[job]=$gpu JOB_LOG[job]=$SCHED_LOG
@@ -215,7 +222,8 @@ sched::_kind() {
   fi
 }
 
-# sched::_finish PID STATUS — record a finished job: success (completion marker), retry, or failure.
+# sched::_finish PID STATUS — a job ended: free its slot, and queue it again (retry) or leave it to
+# sched::_settle, which records it once the freed slot has its next job.
 sched::_finish() {
   local pid=$1 rc=$2 job=${PID_JOB[$1]} s=${PID_SLOT[$1]}
   local gpu=${SCHED_SLOTS[s]%%:*} still=0 other
@@ -228,7 +236,6 @@ sched::_finish() {
     JOB_STATUS[job]=interrupted
   elif ((rc == 0)); then
     JOB_STATUS[job]=succeeded JOB_KIND[job]=""
-    ledger::mark_done "$job"
   else
     JOB_KIND[job]=$(sched::_kind "${JOB_LOG[job]}" "$rc")
     JOB_FAILS[job]+="${JOB_KIND[job]} on GPU $gpu"$'\n'
@@ -242,11 +249,23 @@ sched::_finish() {
     fi
     JOB_STATUS[job]=failed
   fi
-  local took
-  printf -v took '%d.%03d' $((JOB_MS[job] / 1000)) $((JOB_MS[job] % 1000))
-  ledger::record "$job"
-  ledger::event "${JOB_STATUS[job]} ${JOB_NAME[job]} (exit $rc${JOB_KIND[job]:+, ${JOB_KIND[job]}}, ${took}s)"
-  [[ ${JOB_STATUS[job]} != failed ]] || ledger::show_tail "$job"
+  SCHED_ENDED+=("$job")
+}
+declare -a SCHED_ENDED=() # jobs ended and not yet recorded
+
+# sched::_settle — the records of ended jobs: completion marker, summary record, progress line, and a
+# failed job's last log lines. Kept off the path from a job's end to the next start on its GPU.
+sched::_settle() {
+  local job rc took
+  for job in "${SCHED_ENDED[@]}"; do
+    rc=${JOB_EXIT[job]}
+    [[ ${JOB_STATUS[job]} != succeeded ]] || ledger::mark_done "$job"
+    printf -v took '%d.%03d' $((JOB_MS[job] / 1000)) $((JOB_MS[job] % 1000))
+    SCHED_ENDED=("${SCHED_ENDED[@]:1}")
+    ledger::record "$job"
+    ledger::event "${JOB_STATUS[job]} ${JOB_NAME[job]} (exit $rc${JOB_KIND[job]:+, ${JOB_KIND[job]}}, ${took}s)"
+    [[ ${JOB_STATUS[job]} != failed ]] || ledger::show_tail "$job"
+  done
 }
 
 # sched::_wait_one — block until a job or the timer ends (or a signal arrives), then handle it.
@@ -299,6 +318,7 @@ sched::stop_all() {
     wait "$pid" 2>/dev/null || rc=$?
     sched::_finish "$pid" "$rc"
   done
+  sched::_settle
 }
 
 # sched::run — run the queue to the end (or to a signal); the summary is written either way.
@@ -310,10 +330,12 @@ sched::run() {
   trap 'sched::_on_exit' EXIT
   while ((${#SCHED_QUEUE[@]} || ${#PID_JOB[@]})) && [[ -z $SCHED_STOP ]]; do
     sched::_fill
+    sched::_settle
     [[ -z $SCHED_STOP ]] || break
     ((${#SCHED_QUEUE[@]} || ${#PID_JOB[@]})) || break
     sched::_wait_one
   done
+  sched::_settle
   if [[ -n $SCHED_STOP ]]; then
     log::warn "got SIG$SCHED_STOP: no new jobs start"
     sched::stop_all
@@ -335,6 +357,10 @@ sched::_on_exit() {
   if ((${#PID_JOB[@]})); then
     SCHED_STOP=${SCHED_STOP:-EXIT}
     sched::stop_all
+  fi
+  if [[ -n $LEDGER_TS && -z $LEDGER_FINISHED ]]; then
+    sched::_settle
+    ledger::finish
   fi
   [[ -z $SCHED_STATE ]] || rm -rf "$SCHED_STATE"
   exit "$rc"

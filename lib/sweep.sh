@@ -3,7 +3,9 @@
 # loop, validation, the GPU check that builds the slots, --dry-run, --resume, --order, and the launch.
 # Sourcing it sources the libraries it builds on.
 
-_SWEEP_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+_SWEEP_LIB_DIR=${BASH_SOURCE[0]%/*}
+[[ ${BASH_SOURCE[0]} == */* ]] || _SWEEP_LIB_DIR=.
+[[ $_SWEEP_LIB_DIR == /* ]] || _SWEEP_LIB_DIR=$PWD/$_SWEEP_LIB_DIR
 # shellcheck source=lib/log.sh
 source "$_SWEEP_LIB_DIR/log.sh"
 # shellcheck source=lib/gpu.sh
@@ -133,16 +135,15 @@ sweep::_ranges() {
 # sweep::slots — check every GPU in GPUS, skip the missing ones, and fill SCHED_SLOTS (GPU:slot,
 # round-robin over GPUs) and SCHED_THREADS. No GPU at all: CPU mode with CPU_SLOTS slots.
 sweep::slots() {
-  local backend gpu k have=() kept=() cores
-  backend=$(gpu::backend)
-  cores=$(nproc 2>/dev/null || echo 1)
+  local gpu k have=() kept=() cores _
+  gpu::_backend
   SCHED_SLOTS=()
-  if [[ $backend == cpu ]]; then
+  if [[ $GPU_BACKEND == cpu ]]; then
     log::warn "no GPU found (no nvidia-smi, no MGPU_FAKE_GPUS): CPU mode, $CPU_SLOTS job(s) at a time"
     for ((k = 0; k < CPU_SLOTS; k++)); do SCHED_SLOTS+=("cpu:$k"); done
   else
     gpu::sample || DIE_STATUS=1 die "the GPU query failed (see above); nothing can run"
-    mapfile -t have < <(printf '%s\n' "${!GPU_MEM_TOTAL[@]}" | sort -n)
+    while IFS=, read -r gpu _; do [[ -z $gpu ]] || have+=("$gpu"); done <<<"$GPU_LINES" # in index order
     ((${#have[@]})) || DIE_STATUS=1 die "the GPU query found no GPU; nothing can run"
     gpu::_now_ms
     SCHED_SAMPLE_MS=$GPU_NOW_MS # the first launch decisions use this sample
@@ -159,7 +160,12 @@ sweep::slots() {
     done
   fi
   [[ $USE_MULTI_CONFIG == true ]] || SCHED_SLOTS=("${SCHED_SLOTS[0]}")
-  SCHED_THREADS=${OMP_NUM_THREADS:-$((cores / ${#SCHED_SLOTS[@]} > 0 ? cores / ${#SCHED_SLOTS[@]} : 1))}
+  if [[ -n ${OMP_NUM_THREADS:-} ]]; then
+    SCHED_THREADS=$OMP_NUM_THREADS
+  else
+    cores=$(nproc 2>/dev/null || echo 1)
+    SCHED_THREADS=$((cores / ${#SCHED_SLOTS[@]} > 0 ? cores / ${#SCHED_SLOTS[@]} : 1))
+  fi
 }
 
 # sweep::dry_run — the plan, the GPU check right now, and each exact command; nothing is launched.

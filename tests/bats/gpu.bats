@@ -20,6 +20,36 @@ setup() {
   assert_output scenario
 }
 
+@test "scenario: a parsed scenario is cached by its text; jq runs again only when the text changes" {
+  export MGPU_FAKE_GPUS MGPU_CACHE_DIR=$WORK/cache JQ_CALLS=$WORK/jq-calls
+  MGPU_FAKE_GPUS=$(scenario_copy 4x-rtx4090-idle)
+  # jq on PATH that counts its runs, then runs the real one
+  mkdir -p "$WORK/bin"
+  printf '#!/usr/bin/env bash\necho run >>"$JQ_CALLS"\nexec %q "$@"\n' "$(command -v jq)" >"$WORK/bin/jq"
+  chmod +x "$WORK/bin/jq"
+  PATH=$WORK/bin:$PATH gpu_sh gpu::query
+  assert_line --index 3 --partial ",0,312,24564"
+  PATH=$WORK/bin:$PATH gpu_sh gpu::query
+  assert_line --index 3 --partial ",0,312,24564"
+  assert_equal "$(wc -l <"$JQ_CALLS")" 1
+  assert [ "$(stat -c %a "$MGPU_CACHE_DIR")" = 700 ]
+  set_util "$MGPU_FAKE_GPUS" 3 88
+  : >"$JQ_CALLS"
+  PATH=$WORK/bin:$PATH gpu_sh gpu::query
+  assert_line --index 3 --partial ",88,312,24564"
+  assert_equal "$(wc -l <"$JQ_CALLS")" 1
+  # a cache file that lies about the text is never believed; a broken scenario is never cached
+  printf '%s\0%s\0' "not this scenario" "0,GPU-x,0,1,2" >"$(echo "$MGPU_CACHE_DIR"/scenario*)"
+  PATH=$WORK/bin:$PATH gpu_sh gpu::query
+  assert_line --index 3 --partial ",88,312,24564"
+  echo '{"gpus": 3}' >"$MGPU_FAKE_GPUS"
+  gpu_sh gpu::query
+  assert_failure
+  gpu_sh gpu::query
+  assert_failure
+  assert_output --partial ".gpus: must be a list of GPUs"
+}
+
 @test "scenario: a null utilization reads as NA" {
   export MGPU_FAKE_GPUS
   MGPU_FAKE_GPUS=$(scenario_copy 4x-rtx4090-idle)

@@ -105,8 +105,9 @@ JSON
   assert_equal "$(summary '"\(.succeeded) \(.failed)"')" "2 1"
   assert_equal "$(summary '.configs[1] | "\(.status) \(.exit_code) \(.failure)"')" "failed 7 error"
   [[ $stderr == *"    | RuntimeError: configured to fail"* ]]
-  # aligned by column(1) when bsdextrautils is installed, else tab-separated
-  assert_line --regexp '^starnet_s2_clip_ViT-B_32[[:space:]]+[01][[:space:]]+failed[[:space:]]+7 \(error\)'
+  # the table on stdout: each column as wide as its widest cell, two spaces between columns
+  assert_line --index 0 --regexp '^config {20}gpu  status     exit       retries  seconds  waited  metric {6}log$'
+  assert_line --regexp '^starnet_s2_clip_ViT-B_32  [01]    failed     7 \(error\)  0        [0-9]+\.[0-9]      0 {19}logs/clip_training/starnet_s2_'
 }
 
 @test "--retries: an out-of-memory failure is retried on another GPU" {
@@ -232,6 +233,17 @@ JSON
   run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 - <<<$'true\ntrue\ntrue'
   assert_success
   assert_equal "$(jq -r .succeeded logs/gpu_queue/summary_*.json)" 3
+}
+
+@test "each job leads its own process group, with Ctrl-C (SIGINT) not ignored, as at a terminal" {
+  local line='read -r -a f </proc/$$/stat; m=$(awk "/^SigIgn/ { print \$2 }" /proc/$$/status); echo "pid=$$ group=${f[4]} int_ignored=$(( (0x$m >> 1) & 1 ))"'
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 - <<<"$line"$'\n'"$line"
+  assert_success
+  local log
+  for log in logs/gpu_queue/job*.log; do
+    run cat "$log"
+    assert_output --regexp '^pid=([0-9]+) group=\1 int_ignored=0$'
+  done
 }
 
 @test "--dry-run prints the plan, the GPU check and each exact command, and launches nothing" {

@@ -13,7 +13,8 @@ PYTHON=${PYTHON:-python3}
 common_setup() {
   WORK="$BATS_TEST_TMPDIR/work dir with spaces"
   mkdir -p "$WORK"
-  export MGPU_UTIL_WINDOW_MS=0 MGPU_POLL_MS=100 NO_COLOR=1
+  # Parsed scenarios are cached for the whole run, not in the home folder.
+  export MGPU_UTIL_WINDOW_MS=0 MGPU_POLL_MS=100 NO_COLOR=1 MGPU_CACHE_DIR=$BATS_RUN_TMPDIR/mgpu-cache
   unset MGPU_FAKE_GPUS CUDA_VISIBLE_DEVICES CUDA_DEVICE_ORDER MAX_UTIL MAX_WAIT NVIDIA_SMI
 }
 
