@@ -1,6 +1,7 @@
 # mgpu: set-up and checks. `make demo` and `make test` each install what they need on a fresh Debian
 # machine: the .venv with the Python dependencies (torch pinned by constraints.txt) and, through
-# apt-get when missing, jq (demo) plus bats, bats-support, bats-assert and shellcheck (test).
+# apt-get when missing, jq (demo) plus bats, bats-support, bats-assert, shellcheck and a Slurm to test
+# against (slurmctld, slurmd, slurm-client, munge: tests/slurm/cluster.sh runs a one-node cluster).
 SHELL := bash
 .SHELLFLAGS := -Eeuo pipefail -c
 .DEFAULT_GOAL := help
@@ -11,7 +12,8 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.mgpu-deps
 # Every shell file: entry scripts, lib/, tests (bats and fakes), tools, bench, CI.
 SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.git \) -prune -o -type f \
-	\( -name '*.sh' -o -name '*.bash' -o -name '*.bats' \) -print | sort) tests/fakes/nvidia-smi .ci/run
+	\( -name '*.sh' -o -name '*.bash' -o -name '*.bats' -o -name '*.sbatch' \) -print | sort) \
+	tests/fakes/nvidia-smi .ci/run
 
 .PHONY: help demo test lint test-bats test-py deps deps-demo deps-test clean
 
@@ -33,7 +35,7 @@ deps-demo: deps
 	@bash tools/ensure-tools.sh jq
 
 deps-test: deps
-	@bash tools/ensure-tools.sh jq bats bats-support bats-assert shellcheck
+	@bash tools/ensure-tools.sh jq bats bats-support bats-assert shellcheck slurmctld slurmd slurm-client munge
 
 demo: deps-demo
 	@bash tools/demo.sh "$(PYTHON)"

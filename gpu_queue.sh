@@ -23,6 +23,8 @@ CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID, MGPU_GPU and MGPU_CONFIG_NAM
   --gpus 0,1,2,3  --jobs-per-gpu N  --max-util PCT  --max-wait SEC  --on-timeout run|skip|fail
   --cpu-slots N  --retries N  --resume  --order given|longest-first  --grace SEC
   --log-dir DIR (default logs/gpu_queue)  --dry-run
+  --backend local|slurm  --wait  --status  --max-parallel N  --partition P  --time T
+  --cpus-per-task N  --mem M  --account A  --qos Q  --gres G  --sbatch-arg --OPT=VALUE
 The options mean what they mean for run_train_clip.sh (see its --help).
 Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
 USAGE
@@ -40,6 +42,11 @@ main() {
   local source="" line n=0 input
   sweep::parse "$@"
   ((${#SWEEP_REST[@]} == 0)) || DIE_STATUS=2 die "gpu_queue.sh takes no arguments after --"
+  if [[ ${SB_STATUS:-} == true ]]; then # --status reads the last Slurm sweep; no jobs file needed
+    sweep::defaults
+    sweep::validate
+    sweep::launch
+  fi
   [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
   [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
   sweep::defaults

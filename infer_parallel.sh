@@ -90,6 +90,8 @@ main() {
   LOG_DIR=${LOG_DIR:-$OUT/logs}
   sweep::defaults
   sweep::validate
+  [[ $MGPU_BACKEND == local ]] ||
+    DIE_STATUS=2 die "infer_parallel.sh runs on this machine's GPUs only (--backend $MGPU_BACKEND): inside a Slurm allocation, run it there"
   local python=${PYTHON:-}
   [[ -n $python ]] || { [[ -x $MGPU_ROOT/.venv/bin/python ]] && python=$MGPU_ROOT/.venv/bin/python || python=python3; }
   PY=(env "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mgpu.infer)

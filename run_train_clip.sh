@@ -54,6 +54,17 @@ Runs:
   --log-dir DIR               LOG_DIR (default logs/clip_training)
   --ckpt-dir DIR              CKPT_DIR (default checkpoints/clip_models)
   --dry-run                   print the plan and the exact commands; launch nothing
+Slurm (docs/scale-out.md):
+  --backend local|slurm       MGPU_BACKEND (default local); slurm submits the configs as one job array,
+                              one GPU a task, with the same names, logs, output folders and summary
+  --wait                      follow the array to its end, then write the summary (exit as a local run)
+  --status                    print the newest Slurm sweep's table in LOG_DIR (pending/running included)
+  --max-parallel N            at most N tasks at once (--array=0-K%N)
+  --partition P  --time T  --cpus-per-task N  --mem M  --account A  --qos Q
+                              the sbatch settings (default: SBATCH_PARTITION, SBATCH_TIMELIMIT,
+                              SBATCH_CPUS_PER_TASK, SBATCH_MEM_PER_NODE, SBATCH_ACCOUNT, SBATCH_QOS)
+  --gres G                    each task's resources (default SBATCH_GRES, else gpu:1)
+  --sbatch-arg --OPT=VALUE    any other sbatch option (repeatable)
   -h, --help                  this help
 Exit status: 0 all configs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
 USAGE
@@ -128,7 +139,7 @@ main() {
       "${TRAINER[@]}" --image-encoder "${CFG_IMAGE[i]}" --text-encoder "${CFG_TEXT[i]}" --output-dir "$out" \
       "${flags[@]}" "${SWEEP_REST[@]}"
   done
-  log::info "outputs in $CKPT_DIR"
+  [[ $SB_STATUS == true ]] || log::info "outputs in $CKPT_DIR"
   sweep::launch
 }
 

@@ -3,6 +3,7 @@
 #   CUDA_VISIBLE_DEVICES=0,1 bash train_torchrun.sh --epochs 10 --batch-size 64
 #   bash train_torchrun.sh --preset demo                        # no GPU: 2 gloo processes on the CPU
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash train_torchrun.sh ...   # the same on every node
+#   sbatch train_slurm.sbatch ...    # Slurm: srun starts one torchrun a node (train_torchrun.sh --slurm)
 #   bash train_torchrun.sh --dry-run ...                        # the exact torchrun command only
 # Arguments other than this script's own (--help) go to the trainer: python -m mgpu.train_clip --help.
 set -Eeuo pipefail
@@ -26,6 +27,8 @@ Options of this script:
   --dry-run            print the exact command and exit
   --log-dir DIR        also write each rank's output to DIR (torchrun --log-dir, --tee 3)
   --ranks 0[,1...]     show only these local ranks' output on the console (torchrun --local-ranks-filter)
+  --slurm              inside a Slurm allocation: srun starts one torchrun per Slurm task (one task per
+                       node), meeting at a c10d rendezvous on the first node (see train_slurm.sbatch)
   -h, --help           this help
 Environment:
   NPROC_PER_NODE       processes on this node (default: the visible GPUs, or 2 without GPU)
@@ -41,10 +44,11 @@ USAGE
 }
 
 main() {
-  local dry=0 logs="" ranks="" args=()
+  local dry=0 logs="" ranks="" slurm=0 args=()
   while (($#)); do
     case $1 in
       --dry-run) dry=1 ;;
+      --slurm) slurm=1 ;;
       --log-dir | --ranks)
         (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
         if [[ $1 == --log-dir ]]; then
@@ -69,14 +73,17 @@ main() {
   done
   ddp::python
   ddp::nproc
-  ddp::nodes
+  DDP_SRUN=()
+  if ((slurm)); then ddp::slurm; else ddp::nodes; fi
   ddp::threads
   MAX_RESTARTS=${MAX_RESTARTS:-0}
   log::require_int MAX_RESTARTS "$MAX_RESTARTS" 0 || exit 2
 
   ddp::python_cmd
-  local cmd=("${DDP_CMD[@]}" -m torch.distributed.run)
-  if ((NNODES == 1)); then
+  local cmd=("${DDP_SRUN[@]}" "${DDP_CMD[@]}" -m torch.distributed.run)
+  if ((slurm)); then # the rendezvous numbers the agents: no --node-rank
+    cmd+=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID")
+  elif ((NNODES == 1)); then
     cmd+=(--standalone --nnodes 1)
   else
     cmd+=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d

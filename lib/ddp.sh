@@ -82,10 +82,37 @@ ddp::nodes() {
   log::require_int MASTER_PORT "$MASTER_PORT" 1 65535 || exit 2
 }
 
+# ddp::slurm — inside a Slurm allocation: one torchrun agent per Slurm task (one task per node is the
+# usual layout), meeting at a c10d rendezvous on the allocation's first node. Sets NNODES (the agents),
+# MASTER_ADDR, MASTER_PORT (a free port on this node, the first), RDZV_ID and DDP_SRUN, the srun prefix.
+ddp::slurm() {
+  [[ -n ${SLURM_JOB_ID:-} && -n ${SLURM_JOB_NODELIST:-} ]] ||
+    DIE_STATUS=2 die "--slurm runs inside a Slurm allocation (sbatch train_slurm.sbatch, or salloc); SLURM_JOB_ID is not set here"
+  command -v srun >/dev/null 2>&1 || DIE_STATUS=2 die "--slurm needs srun and scontrol on PATH; srun not found"
+  local nodes=${SLURM_NNODES:-1} first
+  NNODES=${SLURM_NTASKS:-$nodes} NODE_RANK=0
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  [[ -n $first ]] || die "scontrol could not expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"
+  ((NNODES == nodes)) ||
+    log::warn "$NNODES Slurm tasks on $nodes node(s): $NNODES torchrun agents (--ntasks-per-node=1 gives one a node)"
+  MASTER_ADDR=${MASTER_ADDR:-$first}
+  ddp::free_port
+  MASTER_PORT=$DDP_PORT RDZV_ID=${RDZV_ID:-$SLURM_JOB_ID}
+  DDP_SRUN=(srun --ntasks "$NNODES" --kill-on-bad-exit=1)
+  if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_PER_TASK:-} ]]; then # the task's CPUs, shared by its processes
+    OMP_NUM_THREADS=$((SLURM_CPUS_PER_TASK / DDP_NPROC > 0 ? SLURM_CPUS_PER_TASK / DDP_NPROC : 1))
+    export OMP_NUM_THREADS
+  fi
+}
+
 # ddp::announce — the seed's line, with the world size.
 ddp::announce() {
   local world=$((DDP_NPROC * NNODES)) where=""
-  ((NNODES == 1)) || where=" ($NNODES nodes x $DDP_NPROC processes; this is node $NODE_RANK)"
+  if [[ -n ${DDP_SRUN:-} ]]; then
+    where=" (Slurm job $SLURM_JOB_ID: $NNODES torchrun agent(s) x $DDP_NPROC processes; rendezvous at $MASTER_ADDR:$MASTER_PORT)"
+  elif ((NNODES > 1)); then
+    where=" ($NNODES nodes x $DDP_NPROC processes; this is node $NODE_RANK)"
+  fi
   if [[ $DDP_KIND == gpu ]]; then
     if ((world == 1)); then
       log::info "Using single GPU for training$where"

@@ -18,6 +18,8 @@ source "$_SWEEP_LIB_DIR/lease.sh"
 source "$_SWEEP_LIB_DIR/sched.sh"
 # shellcheck source=lib/ledger.sh
 source "$_SWEEP_LIB_DIR/ledger.sh"
+# shellcheck source=lib/slurm.sh
+source "$_SWEEP_LIB_DIR/slurm.sh"
 
 # sweep::parse ARGS... — the argument loop of both launchers: --name=value, the shared flags, -h/--help
 # (the script's `usage`), and `--` (the rest into SWEEP_REST). Every other word goes to the script's
@@ -40,7 +42,9 @@ sweep::parse() {
 }
 
 # sweep::launch — the GPU check, --resume, --order, then --dry-run's plan or the sweep itself (exits).
+# With --backend slurm, Slurm gets the jobs instead (slurm::launch).
 sweep::launch() {
+  [[ $MGPU_BACKEND != slurm ]] || slurm::launch
   sweep::slots
   sweep::drop_done
   sweep::order
@@ -59,6 +63,7 @@ sweep::defaults() {
   RETRIES=${RETRIES:-0} GRACE=${GRACE:-10} ON_TIMEOUT=${ON_TIMEOUT:-run} CPU_SLOTS=${CPU_SLOTS:-1}
   DRY_RUN=${DRY_RUN:-false} RESUME=${RESUME:-false} USE_MULTI_CONFIG=${USE_MULTI_CONFIG:-true}
   ORDER=${ORDER:-given}
+  slurm::defaults
 }
 
 # sweep::flag ARGS... — take one shared flag; SWEEP_SHIFT is the words it used (0: not a shared flag).
@@ -84,7 +89,7 @@ sweep::flag() {
         --order) ORDER=$2 ;;
       esac
       ;;
-    *) SWEEP_SHIFT=0 ;;
+    *) slurm::flag "$@" ;;
   esac
 }
 
@@ -114,6 +119,7 @@ sweep::validate() {
   for gpu in "${GPUS[@]}"; do
     [[ $gpu =~ ^[0-9]+$ ]] || die "GPUS must list GPU indices like 0,1,2,3; got '$gpu' in '${GPUS[*]}'"
   done
+  slurm::validate
 }
 
 # sweep::_ranges 0 1 2 3 5 — "0-3, 5"

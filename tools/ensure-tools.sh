@@ -16,6 +16,9 @@ _present() {
       done
       return 1
       ;;
+    slurm-client) command -v sbatch >/dev/null 2>&1 ;;
+    munge) command -v munged >/dev/null 2>&1 || [[ -x /usr/sbin/munged ]] ;;
+    slurmctld | slurmd) command -v "$1" >/dev/null 2>&1 || [[ -x /usr/sbin/$1 ]] ;;
     *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }
@@ -42,8 +45,17 @@ main() {
   fi
   echo "[INFO] installing with apt-get: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Daemons (munge, slurmctld, slurmd) are installed for the tests, which start their own private ones:
+  # a policy-rc.d that says no keeps the packages from starting system-wide services meanwhile.
+  local policy=/usr/sbin/policy-rc.d own_policy=0
+  if [[ " ${missing[*]} " == *" slurm"* || " ${missing[*]} " == *" munge "* ]] && [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null && "${sudo[@]}" chmod 755 "$policy" && own_policy=1
+  fi
+  local rc=0
+  "${sudo[@]}" apt-get update -qq || rc=$?
+  ((rc)) || "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+  ((!own_policy)) || "${sudo[@]}" rm -f "$policy"
+  ((rc == 0)) || { echo "[ERROR] apt-get failed (exit $rc) installing: ${missing[*]}" >&2; return 1; }
   for pkg in "${missing[@]}"; do
     _present "$pkg" || { echo "[ERROR] apt-get installed $pkg but it is still not found" >&2; return 1; }
   done

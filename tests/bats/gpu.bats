@@ -25,6 +25,7 @@ setup() {
   MGPU_FAKE_GPUS=$(scenario_copy 4x-rtx4090-idle)
   # jq on PATH that counts its runs, then runs the real one
   mkdir -p "$WORK/bin"
+  # shellcheck disable=SC2016  # the fake jq expands these itself
   printf '#!/usr/bin/env bash\necho run >>"$JQ_CALLS"\nexec %q "$@"\n' "$(command -v jq)" >"$WORK/bin/jq"
   chmod +x "$WORK/bin/jq"
   PATH=$WORK/bin:$PATH gpu_sh gpu::query
