@@ -432,7 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mgpu").setLevel(logging.INFO)
     args = parse_args(argv)
     try:
-        return train(args)
+        code = train(args)
+        if distributed.is_on():
+            # Every rank leaves together: rank 0 still evaluates and writes while the others are done, and
+            # a gloo group torn down under a peer that still works can abort that rank at exit (SIGABRT).
+            dist.barrier()
+        return code
     except Stopped as stop:
         return stop.code
     except (TrainError, CheckpointError, DataError) as exc:
