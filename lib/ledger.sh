@@ -1,6 +1,7 @@
 # shellcheck shell=bash disable=SC2034  # SCHED_EXIT is read by the entry scripts
-# ledger:: — what a sweep did: progress lines, one record per job, completion markers for --resume,
-# and the summary (a table on stdout; LOG_DIR/summary_<YYYYmmdd_HHMMSS>.json and .tsv). Needs jq.
+# ledger:: — what a sweep did: each job's log file and failure kind, progress lines, one record per job,
+# completion markers for --resume, and the summary (a table on stdout; LOG_DIR/summary_<ts>.json and
+# .tsv). Needs log.sh, gpu.sh (the clock) and jq. Shared by the local engine and the Slurm tasks.
 
 LEDGER_STARTED="" LEDGER_STARTED_MS=0 LEDGER_TS="" LEDGER_FINISHED=""
 
@@ -35,6 +36,38 @@ ledger::mark_done() {
   local marker=${JOB_MARKER[$1]}
   [[ -d ${marker%/*} ]] || mkdir -p "${marker%/*}"
   printf '%s\n' "${JOB_HASH[$1]}" >"$marker"
+}
+
+# ledger::log_path NAME GPU — LEDGER_LOG: a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log, never reused.
+ledger::log_path() {
+  local base n=1 path ts made=0
+  printf -v ts '%(%Y%m%d_%H%M%S)T' -1
+  base=$LOG_DIR/$1_gpu$2_$ts
+  path=$base.log
+  set -C # noclobber: creating the file fails if it exists, so no two jobs ever share a log
+  until ((made)); do
+    if { : >"$path"; } 2>/dev/null; then
+      made=1
+    elif [[ -e $path || -L $path ]]; then
+      n=$((n + 1)) path=${base}_$n.log
+    else
+      set +C
+      die "cannot create the log file $path (LOG_DIR $LOG_DIR: removed, or not writable?)"
+    fi
+  done
+  set +C
+  LEDGER_LOG=$path
+}
+
+# ledger::failure_kind LOG STATUS — why a job failed: oom (CUDA out of memory in its log), signal, or error.
+ledger::failure_kind() {
+  if grep -q -E 'CUDA out of memory|OutOfMemoryError' "$1" 2>/dev/null; then
+    echo oom
+  elif (($2 > 128)); then
+    echo "signal $(kill -l $(($2 - 128)) 2>/dev/null || echo $(($2 - 128)))"
+  else
+    echo error
+  fi
 }
 
 # ledger::show_tail JOB — the last lines of a failed job's log, so nobody has to go looking.

@@ -116,50 +116,29 @@ sched::_pick() {
 
 # ---------------------------------------------------------------- launching
 
-# sched::_log_path JOB GPU — a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log, never reused.
-sched::_log_path() {
-  local base n=1 path ts made=0
-  printf -v ts '%(%Y%m%d_%H%M%S)T' -1
-  base=$LOG_DIR/${JOB_NAME[$1]}_gpu$2_$ts
-  path=$base.log
-  set -C # noclobber: creating the file fails if it exists, so no two jobs ever share a log
-  until ((made)); do
-    if { : >"$path"; } 2>/dev/null; then
-      made=1
-    elif [[ -e $path || -L $path ]]; then
-      n=$((n + 1)) path=${base}_$n.log
-    else
-      set +C
-      die "cannot create the log file $path (LOG_DIR $LOG_DIR: removed, or not writable?)"
-    fi
-  done
-  set +C
-  SCHED_LOG=$path
-}
-
 sched::_launch() {
   local job=$1 s=$2 gpu=${SCHED_SLOTS[$2]%%:*} pid visible
   visible=$gpu
   [[ $gpu == cpu ]] && visible=""
-  sched::_log_path "$job" "$gpu"
+  ledger::log_path "${JOB_NAME[job]}" "$gpu"
   sched::argv "$job"
   [[ -z ${JOB_OUT[job]} || -d ${JOB_OUT[job]} ]] || mkdir -p -- "${JOB_OUT[job]}"
   # Job control on for this one fork: the job leads its own process group (its pid is the group id), so
   # stopping it reaches every process it started; and, unlike `setsid`, no program is run to do it.
   set -m
   CUDA_VISIBLE_DEVICES=$visible CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB_NAME[job]} MGPU_GPU=$gpu \
-    OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >"$SCHED_LOG" 2>&1 &
+    OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >"$LEDGER_LOG" 2>&1 &
   pid=$!
   set +m
   exec {LEASE_FD}<&-
   SLOT_PID[$s]=$pid PID_JOB[$pid]=$job PID_SLOT[$pid]=$s pids[${JOB_NAME[job]}]=$pid
-  JOB_STATUS[job]=running JOB_GPU[job]=$gpu JOB_LOG[job]=$SCHED_LOG
+  JOB_STATUS[job]=running JOB_GPU[job]=$gpu JOB_LOG[job]=$LEDGER_LOG
   gpu::_now_ms
   JOB_START_MS[job]=$GPU_NOW_MS
   GPU_OURS_UNTIL[$gpu]=9999999999999
   local where="GPU $gpu"
   [[ $gpu != cpu ]] || where="the CPU"
-  ledger::event "started ${JOB_NAME[job]} on $where (log $SCHED_LOG)"
+  ledger::event "started ${JOB_NAME[job]} on $where (log $LEDGER_LOG)"
 }
 
 # sched::_fill — start every queued job that can start now; arm a timer when some must wait.
@@ -211,17 +190,6 @@ sched::_fill() {
 
 # ---------------------------------------------------------------- finishing
 
-# sched::_kind LOG STATUS — why a job failed: oom (CUDA out of memory in its log), signal, or error.
-sched::_kind() {
-  if grep -q -E 'CUDA out of memory|OutOfMemoryError' "$1" 2>/dev/null; then
-    echo oom
-  elif (($2 > 128)); then
-    echo "signal $(kill -l $(($2 - 128)) 2>/dev/null || echo $(($2 - 128)))"
-  else
-    echo error
-  fi
-}
-
 # sched::_finish PID STATUS — a job ended: free its slot, and queue it again (retry) or leave it to
 # sched::_settle, which records it once the freed slot has its next job.
 sched::_finish() {
@@ -237,7 +205,7 @@ sched::_finish() {
   elif ((rc == 0)); then
     JOB_STATUS[job]=succeeded JOB_KIND[job]=""
   else
-    JOB_KIND[job]=$(sched::_kind "${JOB_LOG[job]}" "$rc")
+    JOB_KIND[job]=$(ledger::failure_kind "${JOB_LOG[job]}" "$rc")
     JOB_FAILS[job]+="${JOB_KIND[job]} on GPU $gpu"$'\n'
     if ((JOB_RETRIES[job] < RETRIES)); then
       JOB_RETRIES[job]=$((JOB_RETRIES[job] + 1))

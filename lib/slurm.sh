@@ -194,7 +194,7 @@ slurm::collect() {
       elif [[ -n ${result[2]} && ${accounted[$k]:-} != TIMEOUT ]]; then
         JOB_STATUS[k]=interrupted JOB_KIND[k]="signal ${result[2]}"
       else
-        JOB_STATUS[k]=failed JOB_KIND[k]=$(sched::_kind "${JOB_LOG[k]}" "${result[0]}")
+        JOB_STATUS[k]=failed JOB_KIND[k]=$(ledger::failure_kind "${JOB_LOG[k]}" "${result[0]}")
         [[ ${accounted[$k]:-} != TIMEOUT ]] || JOB_KIND[k]="time limit"
       fi
     elif [[ -n ${queued[$k]:-} ]]; then

@@ -9,8 +9,8 @@ MGPU_LIB=$(readlink -f "${BASH_SOURCE[0]}") MGPU_LIB=${MGPU_LIB%/*}
 source "$MGPU_LIB/log.sh"
 # shellcheck source=lib/gpu.sh
 source "$MGPU_LIB/gpu.sh" # for gpu::_now_ms
-# shellcheck source=lib/sched.sh
-source "$MGPU_LIB/sched.sh" # for sched::_log_path, the local runs' log naming
+# shellcheck source=lib/ledger.sh
+source "$MGPU_LIB/ledger.sh" # for ledger::log_path, the local runs' log naming
 
 # write_atomic FILE LINE... — FILE holds the lines, whole or not at all (a reader may look at any time)
 write_atomic() {
@@ -22,25 +22,25 @@ write_atomic() {
 
 main() {
   local dir=${1:?usage: slurm_task.sh SWEEP_DIR} k=${SLURM_ARRAY_TASK_ID:?not inside a Slurm job array}
-  local meta=() gpu node start pid rc=0 stopped=""
+  local meta=() argv=() gpu node start pid rc=0 stopped=""
   mapfile -t meta <"$dir/task$k.meta" # name, image, text, output dir, marker, hash, LOG_DIR
-  mapfile -d '' -t SCHED_ARGV <"$dir/task$k.argv"
+  mapfile -d '' -t argv <"$dir/task$k.argv"
   gpu=${SLURM_JOB_GPUS:-${CUDA_VISIBLE_DEVICES:-}}
   gpu=${gpu%%,*}
   [[ -n $gpu ]] || gpu=cpu
   node=${SLURMD_NODENAME:-$HOSTNAME}
-  LOG_DIR=${meta[6]} JOB_NAME=("${meta[0]}")
-  sched::_log_path 0 "$gpu"
+  LOG_DIR=${meta[6]}
+  ledger::log_path "${meta[0]}" "$gpu"
   [[ -z ${meta[3]} || -d ${meta[3]} ]] || mkdir -p -- "${meta[3]}"
   gpu::_now_ms
   start=$GPU_NOW_MS
-  write_atomic "$dir/task$k.started" "$gpu" "$node" "$SCHED_LOG" "$start"
-  echo "[INFO] ${meta[0]}: Slurm job ${SLURM_ARRAY_JOB_ID:-?}_$k on $node, GPU $gpu; log $SCHED_LOG"
+  write_atomic "$dir/task$k.started" "$gpu" "$node" "$LEDGER_LOG" "$start"
+  echo "[INFO] ${meta[0]}: Slurm job ${SLURM_ARRAY_JOB_ID:-?}_$k on $node, GPU $gpu; log $LEDGER_LOG"
   trap 'stopped=TERM; kill -TERM -- "-$pid" 2>/dev/null || true' TERM
   trap 'stopped=INT; kill -TERM -- "-$pid" 2>/dev/null || true' INT
   set -m # the job leads its own process group, as in a local run
   CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${meta[0]} MGPU_GPU=$gpu \
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}} "${SCHED_ARGV[@]}" </dev/null >"$SCHED_LOG" 2>&1 &
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}} "${argv[@]}" </dev/null >"$LEDGER_LOG" 2>&1 &
   pid=$!
   set +m
   wait "$pid" || rc=$?

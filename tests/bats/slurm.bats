@@ -9,7 +9,7 @@ setup_file() {
   export BATS_NO_PARALLELIZE_WITHIN_FILE=true # one cluster, shared in order
   CLUSTER=$BATS_FILE_TMPDIR/cluster
   export CLUSTER
-  eval "$(bash "$BATS_TEST_DIRNAME/../slurm/cluster.sh" start "$CLUSTER" 4)"
+  SLURM_CONF=$(bash "$BATS_TEST_DIRNAME/../slurm/cluster.sh" start "$CLUSTER" 4)
   export SLURM_CONF
 }
 

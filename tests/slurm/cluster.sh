@@ -3,7 +3,7 @@
 # their own configuration, sockets, state and logs in one folder, and NGPUS (1-5) fake GPUs: gres
 # files that are links to harmless character devices (slurmd wants devices; /dev/null and friends need
 # no root to link to). Nothing under /etc is touched; the daemons run as the current user.
-#   eval "$(bash tests/slurm/cluster.sh start DIR [NGPUS])"   # prints the exports clients need
+#   export SLURM_CONF=$(bash tests/slurm/cluster.sh start DIR [NGPUS])   # prints the clients' SLURM_CONF
 #   bash tests/slurm/cluster.sh stop DIR                      # stops every daemon it started
 # Needs Debian's slurmctld, slurmd, slurm-client and munge (tools/ensure-tools.sh installs them).
 set -Eeuo pipefail
@@ -90,7 +90,7 @@ CONF
     tail -n 20 "$dir/slurmctld.log" "$dir/slurmd.log" >&2
     return 1
   }
-  printf 'export SLURM_CONF=%q\n' "$SLURM_CONF"
+  printf '%s\n' "$SLURM_CONF"
 }
 
 stop() {
