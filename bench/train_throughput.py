@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "py"))
 from mgpu import train_clip  # noqa: E402
 from mgpu.clip import CLIP, clip_loss  # noqa: E402
 from mgpu.models import image_encoder, text_encoder  # noqa: E402
+from mgpu.optim import optimizer_for  # noqa: E402
 
 
 def peak_memory(device: torch.device) -> str:
@@ -39,7 +40,7 @@ def peak_memory(device: torch.device) -> str:
 def bare_loop(args, device: torch.device) -> float:
     torch.manual_seed(0)
     model = CLIP(image_encoder(args.image_encoder), text_encoder(args.text_encoder), args.embed_dim).to(device)
-    optimizer = train_clip.optimizer_for(model, 1e-4, 0.1)
+    optimizer = optimizer_for(model, 1e-4, 0.1)
     images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
     tokens = torch.randint(1, 400, (args.batch_size, args.tokens), device=device)
     tokens[:, -1] = 49407 if args.text_encoder.startswith("clip") else 102  # an end token to pool at

@@ -6,11 +6,13 @@
 - ``load_model`` accepts plain or wrapped state dicts (prefixes stripped), loads with
   ``weights_only=True`` and ``map_location="cpu"`` (no pickle code runs; no rank allocates on GPU 0),
   into a wrapped or plain model, and reports missing and unexpected keys.
-- ``latest_checkpoint`` finds the newest ``checkpoint_<step>.pt`` for ``--resume auto``.
+- ``latest_checkpoint`` finds the newest ``checkpoint_<step>.pt`` for ``--resume auto`` (``resume_source``);
+  ``prune_checkpoints`` keeps the newest N.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -22,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+log = logging.getLogger("mgpu.checkpoint")
 
 _PREFIXES = ("module.", "_orig_mod.")
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -156,7 +160,34 @@ def load_model(model: nn.Module, source: str | os.PathLike | dict, strict: bool 
     return report
 
 
+def _numbered(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The checkpoint_<step>.pt files in folder, by step."""
+    return sorted((int(m.group(1)), p) for p in Path(folder).glob("checkpoint_*.pt") if (m := _NAME.match(p.name)))
+
+
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     """The checkpoint_<step>.pt with the highest step in folder, or None."""
-    found = [(int(m.group(1)), p) for p in Path(folder).glob("checkpoint_*.pt") if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+    found = _numbered(folder)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoint_<step>.pt files in folder."""
+    for _, path in _numbered(folder)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def resume_source(resume: str | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint --resume names: None when not resuming; with ``auto`` the newest in output_dir, or
+    None (a first run) when there is none yet."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            log.info("--resume auto: no checkpoint in %s yet; starting from scratch", output_dir)
+        return found
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint file (or pass --resume auto)")
+    return path

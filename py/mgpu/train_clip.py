@@ -25,14 +25,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
-import re
 import signal
 import sys
 import time
 from collections import deque
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,19 +37,21 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .checkpoint import CheckpointError, latest_checkpoint, load_model, read_checkpoint, save_checkpoint, \
-    save_model, set_rng_state, unwrap
+from .checkpoint import CheckpointError, load_model, prune_checkpoints, read_checkpoint, resume_source, \
+    save_checkpoint, save_model, set_rng_state
 from .clip import CLIP, clip_loss, region_loss
 from .data.captions import DataError
 from .data.loading import build_data, build_loaders, tokenizer_state
 from .evaluate import evaluate
 from .models import image_encoder, text_encoder
 from .models.pretrained import load_pretrained
+from .optim import optimizer_for, schedule, set_train_mode
 from .progress import Progress, format_eta
 from .tensorboard import ScalarWriter
 from .train_params import parse_args
 
 log = logging.getLogger("mgpu.train_clip")
+
 
 class TrainError(RuntimeError):
     """A problem with the inputs found after parsing (data, checkpoint, device); exit code 2."""
@@ -68,65 +67,7 @@ class Stopped(Exception):
         self.code = code
 
 
-# ---- processes and devices ---------------------------------------------------------------------------------
-
-def setup_processes(args) -> tuple[torch.device, int]:
-    """Start DDP when torchrun / the legacy launcher / --distributed says so; pick the device.
-    Returns (device, number of DataParallel GPUs or 0)."""
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
-    want_ddp = args.distributed or env_world > 1 or (args.world_size or 1) > 1
-    cuda = torch.cuda.is_available() and args.device != "cpu" and not args.device.startswith("cpu")
-    if args.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", args.device):
-        raise TrainError(f"--device {args.device}: allowed are auto, cpu, cuda, cuda:N")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"--device {args.device}: this PyTorch sees no CUDA device "
-                         f"(torch {torch.__version__}; run python check_gpus.py --torch)")
-    if want_ddp:
-        if args.dp:
-            raise TrainError("--dp and DDP exclude each other: use one process per GPU (torchrun) or --dp, not both")
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        kwargs = {}
-        if args.dist_url != "env://":
-            kwargs = dict(world_size=args.world_size or env_world, rank=args.rank if args.rank is not None
-                          else int(os.environ.get("RANK", "0")))
-        backend, timeout = "nccl" if cuda else "gloo", timedelta(seconds=args.dist_timeout)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if restart is not None and args.dist_url == "env://":
-            # torchrun's agent store outlives a restart: without a prefix per attempt, a restarted rank can
-            # read a dead worker's address and the new group never connects (seen with torch 2.13 + gloo)
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                  is_master=not agent_store and rank == 0, timeout=timeout)
-            dist.init_process_group(backend, store=dist.PrefixStore(f"mgpu/attempt_{restart}/", store),
-                                    rank=rank, world_size=world, timeout=timeout)
-        else:
-            dist.init_process_group(backend, init_method=args.dist_url, timeout=timeout, **kwargs)
-        return torch.device(f"cuda:{local_rank}" if cuda else "cpu"), 0
-    if not cuda:
-        return torch.device("cpu"), 0
-    device = torch.device(args.device if args.device.startswith("cuda:") else "cuda:0")
-    return device, torch.cuda.device_count() if args.dp and args.device in ("auto", "cuda") else 0
-
-
-def announce_devices(device: torch.device, dp_gpus: int) -> None:
-    world = distributed.world_size()
-    if world > 1:
-        log.info("Using %d %s for training (DDP, one process each, backend %s)", world,
-                 "GPUs" if device.type == "cuda" else "CPU processes", dist.get_backend())
-    elif dp_gpus > 1:
-        log.info("Using %d GPUs for training", dp_gpus)
-    elif device.type == "cuda":
-        visible = torch.cuda.device_count()
-        log.info("Using single GPU for training%s", f" ({visible} visible: add --dp, or start with torchrun "
-                 "for DDP)" if visible > 1 else "")
-    else:
-        log.info("Using CPU for training (%d threads)", torch.get_num_threads())
-
-
-# ---- model and optimisation --------------------------------------------------------------------------------
+# ---- the model ---------------------------------------------------------------------------------------------------
 
 def build_model(args) -> CLIP:
     torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
@@ -143,46 +84,7 @@ def build_model(args) -> CLIP:
     return model
 
 
-def optimizer_for(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings' positions and the logit scale (as open_clip)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "positional" in name else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
-
-
-def schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
 # ---- the run -------------------------------------------------------------------------------------------------
-
-def _resume_source(args) -> Path | None:
-    if not args.resume:
-        return None
-    if args.resume == "auto":
-        found = latest_checkpoint(args.output_dir)
-        if found is None:
-            log.info("--resume auto: no checkpoint in %s yet; starting from scratch", args.output_dir)
-        return found
-    path = Path(args.resume)
-    if not path.is_file():
-        raise TrainError(f"--resume {args.resume}: no such checkpoint file (or pass --resume auto)")
-    return path
-
 
 def _check_compatible(args, config: dict, path: Path) -> None:
     for key in ("image_encoder", "text_encoder", "embed_dim"):
@@ -191,51 +93,22 @@ def _check_compatible(args, config: dict, path: Path) -> None:
                              f"this run has {getattr(args, key)}")
 
 
-def _prune(folder: Path, keep: int) -> None:
-    found = sorted((int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt")
-                   if (m := re.fullmatch(r"checkpoint_(\d+)\.pt", p.name)))
-    for _, path in found[:-keep]:
-        path.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    if distributed.world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _check_replicas(model: nn.Module, device: torch.device) -> None:
-    """Every rank's parameters must be identical under DDP; a per-tensor checksum compared across ranks
-    says so (or names what diverged: a parameter changed outside DDP's view)."""
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
-    gathered = [torch.empty_like(sums) for _ in range(distributed.world_size())]
-    dist.all_gather(gathered, sums)
-    names = [n for n, _ in model.named_parameters()]
-    differ = sorted({names[i] for g in gathered for i in (g != sums).nonzero().flatten().tolist()})
-    if differ:
-        log.warning("parameters differ between ranks: %s", ", ".join(differ[:5]))
-    else:
-        log.info("parameters identical on all %d ranks", distributed.world_size())
-
-
 def train(args) -> int:
     started = time.perf_counter()
-    device, dp_gpus = setup_processes(args)
+    device, dp_gpus = distributed.setup(args)
     rank, world = distributed.rank(), distributed.world_size()
     main_rank = rank == 0
     logging.getLogger("mgpu").setLevel(logging.INFO if main_rank else logging.WARNING)
     if args.amp == "fp16" and device.type != "cuda":
         raise TrainError("--amp fp16: needs a CUDA device (a GradScaler on GPU); on the CPU use --amp bf16 or off")
     output = Path(args.output_dir)
-    resume = _resume_source(args)
+    resume = resume_source(args.resume, args.output_dir)
     state = read_checkpoint(resume) if resume else None
     if state is not None:
         _check_compatible(args, state.get("config", {}), resume)
@@ -273,7 +146,7 @@ def train(args) -> int:
                                                       gradient_as_bucket_view=True)
     elif dp_gpus > 1:
         wrapped = nn.DataParallel(model)
-    announce_devices(device, dp_gpus)
+    distributed.announce(device, dp_gpus)
     log.info("%s x %s: %d steps (%d a epoch of %d samples), global batch %d%s, lr %.3g%s, output %s",
              args.image_encoder, args.text_encoder, total, steps_per_epoch, len(train_set), global_batch,
              f" ({args.batch_size} x {world} processes)" if world > 1 else "", lr,
@@ -295,7 +168,7 @@ def train(args) -> int:
         if main_rank:
             save_checkpoint(output / f"checkpoint_{step}.pt", model, step=step, epoch=step // steps_per_epoch,
                             optimizer=optimizer, scheduler=scheduler, scaler=scaler, config=config)
-            _prune(output, args.keep_checkpoints)
+            prune_checkpoints(output, args.keep_checkpoints)
         if world > 1:
             dist.barrier()
 
@@ -351,7 +224,7 @@ def train(args) -> int:
                 logging_step = step % progress.every == 0 or step == stop_at
                 progress.update(step, global_batch, loss=recent[-1].item() if logging_step or progress.bar else 0.0)
                 if logging_step:
-                    bad_all, seen_all = _all_sum([bad, seen], device)
+                    bad_all, seen_all = distributed.all_sum([bad, seen], device)
                     if bad_all > args.max_bad_images * seen_all and seen_all >= 100:
                         raise TrainError(f"{bad_all:.0f} of {seen_all:.0f} images read so far are missing or unreadable, "
                                          f"more than --max-bad-images {args.max_bad_images}: check --data {args.data}")
@@ -369,7 +242,7 @@ def train(args) -> int:
                         writer.add_scalars({f"val/{k}": v for k, v in results.items()}, step)
                 if args.save_every and step % args.save_every == 0 and step < stop_at:
                     checkpoint()
-                code = int(_all_sum([stop_signal["code"]], device)[0]) if world > 1 else stop_signal["code"]
+                code = int(distributed.all_sum([stop_signal["code"]], device)[0]) if world > 1 else stop_signal["code"]
                 if code:
                     checkpoint()
                     progress.close()
@@ -381,7 +254,7 @@ def train(args) -> int:
         train_seconds = time.perf_counter() - loop_start - eval_seconds
         progress.close()
         if world > 1:
-            _check_replicas(model, device)
+            distributed.check_replicas(model, device)
         completed = step >= total
         checkpoint()
         if completed:
@@ -440,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except Stopped as stop:
         return stop.code
-    except (TrainError, CheckpointError, DataError) as exc:
+    except (TrainError, distributed.SetupError, CheckpointError, DataError) as exc:
         print(f"mgpu.train_clip: error: {exc}", file=sys.stderr)
         return 2
     except TrainingFailed as exc:

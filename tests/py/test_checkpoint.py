@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mgpu.checkpoint import (CheckpointError, clean_state_dict, latest_checkpoint, load_model, read_checkpoint,
-                             save_checkpoint, save_model, set_rng_state, unwrap)
+from mgpu.checkpoint import (CheckpointError, clean_state_dict, latest_checkpoint, load_model, prune_checkpoints,
+                             read_checkpoint, resume_source, save_checkpoint, save_model, set_rng_state, unwrap)
 
 
 class Sneaky:
@@ -127,3 +127,23 @@ def test_latest_checkpoint_is_the_highest_step(tmp_path):
         save_model(net(), tmp_path / f"checkpoint_{step}.pt")
     (tmp_path / "checkpoint_999.pt.tmp").write_bytes(b"")
     assert latest_checkpoint(tmp_path).name == "checkpoint_100.pt"
+
+
+def test_pruning_keeps_the_newest_by_step_not_by_name_and_leaves_other_files(tmp_path):
+    for step in (9, 100, 12, 2):
+        save_model(net(), tmp_path / f"checkpoint_{step}.pt")
+    (tmp_path / "model.pt").write_bytes(b"x")
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_100.pt", "checkpoint_12.pt", "model.pt"]
+
+
+def test_resume_source_names_the_file_or_finds_the_newest(tmp_path, caplog):
+    assert resume_source(None, tmp_path) is None
+    with caplog.at_level("INFO", logger="mgpu"):
+        assert resume_source("auto", tmp_path) is None
+    assert f"no checkpoint in {tmp_path} yet; starting from scratch" in caplog.text
+    save_model(net(), tmp_path / "checkpoint_4.pt")
+    assert resume_source("auto", tmp_path) == tmp_path / "checkpoint_4.pt"
+    assert resume_source(str(tmp_path / "checkpoint_4.pt"), "elsewhere") == tmp_path / "checkpoint_4.pt"
+    with pytest.raises(CheckpointError, match=r"--resume .*/gone.pt: no such checkpoint file"):
+        resume_source(str(tmp_path / "gone.pt"), tmp_path)
