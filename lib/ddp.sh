@@ -60,11 +60,12 @@ ddp::nproc() {
   fi
 }
 
-# ddp::threads — OMP_NUM_THREADS for each process (cores / processes, at least 1) unless already set.
+# ddp::threads — OMP_NUM_THREADS for each process (cores / processes, at least 1) unless already set;
+# the cores are DDP_CORES where set (a Slurm task's CPUs), else nproc.
 ddp::threads() {
   [[ -n ${OMP_NUM_THREADS:-} ]] && return 0
-  local cores
-  cores=$(nproc 2>/dev/null || echo 1)
+  local cores=${DDP_CORES:-}
+  [[ -n $cores ]] || cores=$(nproc 2>/dev/null || echo 1)
   OMP_NUM_THREADS=$((cores / DDP_NPROC))
   ((OMP_NUM_THREADS >= 1)) || OMP_NUM_THREADS=1
   export OMP_NUM_THREADS
@@ -84,7 +85,8 @@ ddp::nodes() {
 
 # ddp::slurm — inside a Slurm allocation: one torchrun agent per Slurm task (one task per node is the
 # usual layout), meeting at a c10d rendezvous on the allocation's first node. Sets NNODES (the agents),
-# MASTER_ADDR, MASTER_PORT (a free port on this node, the first), RDZV_ID and DDP_SRUN, the srun prefix.
+# MASTER_ADDR, MASTER_PORT (a free port on this node, the first), RDZV_ID, DDP_SRUN (the srun prefix)
+# and DDP_CORES.
 ddp::slurm() {
   [[ -n ${SLURM_JOB_ID:-} && -n ${SLURM_JOB_NODELIST:-} ]] ||
     DIE_STATUS=2 die "--slurm runs inside a Slurm allocation (sbatch train_slurm.sbatch, or salloc); SLURM_JOB_ID is not set here"
@@ -99,10 +101,7 @@ ddp::slurm() {
   ddp::free_port
   MASTER_PORT=$DDP_PORT RDZV_ID=${RDZV_ID:-$SLURM_JOB_ID}
   DDP_SRUN=(srun --ntasks "$NNODES" --kill-on-bad-exit=1)
-  if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_PER_TASK:-} ]]; then # the task's CPUs, shared by its processes
-    OMP_NUM_THREADS=$((SLURM_CPUS_PER_TASK / DDP_NPROC > 0 ? SLURM_CPUS_PER_TASK / DDP_NPROC : 1))
-    export OMP_NUM_THREADS
-  fi
+  DDP_CORES=${SLURM_CPUS_PER_TASK:-} # the task's CPUs, shared by its processes (ddp::threads)
 }
 
 # ddp::announce — the seed's line, with the world size.

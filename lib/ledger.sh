@@ -4,6 +4,7 @@
 # .tsv). Needs log.sh, gpu.sh (the clock) and jq. Shared by the local engine and the Slurm tasks.
 
 LEDGER_STARTED="" LEDGER_STARTED_MS=0 LEDGER_TS="" LEDGER_FINISHED=""
+LEDGER_HEADER=$'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog' # the summary's columns (table and .tsv)
 
 ledger::begin() {
   printf -v LEDGER_STARTED '%(%Y-%m-%dT%H:%M:%S%z)T' -1
@@ -171,9 +172,9 @@ ledger::finish() {
   printf '{"started": "%s", "finished": "%s", "succeeded": %d, "failed": %d, "skipped": %d, "interrupted": %d,\n "configs": [\n%s\n]}\n' \
     "$LEDGER_STARTED" "$finished" "${n[succeeded]}" "${n[failed]}" "${n[skipped]}" "${n[interrupted]}" \
     "${configs%,$'\n'}" >"$json"
-  printf '%s\n' $'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog' "${LEDGER_ROW[@]}" >"$tsv"
+  printf '%s\n' "$LEDGER_HEADER" "${LEDGER_ROW[@]}" >"$tsv"
   log::status ""
-  ledger::_table $'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog' "${LEDGER_ROW[@]}"
+  ledger::_table "$LEDGER_HEADER" "${LEDGER_ROW[@]}"
   log::info "summary: ${n[succeeded]} succeeded, ${n[failed]} failed, ${n[skipped]} skipped, ${n[interrupted]} interrupted; $json"
   case $SCHED_STOP in
     INT) SCHED_EXIT=130 ;;

@@ -233,7 +233,7 @@ slurm::status() {
   slurm::collect "$1"
   slurm::_counts
   for k in "${!JOB_NAME[@]}"; do ledger::record "$k"; done
-  ledger::_table $'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog' "${LEDGER_ROW[@]}"
+  ledger::_table "$LEDGER_HEADER" "${LEDGER_ROW[@]}"
   log::info "Slurm job array $SB_JOB_ID: $SB_COUNTS ($1)"
 }
 
