@@ -12,7 +12,7 @@ LOG_DIR=${LOG_DIR:-logs/gpu_queue}
 
 MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
 # shellcheck source=lib/sweep.sh
-source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
+source "$MGPU_ROOT/lib/sweep.sh" # and, through it, core log gpu grid lease sched ledger slurm
 
 usage() {
   cat <<'USAGE'
@@ -34,24 +34,24 @@ USAGE
 own_arg() {
   SWEEP_SHIFT=0
   [[ $1 == - || $1 != -* ]] || return 0
-  [[ -z $source ]] || DIE_STATUS=2 die "one jobs file only, got '$source' and '$1'"
+  [[ -z $source ]] || { log::error "one jobs file only, got '$source' and '$1'"; return 2; }
   source=$1 SWEEP_SHIFT=1
 }
 
 main() {
   local source="" line n=0 input
   sweep::parse "$@"
+  if [[ -n $SWEEP_HELP ]]; then usage && exit 0; fi
   ((${#SWEEP_REST[@]} == 0)) || DIE_STATUS=2 die "gpu_queue.sh takes no arguments after --"
-  if [[ ${SB_STATUS:-} == true ]]; then # --status reads the last Slurm sweep; no jobs file needed
-    sweep::defaults
-    sweep::validate
+  sweep::defaults
+  sweep::validate
+  if [[ $SB_STATUS == true ]]; then # --status reads what a sweep wrote; no jobs file needed
     sweep::launch
+    exit 0
   fi
   [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
   [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
-  sweep::defaults
-  sweep::validate
-  [[ -d $LOG_DIR ]] || mkdir -p -- "$LOG_DIR"
+  [[ $DRY_RUN == true || -d $LOG_DIR ]] || mkdir -p -- "$LOG_DIR"
   sched::init
   input=$source
   [[ $source != - ]] || input=/dev/stdin
@@ -60,7 +60,7 @@ main() {
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
     sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c "$line"
   done <"$input"
-  ((${#JOB_NAME[@]})) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
+  ((SCHED_N)) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
   sweep::launch
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# infer_parallel.sh — data-parallel inference (seed 001): one full model per GPU, the data cut into one
+# infer_parallel.sh — data-parallel inference: one full model per GPU, the data cut into one
 # contiguous shard per GPU, the results merged back in dataset order. Runs on the sweep engine, so GPU
 # leases, busy-GPU waits, retries, logs, --resume and Ctrl-C work as in run_train_clip.sh.
 #   bash infer_parallel.sh --checkpoint checkpoints/clip_models/X/model.pt --out results/X
@@ -11,7 +11,7 @@ set -Eeuo pipefail
 [[ -v GPUS ]] || GPUS=(0 1 2 3)
 MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
 # shellcheck source=lib/sweep.sh
-source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
+source "$MGPU_ROOT/lib/sweep.sh" # and, through it, core log gpu grid lease sched ledger slurm
 
 usage() {
   cat <<'USAGE'
@@ -40,7 +40,7 @@ own_arg() {
   SWEEP_SHIFT=0
   case $1 in
     --checkpoint | --out | --data | --batch-size | --cpu-procs)
-      (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+      (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
       case $1 in
         --checkpoint) CHECKPOINT=$2 ;;
         --out) OUT=$2 ;;
@@ -64,7 +64,8 @@ plan() {
   for part in "${parts[@]}"; do need[${part%%=*}]=${part#*=}; done
   log::info "memory plan: each process needs about ${need[total]} MiB (weights ${need[weights]}, activations" \
     "${need[activations]} at batch $BATCH, CUDA context ${need[context]})"
-  [[ $(gpu::backend) != cpu ]] || return 0
+  gpu::_backend || exit 2
+  [[ $GPU_BACKEND != cpu ]] || return 0
   gpu::sample || DIE_STATUS=1 die "the GPU query failed (see above)"
   for gpu in "${GPUS[@]}"; do
     [[ -n ${GPU_MEM_TOTAL[$gpu]:-} ]] || { kept+=("$gpu"); continue; } # sweep::slots reports missing GPUs
@@ -82,6 +83,7 @@ plan() {
 main() {
   CHECKPOINT="" OUT="" DATA="" BATCH=256
   sweep::parse "$@"
+  if [[ -n $SWEEP_HELP ]]; then usage && exit 0; fi
   ((${#SWEEP_REST[@]} == 0)) || DIE_STATUS=2 die "infer_parallel.sh takes no arguments after --"
   [[ -n $CHECKPOINT ]] || DIE_STATUS=2 die "--checkpoint PATH is required (see --help)"
   [[ -f $CHECKPOINT ]] || DIE_STATUS=2 die "--checkpoint $CHECKPOINT: no such file"
@@ -92,14 +94,13 @@ main() {
   sweep::validate
   [[ $MGPU_BACKEND == local ]] ||
     DIE_STATUS=2 die "infer_parallel.sh runs on this machine's GPUs only (--backend $MGPU_BACKEND): inside a Slurm allocation, run it there"
-  local python=${PYTHON:-}
-  [[ -n $python ]] || { [[ -x $MGPU_ROOT/.venv/bin/python ]] && python=$MGPU_ROOT/.venv/bin/python || python=python3; }
-  PY=(env "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mgpu.infer)
+  core::py_env
+  PY=("${CORE_PY[@]}" -m mgpu.infer)
   plan
   sweep::slots
   local n=${#SCHED_SLOTS[@]} i data=()
   [[ -z $DATA ]] || data=(--data "$DATA")
-  mkdir -p "$OUT/shards" "$LOG_DIR"
+  [[ $DRY_RUN == true ]] || mkdir -p "$OUT/shards" "$LOG_DIR"
   sched::init
   for ((i = 0; i < n; i++)); do
     sched::add "shard${i}_of_$n" "" "" "" "$OUT/shards/.mgpu_done_${i}_of_$n" -- \

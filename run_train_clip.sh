@@ -23,7 +23,7 @@ CKPT_DIR=${CKPT_DIR:-checkpoints/clip_models}
 
 MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
 # shellcheck source=lib/sweep.sh
-source "$MGPU_ROOT/lib/sweep.sh" # and, through it, log gpu grid lease sched ledger
+source "$MGPU_ROOT/lib/sweep.sh" # and, through it, core log gpu grid lease sched ledger slurm
 
 usage() {
   cat <<'USAGE'
@@ -50,7 +50,9 @@ Runs:
   --resume                    skip configs an earlier run finished with the same settings
   --order given|longest-first ORDER: longest-first starts the configs that took longest in earlier
                               sweeps (LOG_DIR's summaries) first; configs never seen go first of all
-  --grace SEC                 on Ctrl-C/TERM: seconds between TERM and KILL for running jobs (default 10)
+  --grace SEC                 on Ctrl-C/TERM: seconds running jobs get to save a checkpoint and exit before
+                              KILL (default 60: one training step plus a checkpoint save of a real model);
+                              a second Ctrl-C kills at once
   --log-dir DIR               LOG_DIR (default logs/clip_training)
   --ckpt-dir DIR              CKPT_DIR (default checkpoints/clip_models)
   --dry-run                   print the plan and the exact commands; launch nothing
@@ -66,7 +68,8 @@ Slurm (docs/scale-out.md):
   --gres G                    each task's resources (default SBATCH_GRES, else gpu:1)
   --sbatch-arg --OPT=VALUE    any other sbatch option (repeatable)
   -h, --help                  this help
-Exit status: 0 all configs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
+Exit status: 0 all configs succeeded (or were done earlier, with --resume); 1 some failed, were skipped
+or could not start; 2 usage error; 130/143 interrupted (Ctrl-C / TERM).
 USAGE
 }
 
@@ -75,7 +78,7 @@ own_arg() {
   SWEEP_SHIFT=0
   case $1 in
     --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir | --preset)
-      (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+      (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
       case $1 in
         --image-encoders) IMAGE_ENCODERS=("$2") ENCODERS_GIVEN+=image ;;
         --text-encoders) TEXT_ENCODERS=("$2") ENCODERS_GIVEN+=text ;;
@@ -87,7 +90,7 @@ own_arg() {
       SWEEP_SHIFT=2
       ;;
     -*) ;;
-    *) DIE_STATUS=2 die "unexpected argument '$1' (trainer arguments go after --)" ;;
+    *) log::error "unexpected argument '$1' (trainer arguments go after --)" && return 2 ;;
   esac
 }
 
@@ -98,9 +101,8 @@ trainer() {
     read -ra TRAINER <<<"$TRAIN_CMD"
     ((${#TRAINER[@]})) || DIE_STATUS=2 die "--train-cmd must not be empty"
   else
-    local python=${PYTHON:-}
-    [[ -n $python ]] || { [[ -x $MGPU_ROOT/.venv/bin/python ]] && python=$MGPU_ROOT/.venv/bin/python || python=python3; }
-    TRAINER=(env "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mgpu.train_clip)
+    core::py_env
+    TRAINER=("${CORE_PY[@]}" -m mgpu.train_clip)
   fi
   # --preset demo: small towers on the embedded data, about a minute a config on a CPU (--encoders win)
   case $PRESET in
@@ -114,21 +116,39 @@ trainer() {
   esac
 }
 
+# check_rest — arguments after -- reach every run, so they must not set what the launcher sets per config.
+check_rest() {
+  local arg
+  for arg in "${SWEEP_REST[@]}"; do
+    case ${arg%%=*} in
+      --output-dir | --output_dir | --image-encoder | --image_encoder | --text-encoder | --text_encoder)
+        DIE_STATUS=2 die "trainer argument '$arg' after --: the launcher sets ${arg%%=*} for each configuration (use --ckpt-dir, --image-encoders/--text-encoders or a config file)"
+        ;;
+    esac
+  done
+}
+
 main() {
   TRAIN_CMD=${TRAIN_CMD:-} PRESET="" ENCODERS_GIVEN=""
   sweep::parse "$@"
+  if [[ -n $SWEEP_HELP ]]; then usage && exit 0; fi
   sweep::defaults
   sweep::validate
   sweep::split_list IMAGE_ENCODERS
   sweep::split_list TEXT_ENCODERS
   [[ -n $CKPT_DIR ]] || DIE_STATUS=2 die "CKPT_DIR must not be empty"
+  check_rest
   trainer
+  if [[ $SB_STATUS == true ]]; then # --status reads what a sweep wrote; no configs needed
+    sweep::launch
+    exit 0
+  fi
   if [[ -n $CONFIG_FILE ]]; then
     grid::from_file "$CONFIG_FILE" || exit 2
   else
     grid::from_lists || exit 2
   fi
-  mkdir -p "$LOG_DIR" "$CKPT_DIR"
+  [[ $DRY_RUN == true ]] || mkdir -p -- "$LOG_DIR" "$CKPT_DIR"
   sched::init
   local i flags out
   for i in "${!CFG_NAME[@]}"; do
@@ -139,7 +159,7 @@ main() {
       "${TRAINER[@]}" --image-encoder "${CFG_IMAGE[i]}" --text-encoder "${CFG_TEXT[i]}" --output-dir "$out" \
       "${flags[@]}" "${SWEEP_REST[@]}"
   done
-  [[ $SB_STATUS == true ]] || log::info "outputs in $CKPT_DIR"
+  log::info "outputs in $CKPT_DIR"
   sweep::launch
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# train_ddp.sh — the seed's second way to start DDP: python -m torch.distributed.launch --use_env, with a
+# train_ddp.sh — the second way to start DDP: python -m torch.distributed.launch --use_env, with a
 # free --master_port. Same trainer, settings and checks as train_torchrun.sh (prefer that one).
 #   CUDA_VISIBLE_DEVICES=0,1 bash train_ddp.sh --epochs 10
 #   bash train_ddp.sh --dry-run --preset demo
@@ -8,16 +8,12 @@ set -Eeuo pipefail
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
 MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
-# shellcheck source=lib/log.sh
-source "$MGPU_ROOT/lib/log.sh"
-# shellcheck source=lib/gpu.sh
-source "$MGPU_ROOT/lib/gpu.sh"
 # shellcheck source=lib/ddp.sh
-source "$MGPU_ROOT/lib/ddp.sh"
+source "$MGPU_ROOT/lib/ddp.sh" # and, through it, core log gpu
 
 usage() {
   cat <<'USAGE'
-Usage: [CUDA_VISIBLE_DEVICES=0,1] bash train_ddp.sh [--dry-run] [trainer arguments]
+Usage: [CUDA_VISIBLE_DEVICES=0,1] bash train_ddp.sh [--gpus 0,1] [--dry-run] [trainer arguments]
 
 Starts python -m mgpu.train_clip with torch.distributed.launch --use_env, one process per visible GPU
 (NPROC_PER_NODE overrides; 2 CPU processes without GPU). MASTER_PORT is used when free, else a free
@@ -31,6 +27,11 @@ main() {
   while (($#)); do
     case $1 in
       --dry-run) dry=1 ;;
+      --gpus)
+        (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+        ddp::gpus "$2"
+        shift
+        ;;
       -h | --help)
         usage
         return 0

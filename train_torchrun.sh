@@ -10,12 +10,8 @@ set -Eeuo pipefail
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
 MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}
-# shellcheck source=lib/log.sh
-source "$MGPU_ROOT/lib/log.sh"
-# shellcheck source=lib/gpu.sh
-source "$MGPU_ROOT/lib/gpu.sh"
 # shellcheck source=lib/ddp.sh
-source "$MGPU_ROOT/lib/ddp.sh"
+source "$MGPU_ROOT/lib/ddp.sh" # and, through it, core log gpu
 
 usage() {
   cat <<'USAGE'
@@ -24,6 +20,7 @@ Usage: [CUDA_VISIBLE_DEVICES=0,1] bash train_torchrun.sh [options] [trainer argu
 Starts python -m mgpu.train_clip under torchrun, one process per visible GPU (CUDA_VISIBLE_DEVICES,
 else every GPU); with no GPU, NPROC_PER_NODE CPU processes (default 2) talking gloo.
 Options of this script:
+  --gpus 0,1           the GPUs to use (the same as CUDA_VISIBLE_DEVICES=0,1; indices or GPU-/MIG- UUIDs)
   --dry-run            print the exact command and exit
   --log-dir DIR        also write each rank's output to DIR (torchrun --log-dir, --tee 3)
   --ranks 0[,1...]     show only these local ranks' output on the console (torchrun --local-ranks-filter)
@@ -49,10 +46,12 @@ main() {
     case $1 in
       --dry-run) dry=1 ;;
       --slurm) slurm=1 ;;
-      --log-dir | --ranks)
+      --log-dir | --ranks | --gpus)
         (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
         if [[ $1 == --log-dir ]]; then
           logs=$2
+        elif [[ $1 == --gpus ]]; then
+          ddp::gpus "$2"
         else
           [[ $2 =~ ^[0-9]+(,[0-9]+)*$ ]] || DIE_STATUS=2 die "--ranks must list local ranks like 0 or 0,1; got '$2'"
           ranks=$2

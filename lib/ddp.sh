@@ -1,12 +1,24 @@
 # shellcheck shell=bash disable=SC2034  # DDP_* globals are results for the sourcing script
 # ddp:: — what train_torchrun.sh and train_ddp.sh share: how many processes, threads per process, a
-# free port, the Python to use, and the seed's "Using N GPUs for training" line. Needs log.sh, gpu.sh.
+# free port, and the "Using N GPUs for training" line. Every function returns a status (2: a bad setting,
+# logged); the entry scripts exit. Needs core.sh and gpu.sh.
 
-# ddp::python — PYTHON, else the project's .venv, else python3; into DDP_PYTHON.
+# shellcheck source=lib/core.sh
+[[ -n ${MGPU_LIB:-} ]] || source "${BASH_SOURCE[0]%/*}/core.sh"
+# shellcheck source=lib/gpu.sh
+source "$MGPU_LIB/gpu.sh"
+
+# ddp::python — the Python with torch (core::python) into DDP_PYTHON.
 ddp::python() {
-  DDP_PYTHON=${PYTHON:-}
-  [[ -n $DDP_PYTHON ]] && return 0
-  if [[ -x $MGPU_ROOT/.venv/bin/python ]]; then DDP_PYTHON=$MGPU_ROOT/.venv/bin/python; else DDP_PYTHON=python3; fi
+  core::python
+  DDP_PYTHON=$CORE_PYTHON
+}
+
+# ddp::gpus LIST — --gpus 0,1 of the DDP scripts: the same as CUDA_VISIBLE_DEVICES=0,1 (which it sets).
+ddp::gpus() {
+  local list=${1//[[:space:]]/}
+  [[ $list =~ ^[^,]+(,[^,]+)*$ ]] || { log::error "--gpus must list GPUs like 0,1 (indices or GPU-/MIG- UUIDs), got '$1'"; return 2; }
+  export CUDA_VISIBLE_DEVICES=$list
 }
 
 # ddp::visible — the entries of CUDA_VISIBLE_DEVICES into DDP_VISIBLE (unset: every GPU of the machine);
@@ -15,19 +27,19 @@ ddp::python() {
 ddp::visible() {
   DDP_VISIBLE=()
   local machine
-  machine=$(gpu::indices)
+  machine=$(gpu::indices) || return 2
   if [[ ! -v CUDA_VISIBLE_DEVICES ]]; then
     read -ra DDP_VISIBLE <<<"$machine"
     return 0
   fi
   [[ -n $CUDA_VISIBLE_DEVICES ]] ||
-    DIE_STATUS=2 die "CUDA_VISIBLE_DEVICES is set but empty: no GPU is visible (unset it, or list GPUs like 0,1)"
+    { log::error "CUDA_VISIBLE_DEVICES is set but empty: no GPU is visible (unset it, or list GPUs like 0,1)"; return 2; }
   local entry entries
   IFS=, read -ra entries <<<"$CUDA_VISIBLE_DEVICES"
   for entry in "${entries[@]}"; do
     entry=${entry// /}
     [[ $entry =~ ^[0-9]+$ || $entry =~ ^(GPU|MIG)-[0-9A-Fa-f-]+$ ]] ||
-      DIE_STATUS=2 die "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: '$entry' is neither a GPU index nor a GPU-/MIG- UUID"
+      { log::error "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: '$entry' is neither a GPU index nor a GPU-/MIG- UUID"; return 2; }
     DDP_VISIBLE+=("$entry")
   done
   if [[ -z $machine ]]; then
@@ -37,21 +49,23 @@ ddp::visible() {
   fi
   for entry in "${DDP_VISIBLE[@]}"; do
     [[ ! $entry =~ ^[0-9]+$ ]] || gpu::exists "$entry" ||
-      DIE_STATUS=2 die "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: GPU $entry does not exist (this machine has GPUs: $machine)"
+      { log::error "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: GPU $entry does not exist (this machine has GPUs: $machine)"; return 2; }
   done
 }
 
 # ddp::nproc — processes on this node into DDP_NPROC and the device kind into DDP_KIND (gpu|cpu):
-# NPROC_PER_NODE, else one per visible GPU, else 2 CPU processes (gloo).
+# NPROC_PER_NODE, else one per visible GPU, else 2 CPU processes (gloo). More processes than visible
+# GPUs is an error: each rank takes cuda:<local rank>, and NCCL refuses two ranks on one GPU.
 ddp::nproc() {
-  ddp::visible
+  ddp::visible || return
   DDP_KIND=gpu
   ((${#DDP_VISIBLE[@]})) || DDP_KIND=cpu
   if [[ -n ${NPROC_PER_NODE:-} ]]; then
-    log::require_int NPROC_PER_NODE "$NPROC_PER_NODE" 1 || exit 2
+    log::require_int NPROC_PER_NODE "$NPROC_PER_NODE" 1 || return 2
     DDP_NPROC=$NPROC_PER_NODE
     if [[ $DDP_KIND == gpu ]] && ((DDP_NPROC > ${#DDP_VISIBLE[@]})); then
-      log::warn "NPROC_PER_NODE=$DDP_NPROC is more than the ${#DDP_VISIBLE[@]} visible GPU(s): ranks will share GPUs"
+      log::error "NPROC_PER_NODE=$DDP_NPROC is more than the ${#DDP_VISIBLE[@]} visible GPU(s) (${DDP_VISIBLE[*]}): each process needs a GPU of its own (NCCL refuses two ranks on one GPU); lower NPROC_PER_NODE or make more GPUs visible"
+      return 2
     fi
   elif [[ $DDP_KIND == gpu ]]; then
     DDP_NPROC=${#DDP_VISIBLE[@]}
@@ -74,13 +88,14 @@ ddp::threads() {
 # ddp::nodes — NNODES / NODE_RANK checked; several nodes need MASTER_ADDR.
 ddp::nodes() {
   NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0}
-  log::require_int NNODES "$NNODES" 1 || exit 2
-  log::require_int NODE_RANK "$NODE_RANK" 0 $((NNODES - 1)) || exit 2
+  log::require_int NNODES "$NNODES" 1 || return 2
+  log::require_int NODE_RANK "$NODE_RANK" 0 $((NNODES - 1)) || return 2
   if ((NNODES > 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
-    DIE_STATUS=2 die "NNODES=$NNODES needs MASTER_ADDR: the address of node 0, reachable from every node"
+    log::error "NNODES=$NNODES needs MASTER_ADDR: the address of node 0, reachable from every node"
+    return 2
   fi
   MASTER_PORT=${MASTER_PORT:-29500}
-  log::require_int MASTER_PORT "$MASTER_PORT" 1 65535 || exit 2
+  log::require_int MASTER_PORT "$MASTER_PORT" 1 65535 || return 2
 }
 
 # ddp::slurm — inside a Slurm allocation: one torchrun agent per Slurm task (one task per node is the
@@ -89,12 +104,12 @@ ddp::nodes() {
 # and DDP_CORES.
 ddp::slurm() {
   [[ -n ${SLURM_JOB_ID:-} && -n ${SLURM_JOB_NODELIST:-} ]] ||
-    DIE_STATUS=2 die "--slurm runs inside a Slurm allocation (sbatch train_slurm.sbatch, or salloc); SLURM_JOB_ID is not set here"
-  command -v srun >/dev/null 2>&1 || DIE_STATUS=2 die "--slurm needs srun and scontrol on PATH; srun not found"
+    { log::error "--slurm runs inside a Slurm allocation (sbatch train_slurm.sbatch, or salloc); SLURM_JOB_ID is not set here"; return 2; }
+  command -v srun >/dev/null 2>&1 || { log::error "--slurm needs srun and scontrol on PATH; srun not found"; return 2; }
   local nodes=${SLURM_NNODES:-1} first
   NNODES=${SLURM_NTASKS:-$nodes} NODE_RANK=0
   first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  [[ -n $first ]] || die "scontrol could not expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"
+  [[ -n $first ]] || { log::error "scontrol could not expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"; return 1; }
   ((NNODES == nodes)) ||
     log::warn "$NNODES Slurm tasks on $nodes node(s): $NNODES torchrun agents (--ntasks-per-node=1 gives one a node)"
   MASTER_ADDR=${MASTER_ADDR:-$first}
@@ -104,7 +119,7 @@ ddp::slurm() {
   DDP_CORES=${SLURM_CPUS_PER_TASK:-} # the task's CPUs, shared by its processes (ddp::threads)
 }
 
-# ddp::announce — the seed's line, with the world size.
+# ddp::announce — "Using N GPUs for training", with the world size.
 ddp::announce() {
   local world=$((DDP_NPROC * NNODES)) where=""
   if [[ -n ${DDP_SRUN:-} ]]; then
@@ -145,15 +160,15 @@ ddp::print_command() {
   printf '%s\n' "${quoted% }"
 }
 
-# ddp::launch DRY ARGV... — the seed's line, then the command: printed (DRY=1, --dry-run) or exec'd, so
-# signals reach the launcher directly and no shell is left waiting.
+# ddp::launch DRY ARGV... — "Using N GPUs for training", then the command: printed (DRY=1, --dry-run;
+# returns 0) or exec'd, so signals reach the launcher directly and no shell is left waiting.
 ddp::launch() {
   local dry=$1
   shift
   ddp::announce
   if ((dry)); then
     ddp::print_command "$@"
-    exit 0
+    return 0
   fi
   exec "$@"
 }

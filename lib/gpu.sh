@@ -4,32 +4,40 @@
 # ${NVIDIA_SMI:-nvidia-smi} (wrapped in `timeout`), else CPU mode. Needs lib/log.sh and jq (scenarios).
 # Queries fill globals rather than print, so the hot paths of a sweep fork nothing they can avoid.
 #
-# Settings (environment):
+# Settings (environment; defaults and checks in core.sh):
 #   MAX_UTIL (70)              a GPU whose median utilization is above this is busy
 #   MAX_WAIT (300)             seconds gpu::wait_free waits
-#   MGPU_UTIL_SAMPLES (5)      utilization samples per free check (one NVML reading is noise)
+#   MGPU_UTIL_SAMPLES (5)      utilization samples per free check when one reading is not clear
 #   MGPU_UTIL_WINDOW_MS (1000) ...spread over this window
+#   MGPU_UTIL_MARGIN (20)      a reading this far from MAX_UTIL (either side) is clear: no more samples
 #   MGPU_POLL_MS (5000)        pause between free checks while waiting
 #   MGPU_SMI_TIMEOUT (10)      seconds before a silent nvidia-smi counts as hung
+#   NVIDIA_SMI                 the nvidia-smi to run (a path or a name on PATH); "none": no NVIDIA driver
 
-_GPU_LIB_DIR=${BASH_SOURCE[0]%/*}
-[[ ${BASH_SOURCE[0]} == */* ]] || _GPU_LIB_DIR=.
-[[ $_GPU_LIB_DIR == /* ]] || _GPU_LIB_DIR=$PWD/$_GPU_LIB_DIR
+# shellcheck source=lib/core.sh
+[[ -n ${MGPU_LIB:-} ]] || source "${BASH_SOURCE[0]%/*}/core.sh"
 # shellcheck source=lib/json.sh
-source "$_GPU_LIB_DIR/json.sh"
+source "$MGPU_LIB/json.sh"
 
 # gpu::backend — prints where GPUs come from: scenario | nvidia-smi | cpu
 gpu::backend() {
-  gpu::_backend
+  gpu::_backend || return
   echo "$GPU_BACKEND"
 }
 
-# gpu::_backend — gpu::backend's answer into the global GPU_BACKEND (no subshell).
+# gpu::_backend — gpu::backend's answer into the global GPU_BACKEND (no subshell). An NVIDIA_SMI that
+# names no program is an error (2, logged), not CPU mode: the user asked for that program.
 gpu::_backend() {
   if [[ -n ${MGPU_FAKE_GPUS:-} ]]; then
     GPU_BACKEND=scenario
+  elif [[ ${NVIDIA_SMI:-} == none ]]; then
+    GPU_BACKEND=cpu
   elif command -v "${NVIDIA_SMI:-nvidia-smi}" >/dev/null 2>&1; then
     GPU_BACKEND=nvidia-smi
+  elif [[ -n ${NVIDIA_SMI:-} ]]; then
+    GPU_BACKEND=error
+    log::error "NVIDIA_SMI=$NVIDIA_SMI: no such program (unset it to use nvidia-smi from PATH, or NVIDIA_SMI=none for no GPU)"
+    return 2
   else
     GPU_BACKEND=cpu
   fi
@@ -46,7 +54,7 @@ gpu::query() {
 # gpu::_read — gpu::query's lines into the global GPU_LINES (newline-separated, no trailing newline).
 gpu::_read() {
   GPU_LINES=""
-  gpu::_backend
+  gpu::_backend || return 1
   case $GPU_BACKEND in
     scenario) gpu::_from_scenario "$MGPU_FAKE_GPUS" ;;
     nvidia-smi) gpu::_from_smi "${NVIDIA_SMI:-nvidia-smi}" ;;
@@ -74,7 +82,7 @@ gpu::_from_scenario() {
     { IFS= read -r -d '' cached && IFS= read -r -d '' lines; } <"$cache" || cached=""
   fi
   if [[ -z $cache || $cached != "$text" || -z $cached ]]; then
-    lines=$(json::run MGPU_FAKE_GPUS "$file" "$_GPU_LIB_DIR/scenario.jq") || return 1
+    lines=$(json::run MGPU_FAKE_GPUS "$file" "$MGPU_LIB/scenario.jq") || return 1
     [[ -z $cache ]] || gpu::_cache_write "$cache" "$text" "$lines"
   fi
   GPU_SCENARIO_TEXT=$text GPU_SCENARIO_LINES=$lines GPU_LINES=$lines
@@ -99,7 +107,6 @@ gpu::_cache_write() {
 
 gpu::_from_smi() {
   local smi=$1 limit=${MGPU_SMI_TIMEOUT:-10} out rc=0 line
-  log::require_int MGPU_SMI_TIMEOUT "$limit" 1 || return 1
   out=$(timeout -k 2 "$limit" "$smi" --query-gpu=index,uuid,utilization.gpu,memory.used,memory.total \
     --format=csv,noheader,nounits 2>&1) || rc=$?
   if ((rc == 124 || rc == 137)); then
@@ -121,13 +128,17 @@ gpu::_from_smi() {
   done <<<"$out"
 }
 
-# gpu::_smi_line LINE — one normalized CSV line from nvidia-smi's into GPU_LINE, or fail.
+# gpu::_smi_line LINE — one normalized CSV line from nvidia-smi's into GPU_LINE, or fail. Drivers print
+# any value they cannot give in brackets ([N/A], [Not Supported], [Unknown Error]; unified-memory systems
+# such as GB10 do so for memory): all of them read as NA.
 gpu::_smi_line() {
-  local index uuid util used total extra
+  local index uuid util used total extra field
   IFS=, read -r index uuid util used total extra <<<"${1//[[:space:]]/}"
-  [[ -z $extra && $index =~ ^[0-9]+$ && -n $uuid && $used =~ ^[0-9]+$ && $total =~ ^[0-9]+$ ]] || return 1
-  [[ $util == "[N/A]" || $util == N/A ]] && util=NA
-  [[ $util =~ ^[0-9]+$ || $util == NA ]] || return 1
+  [[ -z $extra && $index =~ ^[0-9]+$ && -n $uuid ]] || return 1
+  for field in util used total; do
+    [[ ${!field} != \[*\] && ${!field} != N/A ]] || printf -v "$field" NA
+    [[ ${!field} =~ ^[0-9]+$ || ${!field} == NA ]] || return 1
+  done
   printf -v GPU_LINE '%s,%s,%s,%s,%s' "$index" "$uuid" "$util" "$used" "$total"
 }
 
@@ -151,23 +162,33 @@ gpu::indices() {
   echo "${out[*]}"
 }
 
-# gpu::sample — MGPU_UTIL_SAMPLES queries over MGPU_UTIL_WINDOW_MS. Fills the globals
-# GPU_UTIL[index] (median utilization, NA if never reported), GPU_MEM_USED[index], GPU_MEM_TOTAL[index].
+# gpu::sample [INDEX...] — read every GPU's utilization and memory into GPU_UTIL[index] (median of the
+# readings, NA if never reported), GPU_MEM_USED[index] and GPU_MEM_TOTAL[index] (NA when not reported).
+# One reading decides when each GPU of interest (INDEX..., default all) is clearly idle or clearly busy:
+# at least MGPU_UTIL_MARGIN points from MAX_UTIL. A reading near MAX_UTIL is noise-prone (NVML averages
+# over 1/6-1 s), so then MGPU_UTIL_SAMPLES readings are taken over MGPU_UTIL_WINDOW_MS. GPU_SAMPLES is
+# how many were taken.
 gpu::sample() {
-  local n=${MGPU_UTIL_SAMPLES:-5} window=${MGPU_UTIL_WINDOW_MS:-1000} i index uuid util used total
-  log::require_int MGPU_UTIL_SAMPLES "$n" 1 100 || return 1
-  log::require_int MGPU_UTIL_WINDOW_MS "$window" 0 || return 1
+  local n=${MGPU_UTIL_SAMPLES:-5} window=${MGPU_UTIL_WINDOW_MS:-1000} margin=${MGPU_UTIL_MARGIN:-20}
+  local max=${MAX_UTIL:-70} i index uuid util used total near
   declare -gA GPU_UTIL=() GPU_MEM_USED=() GPU_MEM_TOTAL=()
   local -A readings=()
   for ((i = 0; i < n; i++)); do
-    ((i == 0)) || sleep "$(gpu::_seconds $((window / (n - 1))))"
+    ((i == 0)) || core::sleep_ms $((window / (n - 1)))
     gpu::_read || return 1
+    near=0
     while IFS=, read -r index uuid util used total; do
       [[ -n $index ]] || continue
       [[ $util == NA ]] || readings[$index]+="$util "
       GPU_MEM_USED[$index]=$used GPU_MEM_TOTAL[$index]=$total
+      if ((i == 0)) && [[ $util != NA ]] && ((util > max - margin && util < max + margin)) &&
+        { (($# == 0)) || [[ " $* " == *" $index "* ]]; }; then
+        near=1
+      fi
     done <<<"$GPU_LINES"
+    ((i > 0 || near)) || break
   done
+  GPU_SAMPLES=$((i < n ? i + 1 : n))
   local values=()
   for index in "${!GPU_MEM_TOTAL[@]}"; do
     read -ra values <<<"${readings[$index]:-}"
@@ -189,22 +210,13 @@ gpu::_median() {
   return 0
 }
 
-# gpu::_seconds MS — milliseconds as a decimal number of seconds, for sleep.
-gpu::_seconds() { printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)); }
-
-# gpu::_now_ms — the clock in milliseconds, into the global GPU_NOW_MS (no subshell).
-gpu::_now_ms() {
-  local t=${EPOCHREALTIME//[!0-9]/}
-  GPU_NOW_MS=$((10#$t / 1000))
-}
-
 # gpu::is_free INDEX [NEED_MIB] — median utilization <= MAX_UTIL and at least NEED_MIB memory free.
 # 0 free; 1 busy (GPU_REASON says why); 2 no such GPU or the query failed (logged).
 gpu::is_free() {
   GPU_REASON=""
   log::require_int MAX_UTIL "${MAX_UTIL:-70}" 0 100 || return 2
   log::require_int "memory need (MiB)" "${2:-0}" 0 || return 2
-  gpu::sample || return 2
+  gpu::sample "$1" || return 2
   gpu::judge "$@"
 }
 
@@ -217,13 +229,19 @@ gpu::judge() {
     GPU_REASON="GPU $index does not exist"
     return 2
   fi
-  free=$((GPU_MEM_TOTAL[$index] - GPU_MEM_USED[$index]))
   if [[ ${GPU_UTIL[$index]} != NA ]] && ((GPU_UTIL[$index] > max)); then
-    GPU_REASON="utilization ${GPU_UTIL[$index]}% (median of ${MGPU_UTIL_SAMPLES:-5} samples) > MAX_UTIL ${max}%"
-  elif ((free < need)); then
+    GPU_REASON="utilization ${GPU_UTIL[$index]}% ($(gpu::_samples_text)) > MAX_UTIL ${max}%"
+  elif ((need > 0)) && [[ ${GPU_MEM_USED[$index]} == NA || ${GPU_MEM_TOTAL[$index]} == NA ]]; then
+    GPU_REASON="its memory use is not reported (the driver says N/A), so ${need} MiB free cannot be checked"
+  elif ((need > 0)) && free=$((GPU_MEM_TOTAL[$index] - GPU_MEM_USED[$index])) && ((free < need)); then
     GPU_REASON="${free} MiB free < ${need} MiB needed"
   fi
   [[ -z $GPU_REASON ]]
+}
+
+# gpu::_samples_text — "median of 5 samples" or "1 sample" (how the last gpu::sample read utilization).
+gpu::_samples_text() {
+  if ((${GPU_SAMPLES:-1} == 1)); then echo "1 sample"; else echo "median of $GPU_SAMPLES samples"; fi
 }
 
 # gpu::wait_free INDEX [NEED_MIB] — wait until the GPU is free, at most MAX_WAIT seconds, logging
@@ -232,13 +250,13 @@ gpu::wait_free() {
   local index=$1 need=${2:-0} max=${MAX_WAIT:-300} poll=${MGPU_POLL_MS:-5000} rc start next_note=0 waited
   log::require_int MAX_WAIT "$max" 0 || return 2
   log::require_int MGPU_POLL_MS "$poll" 1 || return 2
-  gpu::_now_ms
-  start=$GPU_NOW_MS
+  core::now_ms
+  start=$CORE_NOW_MS
   while :; do
     rc=0
     gpu::is_free "$index" "$need" || rc=$?
-    gpu::_now_ms
-    waited=$((GPU_NOW_MS - start))
+    core::now_ms
+    waited=$((CORE_NOW_MS - start))
     GPU_WAITED_S=$((waited / 1000))
     ((rc == 0 || rc == 2)) && return "$rc"
     if ((waited >= max * 1000)); then
@@ -249,6 +267,6 @@ gpu::wait_free() {
       log::info "GPU $index is busy ($GPU_REASON); waited ${GPU_WAITED_S}s of up to ${max}s"
       next_note=$((waited + 30000))
     fi
-    sleep "$(gpu::_seconds $((poll < max * 1000 - waited ? poll : max * 1000 - waited)))"
+    core::sleep_ms $((poll < max * 1000 - waited ? poll : max * 1000 - waited))
   done
 }

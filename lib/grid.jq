@@ -4,9 +4,12 @@
 # newline). No value may hold a newline, so each is one line.
 # Two layouts: a grid {"image_encoders": [...], "text_encoders": [...], "args": {...}}
 #              a list {"defaults": {...}, "configs": [{"name"?, "image_encoder", "text_encoder", ...}]}
-# Faults stop with "<JSON path>: <what is wrong>".
+# Faults stop with "<JSON path>: <what is wrong>". The launcher's own settings (the output folder, and the
+# encoders outside a configuration's own image_encoder/text_encoder) are reserved keys: setting them here
+# would move or rename a run behind the launcher's back.
+include "json";
 
-def fail($path; $msg): error("\($path): \($msg)");
+def reserved: ["output_dir", "output-dir", "image_encoder", "image-encoder", "text_encoder", "text-encoder"];
 
 def scalar_ok: type == "string" or type == "number" or type == "boolean" or type == "null";
 
@@ -15,7 +18,8 @@ def no_newline($path): if type == "string" and test("[\n\r\u0000]") then fail($p
 # key: value pairs -> flags: batch_size: 64 -> --batch-size 64; true -> --flag; false/null -> nothing
 def flags($obj; $path):
   [$obj | to_entries[] | .key as $k | .value as $v
-   | if ($k | test("^[A-Za-z0-9][A-Za-z0-9_.-]*$") | not) then fail("\($path).\($k)"; "is not a usable option name (letters, digits, _ . -)")
+   | if (reserved | index([$k])) then fail("\($path).\($k)"; "is reserved: the launcher sets \(if ($k | test("output")) then "each configuration's output folder (under CKPT_DIR, --ckpt-dir)" else "the encoders from image_encoders/text_encoders or a configuration's image_encoder/text_encoder" end)")
+     elif ($k | test("^[A-Za-z0-9][A-Za-z0-9_.-]*$") | not) then fail("\($path).\($k)"; "is not a usable option name (letters, digits, _ . -)")
      elif ($v | scalar_ok | not) then fail("\($path).\($k)"; "must be a string, number, true, false or null, got \($v | type)")
      else ($v | no_newline("\($path).\($k)"))
      | ("--" + ($k | gsub("_"; "-"))) as $flag
@@ -37,7 +41,8 @@ def need_name($c; $path; $k):
 
 def object_or_empty($path): if . == null then {} elif type == "object" then . else fail($path; "must be an object of option: value") end;
 
-if type != "object" then fail("."; "must be a JSON object: a grid (image_encoders, text_encoders, args) or a list (defaults, configs)")
+one_document
+| if type != "object" then fail("."; "must be a JSON object: a grid (image_encoders, text_encoders, args) or a list (defaults, configs)")
 elif has("configs") then
   (.defaults | object_or_empty(".defaults")) as $defaults
   | if (.configs | type) != "array" or (.configs | length) == 0 then fail(".configs"; "must be a non-empty list of configurations")

@@ -3,18 +3,25 @@
 # grid.jq). Fills CFG_NAME[i], CFG_IMAGE[i], CFG_TEXT[i] and CFG_FLAGS[i] (one flag word per line).
 # Names and values are data: never evaluated, and names keep only [A-Za-z0-9._-].
 
-_GRID_LIB_DIR=${BASH_SOURCE[0]%/*}
-[[ ${BASH_SOURCE[0]} == */* ]] || _GRID_LIB_DIR=.
-[[ $_GRID_LIB_DIR == /* ]] || _GRID_LIB_DIR=$PWD/$_GRID_LIB_DIR
+# shellcheck source=lib/core.sh
+[[ -n ${MGPU_LIB:-} ]] || source "${BASH_SOURCE[0]%/*}/core.sh"
 # shellcheck source=lib/json.sh
-source "$_GRID_LIB_DIR/json.sh"
+source "$MGPU_LIB/json.sh"
+
+GRID_NAME_MAX=120 # a config name names its output folder and, with ~30 more characters, its log files
 
 # grid::safe_name TEXT — TEXT with every character outside [A-Za-z0-9._-] made '_' and no leading dot,
-# so it can never leave the folder it names a file in: "../x" becomes "_._x".
+# so it can never leave the folder it names a file in ("../x" becomes "_._x"), into GRID_NAME. A name
+# longer than GRID_NAME_MAX keeps its start and ends with 8 hex digits of the whole text's SHA-256, so
+# it stays unique and the same from run to run (--resume finds it again).
 grid::safe_name() {
-  local name=${1//[^A-Za-z0-9._-]/_}
+  local name=${1//[^A-Za-z0-9._-]/_} sum
   while [[ $name == .* ]]; do name=_${name#.}; done
-  printf '%s\n' "${name:-_}"
+  if ((${#name} > GRID_NAME_MAX)); then
+    sum=$(printf '%s' "$1" | sha256sum)
+    name=${name:0:GRID_NAME_MAX-9}_${sum:0:8}
+  fi
+  GRID_NAME=${name:-_}
 }
 
 grid::_reset() { CFG_NAME=() CFG_IMAGE=() CFG_TEXT=() CFG_FLAGS=() CFG_WHERE=(); }
@@ -22,7 +29,8 @@ grid::_reset() { CFG_NAME=() CFG_IMAGE=() CFG_TEXT=() CFG_FLAGS=() CFG_WHERE=();
 # grid::_add NAME IMAGE TEXT FLAGS WHERE — append one configuration; a repeated name is an error.
 grid::_add() {
   local name i
-  name=$(grid::safe_name "$1")
+  grid::safe_name "$1"
+  name=$GRID_NAME
   for i in "${!CFG_NAME[@]}"; do
     if [[ ${CFG_NAME[i]} == "$name" ]]; then
       log::error "two configurations are both named '$name' (${CFG_WHERE[i]} and $5): give them different names"
@@ -53,7 +61,7 @@ grid::from_file() {
     log::error "CONFIG_FILE: $file: no such readable file"
     return 1
   fi
-  out=$(json::run CONFIG_FILE "$file" "$_GRID_LIB_DIR/grid.jq") || return 1
+  out=$(json::run CONFIG_FILE "$file" "$MGPU_LIB/grid.jq") || return 1
   mapfile -t lines <<<"$out"
   while ((i + 4 < ${#lines[@]})); do # name, image, text, where, flag count, the flags, "." (grid.jq)
     n=${lines[i + 4]}

@@ -1,13 +1,13 @@
 # shellcheck shell=bash
-# json:: — read a user's JSON file through a validating jq program (scenario.jq, grid.jq). Needs
-# log.sh and jq. Sourced by gpu.sh and grid.sh.
+# json:: — read a user's JSON file through a validating jq program (grid.jq). Needs log.sh and jq.
 
-# json::run SETTING FILE PROGRAM — print what the jq PROGRAM file outputs for FILE. When jq stops, on
-# bad JSON or on the program's error("<JSON path>: <what is wrong>"), log "SETTING: FILE: <reason>"
-# and fail.
+# json::run SETTING FILE PROGRAM — print what the jq PROGRAM file outputs for FILE, which must hold
+# exactly one JSON document (jq reads it slurped: the program gets [document]; json.jq's `one_document`
+# checks that). When jq stops, on bad JSON or on the program's error("<JSON path>: <what is wrong>"), log
+# "SETTING: FILE: <reason>" and fail.
 json::run() {
   local setting=$1 file=$2 program=$3 out
-  if ! out=$(jq -r -f "$program" -- "$file" 2>&1); then
+  if ! out=$(jq -r -s -L "$MGPU_LIB" -f "$program" -- "$file" 2>&1); then
     out=${out#jq: error (at *): }
     [[ $out != *"parse error"* ]] || out="not valid JSON: ${out#*parse error: }"
     log::error "$setting: $file: $out"

@@ -1,70 +1,100 @@
-# shellcheck shell=bash disable=SC2034  # SCHED_EXIT is read by the entry scripts
-# ledger:: — what a sweep did: each job's log file and failure kind, progress lines, one record per job,
-# completion markers for --resume, and the summary (a table on stdout; LOG_DIR/summary_<ts>.json and
-# .tsv). Needs log.sh, gpu.sh (the clock) and jq. Shared by the local engine and the Slurm tasks.
+# shellcheck shell=bash disable=SC2034  # LEDGER_* results are read by sched.sh and slurm.sh
+# ledger:: — formats what sched.sh decided: each job's log file (name and header) and failure kind,
+# progress lines, one record per job, completion markers for --resume, and the summary (a table on
+# stdout; LOG_DIR/summary_<ts>.json and .tsv). It reads the job records (JOB[<i>,<field>]) and never
+# changes them. Needs core.sh, log.sh and jq (only to read a trainer's metrics.json).
 
+declare -A JOB pids # the job records and the running-job table belong to sched.sh; named here for readers
 LEDGER_STARTED="" LEDGER_STARTED_MS=0 LEDGER_TS="" LEDGER_FINISHED=""
-LEDGER_HEADER=$'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog' # the summary's columns (table and .tsv)
+LEDGER_DONE=0 LEDGER_RAN=0 LEDGER_RAN_MS=0 LEDGER_FAILED=0
+declare -a LEDGER_JSON=() LEDGER_ROW=() LEDGER_TSV=()
+# The summary's columns: the table people read, and the .tsv with numbers and words in separate columns.
+LEDGER_HEADER=$'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog'
+LEDGER_TSV_HEADER=$'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tmetric_name\tmetric_value\tlog\tdetail'
 
 ledger::begin() {
   printf -v LEDGER_STARTED '%(%Y-%m-%dT%H:%M:%S%z)T' -1
   printf -v LEDGER_TS '%(%Y%m%d_%H%M%S)T' -1
-  gpu::_now_ms
-  LEDGER_STARTED_MS=$GPU_NOW_MS
+  core::now_ms
+  LEDGER_STARTED_MS=$CORE_NOW_MS
 }
 
 # ledger::event TEXT — one progress line: counts, elapsed, and an ETA from the jobs finished so far.
 ledger::event() {
-  local total=${#JOB_NAME[@]} eta="" ended=$((LEDGER_DONE + ${#SCHED_ENDED[@]}))
-  local left=$((total - ended)) queued=$((total - ended - ${#PID_JOB[@]}))
-  gpu::_now_ms
+  local total=$SCHED_N eta="" ended=$((LEDGER_DONE + ${#SCHED_ENDED[@]}))
+  local left=$((total - ended)) running=${#pids[@]}
+  core::now_ms
   if ((LEDGER_RAN && left)); then
     eta=", ETA ~$(((LEDGER_RAN_MS / LEDGER_RAN) * left / ${#SCHED_SLOTS[@]} / 1000 + 1))s"
   fi
-  local counts="$ended/$total done, ${#PID_JOB[@]} running, $queued queued, $(((GPU_NOW_MS - LEDGER_STARTED_MS) / 1000))s$eta"
+  local counts="$ended/$total done, $running running, $((left - running)) queued, $(((CORE_NOW_MS - LEDGER_STARTED_MS) / 1000))s$eta"
   log::info "[$counts] $*"
   log::status "mgpu: $counts (failed so far: $LEDGER_FAILED)"
 }
-LEDGER_DONE=0 LEDGER_RAN=0 LEDGER_RAN_MS=0 LEDGER_FAILED=0
 
 # ledger::is_done JOB — did an earlier run finish this exact job (same hash) with exit 0?
 ledger::is_done() {
-  [[ -f ${JOB_MARKER[$1]} && $(<"${JOB_MARKER[$1]}") == "${JOB_HASH[$1]}" ]]
+  local marker=${JOB[$1,marker]} line=""
+  [[ -f $marker ]] && read -r line <"$marker" 2>/dev/null
+  [[ -n $line && $line == "${JOB[$1,hash]}" ]]
 }
 
-# A marker cut short by a crash holds no whole hash, so it only makes --resume run the job again.
+# ledger::mark_done JOB — write the completion marker (a marker cut short by a crash holds no whole hash,
+# so it only makes --resume run the job again).
 ledger::mark_done() {
-  local marker=${JOB_MARKER[$1]}
-  [[ -d ${marker%/*} ]] || mkdir -p "${marker%/*}"
-  printf '%s\n' "${JOB_HASH[$1]}" >"$marker"
+  local marker=${JOB[$1,marker]}
+  { [[ -d ${marker%/*} ]] || mkdir -p "${marker%/*}"; } 2>/dev/null && printf '%s\n' "${JOB[$1,hash]}" 2>/dev/null >"$marker"
 }
 
-# ledger::log_path NAME GPU — LEDGER_LOG: a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log, never reused.
+# ledger::log_path NAME GPU — LEDGER_LOG: a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log,
+# never reused. A removed LOG_DIR is made again. 1 with LEDGER_ERROR (the system's words) when the file
+# cannot be made.
 ledger::log_path() {
-  local base n=1 path ts made=0
+  local - base n=1 path ts err # `local -`: the noclobber set below ends with this function
   printf -v ts '%(%Y%m%d_%H%M%S)T' -1
+  [[ -d $LOG_DIR ]] || { mkdir -p -- "$LOG_DIR" 2>/dev/null && log::warn "LOG_DIR $LOG_DIR was gone; made it again"; }
   base=$LOG_DIR/$1_gpu$2_$ts
   path=$base.log
   set -C # noclobber: creating the file fails if it exists, so no two jobs ever share a log
-  until ((made)); do
+  while :; do
     if { : >"$path"; } 2>/dev/null; then
-      made=1
+      LEDGER_LOG=$path
+      return 0
     elif [[ -e $path || -L $path ]]; then
       n=$((n + 1)) path=${base}_$n.log
     else
-      set +C
-      die "cannot create the log file $path (LOG_DIR $LOG_DIR: removed, or not writable?)"
+      err=$({ : >"$path"; } 2>&1) || true
+      LEDGER_ERROR="cannot create its log file $path: ${err##*: }"
+      return 1
     fi
   done
-  set +C
-  LEDGER_LOG=$path
+}
+
+# ledger::header JOB GPU VISIBLE ARGV... — the first lines of a job's log: what ran, where, when, and from
+# which mgpu.
+ledger::header() {
+  local started where="GPU $2"
+  [[ $2 != cpu ]] || where="the CPU"
+  printf -v started '%(%Y-%m-%d %H:%M:%S %z)T' -1
+  printf '# mgpu: %s on %s (CUDA_VISIBLE_DEVICES=%s), host %s, started %s, mgpu %s\n# command:' \
+    "${JOB[$1,name]}" "$where" "$3" "${HOSTNAME:-?}" "$started" "${LEDGER_VERSION:-unknown}"
+  printf ' %q' "${@:4}"
+  printf '\n'
+}
+
+# ledger::version — the mgpu commit and whether the checkout was dirty, into LEDGER_VERSION (once).
+ledger::version() {
+  local commit dirty=""
+  commit=$(git -C "$MGPU_ROOT" rev-parse --short HEAD 2>/dev/null) || { LEDGER_VERSION="(not a git checkout)"; return 0; }
+  [[ -z $(git -C "$MGPU_ROOT" status --porcelain --untracked-files=no 2>/dev/null) ]] || dirty=" (uncommitted changes)"
+  LEDGER_VERSION="commit $commit$dirty"
 }
 
 # ledger::failure_kind LOG STATUS — why a job failed: oom (CUDA out of memory in its log), signal, or error.
 ledger::failure_kind() {
   if grep -q -E 'CUDA out of memory|OutOfMemoryError' "$1" 2>/dev/null; then
     echo oom
-  elif (($2 > 128)); then
+  elif (($2 > 128 && $2 < 160)); then
     echo "signal $(kill -l $(($2 - 128)) 2>/dev/null || echo $(($2 - 128)))"
   else
     echo error
@@ -73,10 +103,13 @@ ledger::failure_kind() {
 
 # ledger::show_tail JOB — the last lines of a failed job's log, so nobody has to go looking.
 ledger::show_tail() {
-  local log=${JOB_LOG[$1]}
-  [[ -s $log ]] || return 0
-  log::error "${JOB_NAME[$1]} failed; the last lines of $log:"
-  tail -n "${MGPU_TAIL_LINES:-15}" "$log" | sed 's/^/    | /' >&2
+  local log=${JOB[$1,log]}
+  if [[ -z $log || ! -s $log ]]; then
+    [[ -z ${JOB[$1,reason]} ]] || log::error "${JOB[$1,name]} failed: ${JOB[$1,reason]}"
+    return 0
+  fi
+  log::error "${JOB[$1,name]} failed; the last lines of $log:"
+  tail -n "$MGPU_TAIL_LINES" "$log" | sed 's/^/    | /' >&2
 }
 
 # ledger::_str TEXT — TEXT as a JSON string (or null when empty) into LEDGER_STR, without a fork.
@@ -87,53 +120,60 @@ ledger::_str() {
   LEDGER_STR="\"${s//[$'\001'-$'\037']/?}\""
 }
 
-# ledger::record JOB — the job's final record, one JSON line built here (jq runs only to read a
-# metrics.json the job wrote), kept by job index for the summary.
+# ledger::record JOB — the job's final record, one JSON line and one table row, kept by job index for
+# the summary. Only a metrics.json this run wrote counts (newer than the file JOB[<i>,since] whose time
+# is the job's start), or, for a config done earlier, the one that run left.
 ledger::record() {
-  local job=$1 metrics=null metric="" file=${JOB_OUT[$1]:+${JOB_OUT[$1]}/metrics.json} out=() key fails="" f
+  local job=$1 metrics=null file=${JOB[$1,out]:+${JOB[$1,out]}/metrics.json} out=() key fails="" f status=${JOB[$1,status]}
+  LEDGER_METRIC_NAME="" LEDGER_METRIC_VALUE=""
   LEDGER_DONE=$((LEDGER_DONE + 1))
-  if [[ ${JOB_STATUS[job]} == succeeded || ${JOB_STATUS[job]} == failed ]]; then
-    LEDGER_RAN=$((LEDGER_RAN + 1)) LEDGER_RAN_MS=$((LEDGER_RAN_MS + JOB_MS[job]))
+  if [[ $status == succeeded || $status == failed ]]; then
+    LEDGER_RAN=$((LEDGER_RAN + 1)) LEDGER_RAN_MS=$((LEDGER_RAN_MS + JOB[$job,ms]))
   fi
-  [[ ${JOB_STATUS[job]} != failed ]] || LEDGER_FAILED=$((LEDGER_FAILED + 1))
-  if [[ -n $file && -f $file ]]; then
-    ledger::_metrics "$file" || log::warn "${JOB_NAME[job]}: $file is not a JSON object; its metrics are left out"
-    metrics=$LEDGER_METRICS metric=$LEDGER_METRIC
+  [[ $status != failed ]] || LEDGER_FAILED=$((LEDGER_FAILED + 1))
+  if [[ -n $file && -f $file ]] && { [[ ${JOB[$job,reason]} == "done earlier (--resume)" ]] ||
+    [[ -n ${JOB[$job,since]} && $file -nt ${JOB[$job,since]} ]]; }; then
+    ledger::_metrics "$file" || log::warn "${JOB[$job,name]}: $file is not a JSON object; its metrics are left out"
+    metrics=$LEDGER_METRICS
   fi
-  for key in name:JOB_NAME image_encoder:JOB_IMAGE text_encoder:JOB_TEXT status:JOB_STATUS failure:JOB_KIND \
-    log:JOB_LOG output_dir:JOB_OUT reason:JOB_REASON config_hash:JOB_HASH; do
-    local -n _field=${key#*:}
-    ledger::_str "${_field[job]}"
+  for key in name:name image_encoder:image text_encoder:text status:status failure:kind detail:detail \
+    log:log output_dir:out reason:reason config_hash:hash; do
+    ledger::_str "${JOB[$job,${key#*:}]}"
     out+=("\"${key%%:*}\": $LEDGER_STR")
   done
   while IFS= read -r f; do
     [[ -z $f ]] || { ledger::_str "$f" && fails+="${fails:+, }$LEDGER_STR"; }
-  done <<<"${JOB_FAILS[job]}"
-  local gpu=${JOB_GPU[job]:-null} fields seconds
-  [[ $gpu != cpu ]] || gpu='"cpu"'
+  done <<<"${JOB[$job,fails]}"
+  local gpu=${JOB[$job,gpu]:-null} fields seconds exit=${JOB[$job,exit]}
+  [[ $gpu =~ ^[0-9]+$|^null$ ]] || { ledger::_str "$gpu" && gpu=$LEDGER_STR; }
   printf -v fields '%s, ' "${out[@]}"
-  printf -v seconds '%d.%d' $((JOB_MS[job] / 1000)) $((JOB_MS[job] % 1000 / 100))
+  printf -v seconds '%d.%d' $((JOB[$job,ms] / 1000)) $((JOB[$job,ms] % 1000 / 100))
   printf -v 'LEDGER_JSON[job]' '{%s, "gpu": %s, "exit_code": %s, "retries": %d, "seconds": %s, "waited_seconds": %d, "failed_attempts": [%s], "metrics": %s}' \
-    "${fields%, }" "$gpu" "${JOB_EXIT[job]:-null}" "${JOB_RETRIES[job]}" "$seconds" "${JOB_WAITED[job]}" "$fails" "$metrics"
-  local exit=${JOB_EXIT[job]:--}
-  [[ -z ${JOB_KIND[job]} ]] || exit="$exit (${JOB_KIND[job]})"
-  printf -v 'LEDGER_ROW[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB_NAME[job]}" "${JOB_GPU[job]:--}" \
-    "${JOB_STATUS[job]}" "$exit" "${JOB_RETRIES[job]}" "$seconds" "${JOB_WAITED[job]}" "$metric" "${JOB_LOG[job]:--}"
+    "${fields%, }" "$gpu" "${exit:-null}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$fails" "$metrics"
+  local shown=${exit:--} metric=""
+  [[ -z ${JOB[$job,kind]} ]] || shown="$shown (${JOB[$job,kind]})"
+  [[ -z $LEDGER_METRIC_NAME ]] || metric="$LEDGER_METRIC_NAME=$LEDGER_METRIC_VALUE"
+  [[ -z ${JOB[$job,detail]} ]] || status="$status (${JOB[$job,detail]})"
+  printf -v 'LEDGER_ROW[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" "${JOB[$job,gpu]:--}" \
+    "$status" "$shown" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$metric" "${JOB[$job,log]:--}"
+  printf -v 'LEDGER_TSV[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" "${JOB[$job,gpu]}" \
+    "${JOB[$job,status]}" "$exit" "${JOB[$job,kind]}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" \
+    "$LEDGER_METRIC_NAME" "$LEDGER_METRIC_VALUE" "${JOB[$job,log]}" "${JOB[$job,detail]}"
 }
-declare -a LEDGER_JSON=() LEDGER_ROW=()
 
-# ledger::_metrics FILE — LEDGER_METRICS (compact JSON) and LEDGER_METRIC ("name=value": the object's
-# "key_metric" entry, else its first number, to 4 decimals) from a trainer's metrics.json; 1 if it is no JSON object.
+# ledger::_metrics FILE — LEDGER_METRICS (compact JSON), LEDGER_METRIC_NAME and LEDGER_METRIC_VALUE (the
+# object's "key_metric" entry, else its first number, to 4 decimals) from a trainer's metrics.json; 1 if
+# it is no JSON object.
 ledger::_metrics() {
-  LEDGER_METRICS=null LEDGER_METRIC=""
+  LEDGER_METRICS=null LEDGER_METRIC_NAME="" LEDGER_METRIC_VALUE=""
   local lines=()
   mapfile -t lines < <(jq -c 'def short: if type == "number" then (. * 10000 + 0.5 | floor) / 10000 else . end;
     if type == "object" then ., (
-      if (.key_metric | type) == "string" and has(.key_metric) then "\(.key_metric)=\(.[.key_metric] | short)"
-      else (to_entries | map(select(.value | type == "number")) | first | if . then "\(.key)=\(.value | short)" else "" end)
+      if (.key_metric | type) == "string" and has(.key_metric) then .key_metric, (.[.key_metric] | short)
+      else (to_entries | map(select(.value | type == "number")) | first | if . then .key, (.value | short) else "", "" end)
       end) else error("not an object") end' "$1" 2>/dev/null)
-  ((${#lines[@]} == 2)) || return 1
-  LEDGER_METRICS=${lines[0]} LEDGER_METRIC=${lines[1]//\"/}
+  ((${#lines[@]} == 3)) || return 1
+  LEDGER_METRICS=${lines[0]} LEDGER_METRIC_NAME=${lines[1]//\"/} LEDGER_METRIC_VALUE=${lines[2]//\"/}
 }
 
 # ledger::_table ROW... — tab-separated rows as a table, each column as wide as its widest cell. Rows
@@ -155,30 +195,27 @@ ledger::_table() {
   done
 }
 
-# ledger::finish — write LOG_DIR/summary_<ts>.json and .tsv, print the table, and set SCHED_EXIT.
+# ledger::finish — write LOG_DIR/summary_<ts>.json and .tsv and print the table. Every job of the sweep
+# is in it: those that never started say so.
 ledger::finish() {
   local json=$LOG_DIR/summary_$LEDGER_TS.json tsv=$LOG_DIR/summary_$LEDGER_TS.tsv job finished configs
   local -A n=([succeeded]=0 [failed]=0 [skipped]=0 [interrupted]=0)
-  local bad=0
   LEDGER_FINISHED=1
-  for job in "${!JOB_NAME[@]}"; do
-    [[ -n ${LEDGER_JSON[job]:-} ]] || continue
-    n[${JOB_STATUS[job]}]=$((n[${JOB_STATUS[job]}] + 1))
-    [[ ${JOB_STATUS[job]} == succeeded || ${JOB_REASON[job]} == "done earlier (--resume)" ]] || bad=1
+  for ((job = 0; job < SCHED_N; job++)); do
+    [[ -n ${LEDGER_JSON[job]:-} ]] || ledger::record "$job"
+    n[${JOB[$job,status]}]=$((${n[${JOB[$job,status]}]:-0} + 1))
   done
   printf -v finished '%(%Y-%m-%dT%H:%M:%S%z)T' -1
   configs=""
   ((${#LEDGER_JSON[@]} == 0)) || printf -v configs '  %s,\n' "${LEDGER_JSON[@]}"
-  printf '{"started": "%s", "finished": "%s", "succeeded": %d, "failed": %d, "skipped": %d, "interrupted": %d,\n "configs": [\n%s\n]}\n' \
+  [[ -d $LOG_DIR ]] || mkdir -p -- "$LOG_DIR" 2>/dev/null || true
+  if ! { printf '{"started": "%s", "finished": "%s", "succeeded": %d, "failed": %d, "skipped": %d, "interrupted": %d,\n "configs": [\n%s\n]}\n' \
     "$LEDGER_STARTED" "$finished" "${n[succeeded]}" "${n[failed]}" "${n[skipped]}" "${n[interrupted]}" \
-    "${configs%,$'\n'}" >"$json"
-  printf '%s\n' "$LEDGER_HEADER" "${LEDGER_ROW[@]}" >"$tsv"
+    "${configs%,$'\n'}" >"$json" && printf '%s\n' "$LEDGER_TSV_HEADER" "${LEDGER_TSV[@]}" >"$tsv"; } 2>/dev/null; then
+    log::error "cannot write the summary in LOG_DIR $LOG_DIR (removed, full or not writable?); the table below is all there is"
+    json="(not written)"
+  fi
   log::status ""
   ledger::_table "$LEDGER_HEADER" "${LEDGER_ROW[@]}"
   log::info "summary: ${n[succeeded]} succeeded, ${n[failed]} failed, ${n[skipped]} skipped, ${n[interrupted]} interrupted; $json"
-  case $SCHED_STOP in
-    INT) SCHED_EXIT=130 ;;
-    TERM) SCHED_EXIT=143 ;;
-    *) SCHED_EXIT=$bad ;;
-  esac
 }

@@ -2,7 +2,7 @@
 #   index,uuid,utilization,memory_used_mib,memory_total_mib      (utilization NA when null)
 # Faults stop with "<JSON path>: <what is wrong>"; py/mgpu/gpus.py applies the same rules.
 
-def fail($path; $msg): error("\($path): \($msg)");
+include "json";
 
 def is_int: type == "number" and . == floor;
 
@@ -18,6 +18,7 @@ def need_int($o; $p; $k; $lo; $hi; $nullable):
 
 def need_str($o; $p; $k):
   if ($o | has($k) | not) then fail($p; "missing key \"\($k)\"")
+  elif ($o[$k] | type) == "string" and ($o[$k] | test("[,\u0000-\u001f\u007f]")) then fail("\($p).\($k)"; "must not contain a comma or a control character, got \($o[$k] | tojson)")
   elif ($o[$k] | type) == "string" and $o[$k] != "" then $o[$k]
   else fail("\($p).\($k)"; "must be a non-empty string, got \($o[$k] | tojson)")
   end;
@@ -53,7 +54,8 @@ def unique_key($k):
   [.gpus[][$k]] | (map(tostring) | group_by(.) | map(select(length > 1) | .[0])) as $dupes
   | if ($dupes | length) > 0 then fail(".gpus[].\($k)"; "must be unique, repeated: \($dupes | join(", "))") else empty end;
 
-if type != "object" then fail("."; "the top level must be a JSON object with a \"gpus\" list")
+one_document
+| if type != "object" then fail("."; "the top level must be a JSON object with a \"gpus\" list")
 elif (.gpus | type) != "array" then fail(".gpus"; "must be a list of GPUs")
 else
   (if has("driver_version") then need_str(.; "."; "driver_version") | empty else empty end),

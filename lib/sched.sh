@@ -1,335 +1,357 @@
-# shellcheck shell=bash disable=SC2034  # state shared with ledger.sh, sweep.sh and the entry scripts
-# sched:: — run queued jobs on GPU slots, at most JOBS_PER_GPU a GPU across every launcher on the
-# machine: flock leases, each job in its own process group, `wait -n` (no polling for job ends),
-# waits for busy GPUs, retries, and clean stops. Records go through ledger.sh. Needs log.sh, gpu.sh,
-# lease.sh.
+# shellcheck shell=bash disable=SC2034  # job records and results are read by ledger.sh, sweep.sh, slurm.sh
+# sched:: — the one owner of job state. Runs queued jobs on GPU slots, at most JOBS_PER_GPU a GPU across
+# every launcher on the machine (lease.sh), each job in its own process group, `wait -n` for job ends,
+# waits for busy GPUs and held slots (bounded by MAX_WAIT), retries, and stops that lose nothing.
 #
-# The entry script sets, then calls sched::init, sched::add for each job, and sched::run:
-#   SCHED_SLOTS=(0:0 1:0 0:1 1:1)  GPU:slot pairs in launch-preference order (cpu:N in CPU mode)
-#   MAX_UTIL MAX_WAIT ON_TIMEOUT(run|skip|fail) RETRIES GRACE MGPU_LOCK_DIR MGPU_RETRY_BACKOFF_MS
+# A job's record is JOB[<i>,<field>], created by sched::add and changed only here (sched::set is the one
+# door for the Slurm backend). Fields: name image text out marker hash (given); status (queued running
+# succeeded failed skipped interrupted) exit kind (failure kind) detail retries gpu log pid start_ms ms
+# waited reason ready_at avoid fails wait_since next_note since (a file whose time is the job's start).
+# The running jobs are the `pids` table (config name -> pid), which the wait loop and the stop path read.
+# Each job is a fork of the launcher that runs the command, then records its own end (exit status, and
+# the completion marker when it succeeded): work that finishes after the launcher died is never redone.
+#
+# Entry scripts set SCHED_SLOTS=(0:0 1:0 0:1 1:1) (GPU:slot, in launch-preference order; cpu:N without
+# GPU), then call sched::init, sched::add for each job, and sched::run; SCHED_EXIT is the exit status.
+# Settings: MAX_UTIL MAX_WAIT ON_TIMEOUT(run|skip|fail) RETRIES GRACE, and core.sh's MGPU_* tuning.
 
-declare -A pids=()                  # config name -> pid of its running job (the seed's `declare -A pids`)
-declare -a SCHED_SLOTS=() SCHED_QUEUE=()
-declare -A GPU_WAITED_MS=() GPU_OURS_UNTIL=() SLOT_PID=() PID_JOB=() PID_SLOT=() GPU_BUSY_SINCE=() GPU_NEXT_CHECK=() GPU_NEXT_NOTE=()
-declare -a JOB_NAME=() JOB_IMAGE=() JOB_TEXT=() JOB_OUT=() JOB_MARKER=() JOB_HASH=()
-declare -a JOB_STATUS=() JOB_EXIT=() JOB_KIND=() JOB_RETRIES=() JOB_GPU=() JOB_LOG=() JOB_REASON=()
-declare -a JOB_START_MS=() JOB_MS=() JOB_WAITED=() JOB_READY_AT=() JOB_AVOID=() JOB_FAILS=()
-SCHED_STATE="" SCHED_STOP="" SCHED_TIMER="" SCHED_SAMPLE_MS=0
+# shellcheck source=lib/core.sh
+[[ -n ${MGPU_LIB:-} ]] || source "${BASH_SOURCE[0]%/*}/core.sh"
+# shellcheck source=lib/gpu.sh
+source "$MGPU_LIB/gpu.sh"
+# shellcheck source=lib/lease.sh
+source "$MGPU_LIB/lease.sh"
+# shellcheck source=lib/ledger.sh
+source "$MGPU_LIB/ledger.sh"
+# shellcheck source=lib/sched_wait.sh
+source "$MGPU_LIB/sched_wait.sh"
 
+declare -A pids=()        # config name -> pid of its running job: the table of running jobs
+declare -A JOB=()         # the job records (see above)
+declare -A SCHED_BY_NAME=() SLOT_JOB=()
+declare -a SCHED_SLOTS=() SCHED_QUEUE=() SCHED_ENDED=() SCHED_ARGV=()
+SCHED_N=0 SCHED_RUNNING="" SCHED_STATE="" SCHED_STOP="" SCHED_AGAIN="" SCHED_TIMER="" SCHED_EXIT=0 SCHED_THREADS=1
+
+# sched::init — the launcher's private folder (argv files, the jobs' end records), removed on every exit
+# path by the EXIT trap set here; folders left by launchers that were killed are removed too.
 sched::init() {
-  SCHED_STATE=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-sched.XXXXXX")
+  local dir pid
+  for dir in "${TMPDIR:-/tmp}"/mgpu-sched.*.*; do
+    pid=${dir#*/mgpu-sched.} pid=${pid%%.*}
+    [[ -O $dir && $pid =~ ^[0-9]+$ && ! -e /proc/$pid ]] && rm -rf -- "$dir"
+  done
+  SCHED_STATE=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-sched.$$.XXXXXX") || return 1
+  trap 'sched::_on_exit' EXIT
+  core::sleep_fd "$SCHED_STATE" || true
   ledger::begin
+  ledger::version
 }
 
-# sched::add NAME IMAGE TEXT OUTPUT_DIR MARKER -- ARGV... — queue one job. The job's hash (its exact
-# argv) decides --resume.
+# sched::add NAME IMAGE TEXT OUTPUT_DIR MARKER -- ARGV... — queue one job; its hash (of its exact argv)
+# decides --resume.
 sched::add() {
-  local i=${#JOB_NAME[@]}
-  JOB_NAME[i]=$1 JOB_IMAGE[i]=$2 JOB_TEXT[i]=$3 JOB_OUT[i]=$4 JOB_MARKER[i]=$5
+  sched::new "$1" "$2" "$3" "$4" "$5"
   shift 6
-  printf '%s\0' "$@" >"$SCHED_STATE/job$i.argv"
-  JOB_HASH[i]=""
-  JOB_STATUS[i]=queued JOB_RETRIES[i]=0 JOB_WAITED[i]=0 JOB_READY_AT[i]=0 JOB_AVOID[i]="" JOB_EXIT[i]="" JOB_FAILS[i]=""
-  JOB_KIND[i]="" JOB_GPU[i]="" JOB_LOG[i]="" JOB_MS[i]=0 JOB_REASON[i]=""
-  SCHED_QUEUE+=("$i")
+  printf '%s\0' "$@" >"$SCHED_STATE/job$SCHED_NEW.argv"
+  SCHED_QUEUE+=("$SCHED_NEW")
+}
+
+# sched::new NAME IMAGE TEXT OUTPUT_DIR MARKER — a new record (index SCHED_NEW), status queued.
+sched::new() {
+  local i=$SCHED_N field
+  SCHED_N=$((i + 1)) SCHED_NEW=$i SCHED_BY_NAME[$1]=$i
+  JOB[$i,name]=$1 JOB[$i,image]=$2 JOB[$i,text]=$3 JOB[$i,out]=$4 JOB[$i,marker]=$5
+  for field in hash exit kind detail gpu log pid slot since reason avoid fails wait_since; do JOB[$i,$field]=""; done
+  JOB[$i,status]=queued JOB[$i,retries]=0 JOB[$i,waited]=0 JOB[$i,ready_at]=0 JOB[$i,ms]=0 JOB[$i,start_ms]=0
+}
+
+# sched::reset — no jobs (the Slurm backend rebuilds its records from the tasks' files at every look).
+sched::reset() {
+  JOB=() SCHED_BY_NAME=() SCHED_QUEUE=() SCHED_ENDED=() LEDGER_JSON=() LEDGER_ROW=() LEDGER_TSV=()
+  SCHED_N=0 LEDGER_DONE=0 LEDGER_RAN=0 LEDGER_RAN_MS=0 LEDGER_FAILED=0
+}
+
+# sched::set JOB FIELD=VALUE... — change a record from outside this file (the Slurm backend's collect).
+sched::set() {
+  local job=$1 pair
+  shift
+  for pair in "$@"; do JOB[$job,${pair%%=*}]=${pair#*=}; done
 }
 
 # sched::hash_jobs — every job's hash (of its exact argv), in one sha256sum call.
 sched::hash_jobs() {
   local sum file job
-  ((${#JOB_NAME[@]})) && [[ -z ${JOB_HASH[0]} ]] || return 0
+  ((SCHED_N)) && [[ -z ${JOB[0,hash]} ]] || return 0
   while read -r sum file; do
     job=${file#job}
-    JOB_HASH[${job%.argv}]=$sum
+    JOB[${job%.argv},hash]=$sum
   done < <(cd "$SCHED_STATE" && sha256sum -- job*.argv)
 }
 
 # sched::argv JOB — the job's argv into the global array SCHED_ARGV.
 sched::argv() { mapfile -d '' -t SCHED_ARGV <"$SCHED_STATE/job$1.argv"; }
 
-# ---------------------------------------------------------------- GPU load
-
-# sched::_gpu_state GPU NOW_MS — SCHED_GPU_STATE becomes ready, wait or expired (busy past MAX_WAIT).
-sched::_gpu_state() {
-  local gpu=$1 now=$2 rc=0
-  SCHED_GPU_STATE=ready
-  [[ $gpu == cpu || ${MAX_UTIL:-70} == 100 ]] && return 0
-  # Load on a GPU that runs, or ran 2 s ago, one of our jobs is ours: other slots may use it.
-  [[ -n ${GPU_OURS_UNTIL[$gpu]:-} ]] && ((GPU_OURS_UNTIL[$gpu] > now)) && return 0
-  if [[ -n ${GPU_BUSY_SINCE[$gpu]:-} ]] && ((now < GPU_NEXT_CHECK[$gpu])); then
-    SCHED_GPU_STATE="wait"
-  else
-    if ((!SCHED_SAMPLED)); then
-      gpu::sample 2>/dev/null && SCHED_SAMPLED=1 || SCHED_SAMPLED=-1
-      SCHED_SAMPLE_MS=$now
-    fi
-    if ((SCHED_SAMPLED == 1)); then gpu::judge "$gpu" || rc=$?; else rc=2; fi
-    gpu::_now_ms
-    now=$GPU_NOW_MS
-    if ((rc == 0)); then
-      [[ -z ${GPU_BUSY_SINCE[$gpu]:-} ]] || GPU_WAITED_MS[$gpu]=$((now - GPU_BUSY_SINCE[$gpu]))
-      unset "GPU_BUSY_SINCE[$gpu]"
-      return 0
-    fi
-    ((rc == 1)) || GPU_REASON="its load cannot be read right now"
-    if [[ -z ${GPU_BUSY_SINCE[$gpu]:-} ]]; then
-      GPU_BUSY_SINCE[$gpu]=$now GPU_NEXT_NOTE[$gpu]=0
-      SCHED_WHY[$gpu]=$GPU_REASON
-    fi
-    GPU_NEXT_CHECK[$gpu]=$((now + ${MGPU_POLL_MS:-5000}))
-    SCHED_GPU_STATE="wait"
-  fi
-  local waited=$((now - GPU_BUSY_SINCE[$gpu]))
-  if ((waited >= ${MAX_WAIT:-300} * 1000)); then
-    SCHED_GPU_STATE=expired
-  elif ((waited >= GPU_NEXT_NOTE[$gpu])); then
-    log::info "GPU $gpu is busy (${SCHED_WHY[$gpu]}); waited $((waited / 1000))s of up to ${MAX_WAIT:-300}s"
-    GPU_NEXT_NOTE[$gpu]=$((waited + 30000))
-  fi
-}
-declare -A SCHED_WHY=()
-
-# ---------------------------------------------------------------- choosing a slot
-
-# sched::_pick JOB NOW_MS — SCHED_PICK becomes a free, leased, ready slot index (lease in LEASE_FD),
-# or "" with SCHED_PICK_WHY = full | wait. A slot on an expired GPU is taken with SCHED_PICK_EXPIRED=1.
-sched::_pick() {
-  local job=$1 now=$2 pass s gpu slot
-  SCHED_PICK="" SCHED_PICK_WHY=full SCHED_PICK_EXPIRED=0
-  for pass in prefer any; do
-    for s in "${!SCHED_SLOTS[@]}"; do
-      [[ -z ${SLOT_PID[$s]:-} ]] || continue
-      gpu=${SCHED_SLOTS[s]%%:*} slot=${SCHED_SLOTS[s]#*:}
-      [[ $pass == any || $gpu != "${JOB_AVOID[job]}" ]] || continue
-      sched::_gpu_state "$gpu" "$now"
-      if [[ $SCHED_GPU_STATE == wait ]]; then
-        SCHED_PICK_WHY="wait"
-        continue
-      fi
-      lease::take "$gpu" "$slot" || { SCHED_PICK_WHY="wait"; continue; }
-      SCHED_PICK=$s
-      [[ $SCHED_GPU_STATE == expired ]] && SCHED_PICK_EXPIRED=1
-      return 0
-    done
-  done
+# sched::mark JOB STATUS [REASON] — a job that will not run (skipped, or failed before it started) is
+# recorded as such now.
+sched::mark() {
+  JOB[$1,status]=$2
+  [[ -z ${3:-} ]] || JOB[$1,reason]=$3
+  ledger::record "$1"
 }
 
 # ---------------------------------------------------------------- launching
 
+# sched::_prepare JOB GPU — what must exist before the job's process starts: a new log file, its output
+# folder, its marker's folder, and the open lock file of its folder (SCHED_DIR_LOCK, SCHED_DIR_FD). 1 with
+# SCHED_CAUSE (the true cause, e.g. "File name too long") when the job cannot start; the log says it too.
+sched::_prepare() {
+  local job=$1 out=${JOB[$1,out]} marker=${JOB[$1,marker]} err
+  SCHED_CAUSE="" SCHED_DIR_FD="" LEDGER_LOG=""
+  if ! ledger::log_path "${JOB[$job,name]}" "$2"; then
+    SCHED_CAUSE=$LEDGER_ERROR
+    return 1
+  fi
+  if [[ -n $out && ! -d $out ]] && ! err=$(mkdir -p -- "$out" 2>&1); then
+    SCHED_CAUSE="cannot make its output folder: ${err##*: }"
+  elif [[ ! -d ${marker%/*} ]] && ! err=$(mkdir -p -- "${marker%/*}" 2>&1); then
+    SCHED_CAUSE="cannot make the folder of its completion marker: ${err##*: }"
+  else
+    SCHED_DIR_LOCK=${out:+$out/.mgpu.lock}
+    [[ -n $out ]] || SCHED_DIR_LOCK=$marker.lock
+    if lease::_open "$SCHED_DIR_LOCK" "the lock of ${JOB[$job,name]}" 2>/dev/null; then
+      SCHED_DIR_FD=$LEASE_OPEN_FD
+      return 0
+    fi
+    SCHED_CAUSE="its lock file $SCHED_DIR_LOCK is not a regular file or cannot be made"
+  fi
+  printf 'mgpu: %s could not start: %s\n' "${JOB[$job,name]}" "$SCHED_CAUSE" 2>/dev/null >>"$LEDGER_LOG"
+  return 1
+}
+
+# sched::_launch JOB SLOT — start the job on the slot (its lease, if taken, is in LEASE_FD).
 sched::_launch() {
   local job=$1 s=$2 gpu=${SCHED_SLOTS[$2]%%:*} pid visible
   visible=$gpu
-  [[ $gpu == cpu ]] && visible=""
-  ledger::log_path "${JOB_NAME[job]}" "$gpu"
+  [[ $gpu != cpu ]] || visible=""
+  if ! sched::_prepare "$job" "$gpu"; then
+    [[ -z $LEASE_FD ]] || exec {LEASE_FD}<&-
+    LEASE_FD=""
+    JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]=$SCHED_CAUSE JOB[$job,gpu]=$gpu
+    JOB[$job,log]=$LEDGER_LOG
+    SCHED_ENDED+=("$job")
+    log::error "${JOB[$job,name]} could not start: $SCHED_CAUSE"
+    return 0
+  fi
   sched::argv "$job"
-  [[ -z ${JOB_OUT[job]} || -d ${JOB_OUT[job]} ]] || mkdir -p -- "${JOB_OUT[job]}"
-  # Job control on for this one fork: the job leads its own process group (its pid is the group id), so
-  # stopping it reaches every process it started; and, unlike `setsid`, no program is run to do it.
+  JOB[$job,since]=$SCHED_STATE/job$job.start
+  : >"${JOB[$job,since]}" # its time is the job's start: only a metrics.json newer than it is this run's
+  # Job control on for this one fork: the job leads its own process group (its pid is the group id), so a
+  # stop reaches every process it started, and SIGINT is not ignored in it as in plain `&` jobs.
   set -m
-  CUDA_VISIBLE_DEVICES=$visible CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB_NAME[job]} MGPU_GPU=$gpu \
-    OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >"$LEDGER_LOG" 2>&1 &
+  sched::_job "$job" "$visible" "$gpu" &
   pid=$!
   set +m
-  exec {LEASE_FD}<&-
-  SLOT_PID[$s]=$pid PID_JOB[$pid]=$job PID_SLOT[$pid]=$s pids[${JOB_NAME[job]}]=$pid
-  JOB_STATUS[job]=running JOB_GPU[job]=$gpu JOB_LOG[job]=$LEDGER_LOG
-  gpu::_now_ms
-  JOB_START_MS[job]=$GPU_NOW_MS
+  [[ -z $LEASE_FD ]] || exec {LEASE_FD}<&-
+  exec {SCHED_DIR_FD}<&-
+  LEASE_FD=""
+  SLOT_JOB[$s]=$job pids[${JOB[$job,name]}]=$pid
+  core::now_ms
+  JOB[$job,pid]=$pid JOB[$job,slot]=$s JOB[$job,status]=running JOB[$job,gpu]=$gpu JOB[$job,log]=$LEDGER_LOG
+  JOB[$job,start_ms]=$CORE_NOW_MS
   GPU_OURS_UNTIL[$gpu]=9999999999999
   local where="GPU $gpu"
   [[ $gpu != cpu ]] || where="the CPU"
-  ledger::event "started ${JOB_NAME[job]} on $where (log $LEDGER_LOG)"
+  ledger::event "started ${JOB[$job,name]} on $where (log $LEDGER_LOG)"
 }
+
+# sched::_job JOB VISIBLE GPU — the job's own process: a fork of the launcher, leader of its process group.
+# It takes the slot's lease (another launcher may have it: then it ends at once, saying so) and the lock
+# of the job's folder for the whole run (another run of it: "running elsewhere"), runs the command, and
+# writes the completion marker (on success) and its end record itself. TERM and INT are
+# trapped, not ignored: the command keeps their default, and this process outlives it to record its end.
+sched::_job() {
+  local job=$1 rc=0 end=$SCHED_STATE/job$1.end
+  set +eEm
+  trap - ERR EXIT
+  trap : INT TERM
+  if [[ -n $LEASE_FD ]]; then lease::lock "$LEASE_FD" "$SCHED_LEASE_FILE" || rc=$?; fi
+  if ((rc == 0)); then
+    lease::lock "$SCHED_DIR_FD" "$SCHED_DIR_LOCK" || rc=$?
+    ((rc != 1)) || rc=76 # held: the folder's lock this time, not the slot's
+  fi
+  if ((rc)); then
+    local note="stopped before it started"
+    ((rc != 1)) || note="slot held by $LEASE_HOLDER"
+    ((rc != 76)) || note="running elsewhere ($LEASE_HOLDER)"
+    printf '%s\t%s\t%s\n' "$rc" "${EPOCHREALTIME/./}" "$note" >"$end"
+    exit "$rc"
+  fi
+  ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
+  CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
+    OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >>"$LEDGER_LOG" 2>&1
+  rc=$?
+  ((rc)) || printf '%s\n' "${JOB[$job,hash]}" 2>/dev/null >"${JOB[$job,marker]}"
+  printf '%s\t%s\t\n' "$rc" "${EPOCHREALTIME/./}" 2>/dev/null >"$end"
+  exit "$rc"
+}
+
+# ---------------------------------------------------------------- filling slots
 
 # sched::_fill — start every queued job that can start now; arm a timer when some must wait.
 sched::_fill() {
-  local i job rest=() need_timer=0 waited
-  gpu::_now_ms
-  local now=$GPU_NOW_MS
-  # One sample of all GPUs serves every decision of this fill, and of later fills for 500 ms.
-  SCHED_SAMPLED=$((now - SCHED_SAMPLE_MS < 500 ? 1 : 0))
+  local i job rest=() need_timer=0
+  core::now_ms
+  local now=$CORE_NOW_MS
+  SCHED_SAMPLED=$((now - SCHED_SAMPLE_MS < 500 ? 1 : 0)) # one GPU sample serves fills for 500 ms
   for i in "${!SCHED_QUEUE[@]}"; do
     job=${SCHED_QUEUE[i]}
-    if ((JOB_READY_AT[job] > now)); then
+    if ((JOB[$job,ready_at] > now)); then
       rest+=("$job") need_timer=1
       continue
     fi
     sched::_pick "$job" "$now"
-    if [[ -z $SCHED_PICK ]]; then
+    if [[ -n $SCHED_PICK ]]; then
+      sched::_started_after_wait "$job" "$now"
+      sched::_launch "$job" "$SCHED_PICK"
+    elif [[ $SCHED_PICK_WHY == wait ]] && sched::_waits "$job" "$now"; then
+      sched::_expired "$job" || continue # recorded as skipped or failed: the next job may go
+      sched::_launch "$job" "$SCHED_PICK"
+    elif [[ $SCHED_PICK_WHY == broken ]]; then
+      JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]="no usable GPU slot (see the errors above)"
+      SCHED_ENDED+=("$job")
+    else
       rest+=("${SCHED_QUEUE[@]:i}")
-      [[ $SCHED_PICK_WHY == wait ]] && need_timer=1
+      [[ $SCHED_PICK_WHY == full ]] || need_timer=1
       break
     fi
-    local gpu=${SCHED_SLOTS[SCHED_PICK]%%:*}
-    if [[ -n ${GPU_WAITED_MS[$gpu]:-} ]]; then
-      JOB_WAITED[job]=$((GPU_WAITED_MS[$gpu] / 1000)) JOB_REASON[job]="waited for GPU $gpu: ${SCHED_WHY[$gpu]}"
-      unset "GPU_WAITED_MS[$gpu]"
-    fi
-    if ((SCHED_PICK_EXPIRED)); then
-      gpu::_now_ms
-      waited=$(((GPU_NOW_MS - GPU_BUSY_SINCE[$gpu]) / 1000))
-      JOB_WAITED[job]=$waited JOB_REASON[job]="GPU $gpu busy after ${waited}s: ${SCHED_WHY[$gpu]}"
-      unset "GPU_BUSY_SINCE[$gpu]"
-      if [[ $ON_TIMEOUT != run ]]; then
-        exec {LEASE_FD}<&-
-        JOB_STATUS[job]=$([[ $ON_TIMEOUT == skip ]] && echo skipped || echo failed)
-        ledger::record "$job"
-        ledger::event "${JOB_STATUS[job]} ${JOB_NAME[job]}: ${JOB_REASON[job]} (--on-timeout $ON_TIMEOUT)"
-        continue
-      fi
-      log::warn "GPU $gpu still busy after MAX_WAIT ${MAX_WAIT}s; starting ${JOB_NAME[job]} there anyway (--on-timeout run)"
-    fi
-    sched::_launch "$job" "$SCHED_PICK"
   done
   SCHED_QUEUE=("${rest[@]}")
   if ((need_timer)) && [[ -z $SCHED_TIMER ]]; then
-    sleep "$(gpu::_seconds "${MGPU_TICK_MS:-200}")" &
+    core::seconds "$MGPU_TICK_MS"
+    sleep "$CORE_SECONDS" &
     SCHED_TIMER=$!
   fi
 }
 
-# ---------------------------------------------------------------- finishing
+# ---------------------------------------------------------------- ending
 
-# sched::_finish PID STATUS — a job ended: free its slot, and queue it again (retry) or leave it to
-# sched::_settle, which records it once the freed slot has its next job.
-sched::_finish() {
-  local pid=$1 rc=$2 job=${PID_JOB[$1]} s=${PID_SLOT[$1]}
-  local gpu=${SCHED_SLOTS[s]%%:*} still=0 other
-  unset "PID_JOB[$pid]" "PID_SLOT[$pid]" "SLOT_PID[$s]" "pids[${JOB_NAME[job]}]"
-  for other in "${!SLOT_PID[@]}"; do [[ ${SCHED_SLOTS[other]%%:*} == "$gpu" ]] && still=1; done
-  gpu::_now_ms
-  ((still)) || GPU_OURS_UNTIL[$gpu]=$((GPU_NOW_MS + 2000))
-  JOB_EXIT[job]=$rc JOB_MS[job]=$((GPU_NOW_MS - JOB_START_MS[job]))
-  if [[ -n $SCHED_STOP ]]; then
-    JOB_STATUS[job]=interrupted
+# sched::_ended PID STATUS — a job's process ended: free its slot, then queue it again (retry) or leave
+# it to sched::_settle, which records it once the freed slot has its next job.
+sched::_ended() {
+  local pid=$1 rc=$2 name job s gpu other still=0 end=() note=""
+  for name in "${!pids[@]}"; do [[ ${pids[$name]} != "$pid" ]] || break; done
+  job=${SCHED_BY_NAME[$name]} s=${JOB[$job,slot]} gpu=${JOB[$job,gpu]}
+  unset "pids[$name]" "SLOT_JOB[$s]"
+  for other in "${SLOT_JOB[@]}"; do [[ ${JOB[$other,gpu]} != "$gpu" ]] || still=1; done
+  core::now_ms
+  ((still)) || GPU_OURS_UNTIL[$gpu]=$((CORE_NOW_MS + 2000))
+  # The job's own end record knows what bash may have lost (a job reaped while bash printed "Killed").
+  [[ ! -f $SCHED_STATE/job$job.end ]] || IFS=$'\t' read -r -a end <"$SCHED_STATE/job$job.end" || true
+  if ((rc == 127)) && ((${#end[@]})); then rc=${end[0]}; fi
+  note=${end[2]:-}
+  : >"$SCHED_STATE/job$job.end" # read once: a retry's record is its own
+  JOB[$job,exit]=$rc JOB[$job,ms]=$((CORE_NOW_MS - JOB[$job,start_ms])) JOB[$job,pid]=""
+  if [[ $note == "slot held by "* ]]; then
+    sched::_held "$job" "$s" "${note#slot held by }"
+    return 0
+  elif [[ $note == "running elsewhere"* ]]; then
+    JOB[$job,status]=skipped JOB[$job,reason]=$note JOB[$job,exit]=""
+    rm -f -- "${JOB[$job,log]}"
+    JOB[$job,log]=""
+  elif [[ -n $SCHED_STOP ]]; then
+    JOB[$job,status]=interrupted
+    [[ $note != "stopped before it started" ]] || JOB[$job,detail]=$note
+    sched::_stop_detail "$job" "$rc"
   elif ((rc == 0)); then
-    JOB_STATUS[job]=succeeded JOB_KIND[job]=""
+    JOB[$job,status]=succeeded JOB[$job,kind]=""
   else
-    JOB_KIND[job]=$(ledger::failure_kind "${JOB_LOG[job]}" "$rc")
-    JOB_FAILS[job]+="${JOB_KIND[job]} on GPU $gpu"$'\n'
-    if ((JOB_RETRIES[job] < RETRIES)); then
-      JOB_RETRIES[job]=$((JOB_RETRIES[job] + 1))
-      JOB_AVOID[job]=$gpu JOB_STATUS[job]=queued
-      JOB_READY_AT[job]=$((GPU_NOW_MS + ${MGPU_RETRY_BACKOFF_MS:-5000} * (1 << (JOB_RETRIES[job] - 1))))
+    JOB[$job,kind]=$(ledger::failure_kind "${JOB[$job,log]}" "$rc")
+    JOB[$job,fails]+="${JOB[$job,kind]} on GPU $gpu"$'\n'
+    if ((JOB[$job,retries] < RETRIES)); then
+      JOB[$job,retries]=$((JOB[$job,retries] + 1))
+      JOB[$job,avoid]=$gpu JOB[$job,status]=queued
+      JOB[$job,ready_at]=$((CORE_NOW_MS + MGPU_RETRY_BACKOFF_MS * (1 << (JOB[$job,retries] - 1))))
       SCHED_QUEUE=("$job" "${SCHED_QUEUE[@]}")
-      ledger::event "retrying ${JOB_NAME[job]} (${JOB_KIND[job]}, exit $rc on GPU $gpu; retry ${JOB_RETRIES[job]} of $RETRIES, preferring another GPU)"
+      ledger::event "retrying $name (${JOB[$job,kind]}, exit $rc on GPU $gpu; retry ${JOB[$job,retries]} of $RETRIES, preferring another GPU)"
       return 0
     fi
-    JOB_STATUS[job]=failed
+    JOB[$job,status]=failed
   fi
   SCHED_ENDED+=("$job")
 }
-declare -a SCHED_ENDED=() # jobs ended and not yet recorded
 
-# sched::_settle — the records of ended jobs: completion marker, summary record, progress line, and a
-# failed job's last log lines. Kept off the path from a job's end to the next start on its GPU.
+# sched::_settle — the records of ended jobs: summary record, progress line, and a failed job's last log
+# lines. Kept off the path from a job's end to the next start on its GPU. The job wrote its marker
+# itself; should that have failed (a full disk), the launcher writes it.
 sched::_settle() {
-  local job rc took
+  local job took
   for job in "${SCHED_ENDED[@]}"; do
-    rc=${JOB_EXIT[job]}
-    [[ ${JOB_STATUS[job]} != succeeded ]] || ledger::mark_done "$job"
-    printf -v took '%d.%03d' $((JOB_MS[job] / 1000)) $((JOB_MS[job] % 1000))
     SCHED_ENDED=("${SCHED_ENDED[@]:1}")
+    if [[ ${JOB[$job,status]} == succeeded ]] && ! ledger::is_done "$job"; then
+      ledger::mark_done "$job" || log::warn "${JOB[$job,name]}: cannot write its completion marker ${JOB[$job,marker]}"
+    fi
+    printf -v took '%d.%03d' $((JOB[$job,ms] / 1000)) $((JOB[$job,ms] % 1000))
     ledger::record "$job"
-    ledger::event "${JOB_STATUS[job]} ${JOB_NAME[job]} (exit $rc${JOB_KIND[job]:+, ${JOB_KIND[job]}}, ${took}s)"
-    [[ ${JOB_STATUS[job]} != failed ]] || ledger::show_tail "$job"
+    if [[ ${JOB[$job,status]} == skipped ]]; then
+      ledger::event "skipped ${JOB[$job,name]}: ${JOB[$job,reason]}"
+    else
+      ledger::event "${JOB[$job,status]} ${JOB[$job,name]} (exit ${JOB[$job,exit]:--}${JOB[$job,kind]:+, ${JOB[$job,kind]}}${JOB[$job,detail]:+, ${JOB[$job,detail]}}, ${took}s)"
+    fi
+    [[ ${JOB[$job,status]} != failed ]] || ledger::show_tail "$job"
   done
 }
 
-# sched::_wait_one — block until a job or the timer ends (or a signal arrives), then handle it.
-sched::_wait_one() {
-  local pid="" rc=0
-  wait -n -p pid || rc=$?
-  [[ -n ${pid:-} ]] || return 0 # a trapped signal interrupted the wait (and unset pid)
-  if [[ $pid == "$SCHED_TIMER" ]]; then
-    SCHED_TIMER=""
-  elif [[ -n ${PID_JOB[$pid]:-} ]]; then
-    sched::_finish "$pid" "$rc"
-  fi
-}
+# ---------------------------------------------------------------- the loop
 
-# ---------------------------------------------------------------- stopping
-
-# sched::group_alive PGID — does any process of the group still run? Zombies do not count: our own
-# un-reaped job leader is one, and orphans wait as zombies until PID 1 reaps them (some never do).
-sched::group_alive() {
-  local stat fields
-  [[ -r /proc/self/stat ]] || { kill -0 -- "-$1" 2>/dev/null; return; }
-  for stat in /proc/[0-9]*/stat; do
-    read -r fields <"$stat" 2>/dev/null || continue
-    read -r -a fields <<<"${fields##*) }" # state ppid pgrp ...
-    [[ ${fields[2]} == "$1" && ${fields[0]} != Z ]] && return 0
-  done
-  return 1
-}
-
-# sched::stop_all — TERM every job's process group, KILL what is left after GRACE seconds.
-sched::stop_all() {
-  local pid deadline alive
-  ((${#PID_JOB[@]})) || return 0
-  log::warn "stopping ${#PID_JOB[@]} running job(s): TERM now, KILL after ${GRACE}s"
-  for pid in "${!PID_JOB[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  gpu::_now_ms
-  deadline=$((GPU_NOW_MS + GRACE * 1000))
-  while :; do
-    alive=0
-    for pid in "${!PID_JOB[@]}"; do
-      if sched::group_alive "$pid"; then alive=1; fi
-    done
-    gpu::_now_ms
-    ((alive && GPU_NOW_MS < deadline)) || break
-    sleep 0.1
-  done
-  for pid in "${!PID_JOB[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-  for pid in "${!PID_JOB[@]}"; do
-    local rc=0
-    wait "$pid" 2>/dev/null || rc=$?
-    sched::_finish "$pid" "$rc"
-  done
-  sched::_settle
-}
-
-# sched::run — run the queue to the end (or to a signal); the summary is written either way.
+# sched::run — run the queue to the end (or to a signal); the summary is written either way, and
+# SCHED_EXIT set: 0 every job succeeded (or was done earlier), 1 some did not, 130/143 interrupted.
 sched::run() {
-  SCHED_THREADS=${SCHED_THREADS:-1}
+  SCHED_RUNNING=1
   sched::hash_jobs
-  trap 'SCHED_STOP=INT' INT
-  trap 'SCHED_STOP=TERM' TERM
-  trap 'sched::_on_exit' EXIT
-  while ((${#SCHED_QUEUE[@]} || ${#PID_JOB[@]})) && [[ -z $SCHED_STOP ]]; do
+  trap 'SCHED_STOP=${SCHED_STOP:-INT}' INT
+  trap 'SCHED_STOP=${SCHED_STOP:-TERM}' TERM
+  while ((${#SCHED_QUEUE[@]} || ${#pids[@]})) && [[ -z $SCHED_STOP ]]; do
     sched::_fill
     sched::_settle
     [[ -z $SCHED_STOP ]] || break
-    ((${#SCHED_QUEUE[@]} || ${#PID_JOB[@]})) || break
+    ((${#SCHED_QUEUE[@]} || ${#pids[@]})) || break
     sched::_wait_one
   done
   sched::_settle
   if [[ -n $SCHED_STOP ]]; then
     log::warn "got SIG$SCHED_STOP: no new jobs start"
     sched::stop_all
-    local job
-    for job in "${SCHED_QUEUE[@]}"; do
-      JOB_STATUS[job]=interrupted
-      ledger::record "$job"
-    done
-    SCHED_QUEUE=()
   fi
   [[ -z $SCHED_TIMER ]] || kill "$SCHED_TIMER" 2>/dev/null || true
-  ledger::finish
+  sched::finish
 }
 
-# An unexpected exit (an error in the launcher itself) still stops every job and writes the summary.
+# sched::finish — every job still queued is recorded as never started; the summary; SCHED_EXIT.
+sched::finish() {
+  local job bad=0
+  for job in "${SCHED_QUEUE[@]}"; do sched::mark "$job" interrupted "never started"; done
+  SCHED_QUEUE=()
+  ledger::finish
+  for ((job = 0; job < SCHED_N; job++)); do
+    [[ ${JOB[$job,status]} == succeeded || ${JOB[$job,reason]} == "done earlier (--resume)" ]] || bad=1
+  done
+  case $SCHED_STOP in
+    INT) SCHED_EXIT=130 ;;
+    TERM) SCHED_EXIT=143 ;;
+    *) SCHED_EXIT=$bad ;;
+  esac
+}
+
+# An exit of the launcher itself (an error, or an entry script's `exit` before or after the sweep) still
+# stops every job, writes the summary once jobs were recorded, and removes the private folder.
 sched::_on_exit() {
   local rc=$?
   trap - EXIT INT TERM
-  if ((${#PID_JOB[@]})); then
+  if ((${#pids[@]})); then
     SCHED_STOP=${SCHED_STOP:-EXIT}
     sched::stop_all
   fi
-  if [[ -n $LEDGER_TS && -z $LEDGER_FINISHED ]]; then
-    sched::_settle
-    ledger::finish
-  fi
-  [[ -z $SCHED_STATE ]] || rm -rf "$SCHED_STATE"
+  [[ -z $SCHED_RUNNING || -n $LEDGER_FINISHED ]] || { sched::_settle && sched::finish; }
+  [[ -z $SCHED_STATE ]] || rm -rf -- "$SCHED_STATE"
   exit "$rc"
 }

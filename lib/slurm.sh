@@ -1,8 +1,8 @@
-# shellcheck shell=bash disable=SC2034  # settings and JOB_* records shared with sweep.sh and ledger.sh
+# shellcheck shell=bash disable=SC2034  # settings shared with sweep.sh and the entry scripts
 # slurm:: — the Slurm backend of the sweep launchers (--backend slurm): the queued jobs become one job
 # array, one GPU per task, with the names, logs, output folders, completion markers and summary of a
 # local run. mgpu hands the scheduling to Slurm; it only writes the array, follows it and sums it up.
-# Needs log.sh, sched.sh (the queue), ledger.sh. The task side is lib/slurm_task.sh.
+# Needs core.sh, sched.sh (the queue and the job records), ledger.sh. The task side is libexec/slurm_task.sh.
 #
 # A submission writes LOG_DIR/slurm_<YYYYmmdd_HHMMSS>/:
 #   task<i>.meta     the task's name, image encoder, text encoder, output dir, marker, hash and LOG_DIR
@@ -10,10 +10,6 @@
 #   task<i>.argv     its command, NUL-separated (never evaluated by a shell)
 #   sweep.sbatch     the batch script; job_id: the array's job id once submitted
 #   task<i>.started, task<i>.result    written by the task itself (lib/slurm_task.sh)
-
-_SLURM_LIB_DIR=${BASH_SOURCE[0]%/*}
-[[ ${BASH_SOURCE[0]} == */* ]] || _SLURM_LIB_DIR=.
-[[ $_SLURM_LIB_DIR == /* ]] || _SLURM_LIB_DIR=$PWD/$_SLURM_LIB_DIR
 
 SB_EXTRA=()
 
@@ -24,7 +20,7 @@ slurm::flag() {
     --wait) SB_WAIT=true SWEEP_SHIFT=1 ;;
     --status) SB_STATUS=true SWEEP_SHIFT=1 ;;
     --backend | --partition | --time | --cpus-per-task | --mem | --account | --qos | --gres | --max-parallel | --sbatch-arg)
-      (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+      (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
       case $1 in
         --backend) MGPU_BACKEND=$2 ;;
         --partition) SB_PARTITION=$2 ;;
@@ -51,62 +47,64 @@ slurm::defaults() {
   SB_GRES=${SB_GRES:-${SBATCH_GRES:-gpu:1}} SB_MAX_PARALLEL=${SB_MAX_PARALLEL:-}
 }
 
-# slurm::validate — the Slurm settings, each named with what is allowed (exit 2).
+# slurm::validate — the Slurm settings, each named with what is allowed (2, logged).
 slurm::validate() {
-  local DIE_STATUS=2 pair var value arg
-  [[ $MGPU_BACKEND =~ ^(local|slurm)$ ]] || die "--backend must be local or slurm, got '$MGPU_BACKEND'"
+  local pair var value arg problem=""
+  [[ $MGPU_BACKEND =~ ^(local|slurm)$ ]] || { log::error "--backend must be local or slurm, got '$MGPU_BACKEND'"; return 2; }
   if [[ $MGPU_BACKEND == local ]]; then
-    [[ $SB_WAIT == false && $SB_STATUS == false ]] || die "--wait and --status follow a Slurm sweep: add --backend slurm"
+    [[ $SB_WAIT == false && $SB_STATUS == false ]] || { log::error "--wait and --status follow a Slurm sweep: add --backend slurm"; return 2; }
     return 0
   fi
-  [[ -z $SB_MAX_PARALLEL ]] || log::require_int "--max-parallel" "$SB_MAX_PARALLEL" 1 || exit 2
-  [[ -z $SB_CPUS ]] || log::require_int "--cpus-per-task" "$SB_CPUS" 1 || exit 2
-  ((RETRIES == 0)) || die "--retries is for local runs; on Slurm, run the sweep again with --resume to resubmit what failed"
-  ((JOBS_PER_GPU == 1)) || die "JOBS_PER_GPU must be 1 with --backend slurm (each task gets its GPU from --gres), got '$JOBS_PER_GPU'"
+  [[ -z $SB_MAX_PARALLEL ]] || log::require_int "--max-parallel" "$SB_MAX_PARALLEL" 1 || return 2
+  [[ -z $SB_CPUS ]] || log::require_int "--cpus-per-task" "$SB_CPUS" 1 || return 2
+  ((RETRIES == 0)) || problem="--retries is for local runs; on Slurm, run the sweep again with --resume to resubmit what failed"
+  ((JOBS_PER_GPU == 1)) || problem="JOBS_PER_GPU must be 1 with --backend slurm (each task gets its GPU from --gres), got '$JOBS_PER_GPU'"
   [[ -z $SB_TIME || $SB_TIME =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$|^(UNLIMITED|INFINITE)$ ]] ||
-    die "--time must be a Slurm time limit like 90, 4:00:00 or 2-00:00:00, got '$SB_TIME'"
-  [[ -z $SB_MEM || $SB_MEM =~ ^[0-9]+[KMGT]?$ ]] || die "--mem must be a size like 32G or 16000M, got '$SB_MEM'"
+    problem="--time must be a Slurm time limit like 90, 4:00:00 or 2-00:00:00, got '$SB_TIME'"
+  [[ -z $SB_MEM || $SB_MEM =~ ^[0-9]+[KMGT]?$ ]] || problem="--mem must be a size like 32G or 16000M, got '$SB_MEM'"
   for pair in partition:SB_PARTITION account:SB_ACCOUNT qos:SB_QOS gres:SB_GRES; do
     var=${pair#*:}
     value=${!var}
-    [[ -z $value || $value =~ ^[A-Za-z0-9_.:,=-]+$ ]] || die "--${pair%%:*} must be a Slurm name like gpu or gpu:a100:1 (letters, digits, _.:,=-), got '$value'"
+    [[ -z $value || $value =~ ^[A-Za-z0-9_.:,=-]+$ ]] || problem="--${pair%%:*} must be a Slurm name like gpu or gpu:a100:1 (letters, digits, _.:,=-), got '$value'"
   done
   for arg in "${SB_EXTRA[@]}"; do
-    [[ $arg == --?* && $arg != *[$'\n"']* ]] || die "--sbatch-arg must be one sbatch option like --constraint=a100 (no quotes or newlines), got '$arg'"
+    [[ $arg == --?* && $arg != *[$'\n"']* ]] || problem="--sbatch-arg must be one sbatch option like --constraint=a100 (no quotes or newlines), got '$arg'"
   done
-  command -v sbatch >/dev/null 2>&1 || die "--backend slurm needs Slurm's client commands (sbatch, squeue) on PATH; none found"
+  command -v sbatch >/dev/null 2>&1 || problem="--backend slurm needs Slurm's client commands (sbatch, squeue) on PATH; none found"
+  [[ -z $problem ]] || { log::error "$problem"; return 2; }
 }
 
-# slurm::launch — --status, or submit the queue as one array (then --wait follows it). Exits.
+# slurm::launch — --status, or submit the queue (already filtered by --resume and ordered) as one
+# array, then --wait follows it. Returns the exit status.
 slurm::launch() {
-  local dir
+  local dir out job_id
   if [[ $SB_STATUS == true ]]; then
-    slurm::latest
+    slurm::latest || return
     slurm::status "$SB_DIR"
-    exit 0
+    return 0
   fi
-  sweep::drop_done
-  sweep::order
   if ((${#SCHED_QUEUE[@]} == 0)); then
     log::info "nothing to submit: every job is done (--resume)"
-    ledger::finish
-    exit "$SCHED_EXIT"
+    sched::finish
+    return "$SCHED_EXIT"
   fi
-  slurm::write
+  slurm::write || return
   dir=$SB_DIR
   if [[ $DRY_RUN == true ]]; then
     slurm::dry_run "$dir"
     rm -rf -- "$dir"
-    exit 0
+    return 0
   fi
-  local out job_id
-  out=$(sbatch --parsable "$dir/sweep.sbatch" 2>&1) || die "sbatch refused the sweep: $out (the batch script: $dir/sweep.sbatch)"
+  if ! out=$(sbatch --parsable "$dir/sweep.sbatch" 2>&1); then
+    log::error "sbatch refused the sweep: $out (the batch script: $dir/sweep.sbatch)"
+    return 1
+  fi
   job_id=${out##*$'\n'} job_id=${job_id%%;*}
   echo "$job_id" >"$dir/job_id"
   log::info "submitted ${#SCHED_QUEUE[@]} job(s) as Slurm job array $job_id; logs in $LOG_DIR, records in $dir"
   if [[ $SB_WAIT != true ]]; then
     log::info "follow it with --status (or --wait); stop it with: scancel $job_id"
-    exit 0
+    return 0
   fi
   slurm::wait "$dir"
 }
@@ -117,11 +115,14 @@ slurm::write() {
   local k=0 job dir last script line arg
   dir=$LOG_DIR/slurm_$LEDGER_TS
   [[ $dir == /* ]] || dir=$PWD/$dir
+  [[ $dir != *[$'\n"']* && $PWD != *[$'\n"']* ]] || {
+    log::error "the log folder and the current folder must not contain quotes or newlines for sbatch: $dir"
+    return 2
+  }
   mkdir -p -- "$dir"
-  [[ $dir != *[$'\n"']* && $PWD != *[$'\n"']* ]] || die "the log folder and the current folder must not contain quotes or newlines for sbatch: $dir"
   for job in "${SCHED_QUEUE[@]}"; do
-    printf '%s\n' "${JOB_NAME[job]}" "${JOB_IMAGE[job]}" "${JOB_TEXT[job]}" "${JOB_OUT[job]}" "${JOB_MARKER[job]}" \
-      "${JOB_HASH[job]}" "$LOG_DIR" >"$dir/task$k.meta"
+    printf '%s\n' "${JOB[$job,name]}" "${JOB[$job,image]}" "${JOB[$job,text]}" "${JOB[$job,out]}" "${JOB[$job,marker]}" \
+      "${JOB[$job,hash]}" "$LOG_DIR" >"$dir/task$k.meta"
     cp -- "$SCHED_STATE/job$job.argv" "$dir/task$k.argv"
     k=$((k + 1))
   done
@@ -134,7 +135,7 @@ slurm::write() {
     ${SB_QOS:+"--qos=$SB_QOS"} "${SB_EXTRA[@]}"; do
     script+="#SBATCH $line"$'\n'
   done
-  printf -v arg '%q ' "$_SLURM_LIB_DIR/slurm_task.sh" "$dir"
+  printf -v arg '%q ' "$MGPU_ROOT/libexec/slurm_task.sh" "$dir"
   script+="# Written by mgpu: each array task runs one job of this folder's task<i>.meta and task<i>.argv."$'\n'
   script+="exec bash ${arg% }"$'\n'
   printf '%s' "$script" >"$dir/sweep.sbatch"
@@ -148,24 +149,24 @@ slurm::dry_run() {
   sed 's/^/    /' "$dir/sweep.sbatch"
   for job in "${SCHED_QUEUE[@]}"; do
     sched::argv "$job"
-    printf 'task %d %s: ' "$k" "${JOB_NAME[job]}"
-    printf '%q ' "MGPU_CONFIG_NAME=${JOB_NAME[job]}" "${SCHED_ARGV[@]}"
+    printf 'task %d %s: ' "$k" "${JOB[$job,name]}"
+    printf '%q ' "MGPU_CONFIG_NAME=${JOB[$job,name]}" "${SCHED_ARGV[@]}"
     echo
     k=$((k + 1))
   done
 }
 
-# slurm::latest — SB_DIR: the newest sweep folder in LOG_DIR, or an error saying there is none.
+# slurm::latest — SB_DIR: the newest sweep folder in LOG_DIR; 1 (logged) when there is none.
 slurm::latest() {
   local dirs=("$LOG_DIR"/slurm_*/job_id)
-  [[ -e ${dirs[0]} ]] || DIE_STATUS=1 die "no submitted Slurm sweep in $LOG_DIR (--status reads LOG_DIR/slurm_*/)"
+  [[ -e ${dirs[0]} ]] || { log::error "no submitted Slurm sweep in $LOG_DIR (--status reads LOG_DIR/slurm_*/)"; return 1; }
   SB_DIR=${dirs[-1]%/job_id}
 }
 
-# slurm::collect DIR — JOB_* records of every task, from the tasks' own files, squeue (pending and
-# running) and, where the cluster keeps accounting, sacct (tasks that ended without a record).
+# slurm::collect DIR — the job records of every task (sched::set), from the tasks' own files, squeue
+# (pending and running) and, where the cluster keeps accounting, sacct (tasks that ended without a record).
 slurm::collect() {
-  local dir=$1 meta=() k job_id task state line started=() result=() acct
+  local dir=$1 meta=() k job_id task state started=() result=() acct status kind reason
   local -A queued=() accounted=()
   job_id=$(<"$dir/job_id")
   SB_JOB_ID=$job_id
@@ -173,42 +174,41 @@ slurm::collect() {
   if acct=$(sacct -n -P -X -j "$job_id" -o JobID,State 2>/dev/null); then
     while IFS='|' read -r task state; do [[ $task != *_* ]] || accounted[${task##*_}]=${state%% *}; done <<<"$acct"
   fi
-  JOB_NAME=() SCHED_QUEUE=() LEDGER_JSON=() LEDGER_ROW=()
-  LEDGER_DONE=0 LEDGER_RAN=0 LEDGER_RAN_MS=0 LEDGER_FAILED=0
+  sched::reset
   for ((k = 0; ; k++)); do
     [[ -f $dir/task$k.meta ]] || break
     mapfile -t meta <"$dir/task$k.meta"
-    JOB_NAME[k]=${meta[0]} JOB_IMAGE[k]=${meta[1]} JOB_TEXT[k]=${meta[2]} JOB_OUT[k]=${meta[3]} JOB_MARKER[k]=${meta[4]}
-    JOB_HASH[k]=${meta[5]} JOB_RETRIES[k]=0 JOB_WAITED[k]=0 JOB_FAILS[k]="" JOB_KIND[k]="" JOB_EXIT[k]="" JOB_MS[k]=0
-    JOB_GPU[k]="" JOB_LOG[k]="" JOB_REASON[k]="Slurm job ${job_id}_$k"
-    started=() result=()
+    sched::new "${meta[0]}" "${meta[1]}" "${meta[2]}" "${meta[3]}" "${meta[4]}"
+    started=() result=() kind="" reason="Slurm job ${job_id}_$k"
+    sched::set "$k" "hash=${meta[5]}"
     [[ ! -f $dir/task$k.started ]] || mapfile -t started <"$dir/task$k.started" # gpu node log start_ms
     [[ ! -f $dir/task$k.result ]] || mapfile -t result <"$dir/task$k.result"    # exit end_ms stopped
     if ((${#started[@]} >= 4)); then
-      JOB_GPU[k]=${started[0]} JOB_LOG[k]=${started[2]} JOB_REASON[k]+=" on ${started[1]}"
+      sched::set "$k" "gpu=${started[0]}" "log=${started[2]}" "since=$dir/task$k.started"
+      reason+=" on ${started[1]}"
     fi
     if ((${#result[@]} >= 3 && ${#started[@]} >= 4)); then
-      JOB_EXIT[k]=${result[0]} JOB_MS[k]=$((result[1] - started[3]))
+      sched::set "$k" "exit=${result[0]}" "ms=$((result[1] - started[3]))"
       if ((result[0] == 0)); then
-        JOB_STATUS[k]=succeeded
+        status=succeeded
       elif [[ -n ${result[2]} && ${accounted[$k]:-} != TIMEOUT ]]; then
-        JOB_STATUS[k]=interrupted JOB_KIND[k]="signal ${result[2]}"
+        status=interrupted kind="signal ${result[2]}"
       else
-        JOB_STATUS[k]=failed JOB_KIND[k]=$(ledger::failure_kind "${JOB_LOG[k]}" "${result[0]}")
-        [[ ${accounted[$k]:-} != TIMEOUT ]] || JOB_KIND[k]="time limit"
+        status=failed kind=$(ledger::failure_kind "${started[2]}" "${result[0]}")
+        [[ ${accounted[$k]:-} != TIMEOUT ]] || kind="time limit"
       fi
     elif [[ -n ${queued[$k]:-} ]]; then
-      JOB_STATUS[k]=${queued[$k]}
+      status=${queued[$k]}
     elif [[ -n ${accounted[$k]:-} && ${accounted[$k]} =~ ^(PENDING|RUNNING|REQUEUED|SUSPENDED)$ ]]; then
-      JOB_STATUS[k]=${accounted[$k],,}
+      status=${accounted[$k],,}
     elif [[ ${accounted[$k]:-} == CANCELLED ]]; then
-      JOB_STATUS[k]=interrupted JOB_KIND[k]=cancelled
+      status=interrupted kind=cancelled
     elif [[ -n ${accounted[$k]:-} ]]; then
-      JOB_STATUS[k]=failed JOB_KIND[k]=${accounted[$k],,}
+      status=failed kind=${accounted[$k],,}
     else
-      JOB_STATUS[k]=failed JOB_KIND[k]=lost
-      JOB_REASON[k]+=": ended without writing its record (cancelled before it started, or its node failed)"
+      status=failed kind=lost reason+=": ended without writing its record (cancelled before it started, or its node failed)"
     fi
+    sched::set "$k" "status=$status" "kind=$kind" "reason=$reason"
   done
 }
 
@@ -217,8 +217,8 @@ slurm::_counts() {
   local -A n=()
   local k state
   SB_LEFT=0 SB_COUNTS=""
-  for k in "${!JOB_NAME[@]}"; do
-    state=${JOB_STATUS[k]}
+  for ((k = 0; k < SCHED_N; k++)); do
+    state=${JOB[$k,status]}
     n[$state]=$((${n[$state]:-0} + 1))
     [[ $state =~ ^(succeeded|failed|interrupted|skipped)$ ]] || SB_LEFT=$((SB_LEFT + 1))
   done
@@ -232,33 +232,36 @@ slurm::status() {
   local k
   slurm::collect "$1"
   slurm::_counts
-  for k in "${!JOB_NAME[@]}"; do ledger::record "$k"; done
+  for ((k = 0; k < SCHED_N; k++)); do ledger::record "$k"; done
   ledger::_table "$LEDGER_HEADER" "${LEDGER_ROW[@]}"
   log::info "Slurm job array $SB_JOB_ID: $SB_COUNTS ($1)"
 }
 
 # slurm::wait DIR — follow the array to its end (a line whenever the counts change), then write the
-# summary as a local run does. Ctrl-C stops following, not the array.
+# summary as a local run does and return its exit status. Ctrl-C stops following, not the array.
 slurm::wait() {
-  local dir=$1 k seen="" poll=${MGPU_SLURM_POLL_S:-10}
-  log::require_int MGPU_SLURM_POLL_S "$poll" 1 || exit 2
-  trap 'log::warn "stopped following; the array runs on (scancel $SB_JOB_ID stops it; --status shows it)"; exit 130' INT
-  while :; do
+  local dir=$1 k seen="" stop=""
+  trap 'stop=1' INT
+  while [[ -z $stop ]]; do
     slurm::collect "$dir"
     slurm::_counts
-    gpu::_now_ms
+    core::now_ms
     if [[ $SB_COUNTS != "$seen" ]]; then
-      log::info "[$(((GPU_NOW_MS - LEDGER_STARTED_MS) / 1000))s] Slurm job array $SB_JOB_ID: $SB_COUNTS"
+      log::info "[$(((CORE_NOW_MS - LEDGER_STARTED_MS) / 1000))s] Slurm job array $SB_JOB_ID: $SB_COUNTS"
       seen=$SB_COUNTS
     fi
     ((SB_LEFT)) || break
-    sleep "$poll"
+    core::sleep_ms $((MGPU_SLURM_POLL_S * 1000))
   done
   trap - INT
-  for k in "${!JOB_NAME[@]}"; do
+  if [[ -n $stop ]]; then
+    log::warn "stopped following; the array runs on (scancel $SB_JOB_ID stops it; --status shows it)"
+    return 130
+  fi
+  for ((k = 0; k < SCHED_N; k++)); do
     ledger::record "$k"
-    [[ ${JOB_STATUS[k]} != failed ]] || ledger::show_tail "$k"
+    [[ ${JOB[$k,status]} != failed ]] || ledger::show_tail "$k"
   done
-  ledger::finish
-  exit "$SCHED_EXIT"
+  sched::finish
+  return "$SCHED_EXIT"
 }

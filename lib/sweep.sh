@@ -1,69 +1,38 @@
 # shellcheck shell=bash disable=SC2034  # settings and state shared with sched.sh and the entry scripts
-# sweep:: — what run_train_clip.sh and gpu_queue.sh share: settings and their flags, the argument
-# loop, validation, the GPU check that builds the slots, --dry-run, --resume, --order, and the launch.
-# Sourcing it sources the libraries it builds on.
+# sweep:: — what the launchers share (run_train_clip.sh, gpu_queue.sh, infer_parallel.sh): settings and
+# their flags, the argument loop, validation, the GPU check that builds the slots, --dry-run, --resume,
+# --order, and the hand-off to a backend: this machine (sched.sh) or Slurm (slurm.sh). Sourcing it
+# sources the libraries it builds on. Every function returns a status (2: a usage error, logged).
 
-_SWEEP_LIB_DIR=${BASH_SOURCE[0]%/*}
-[[ ${BASH_SOURCE[0]} == */* ]] || _SWEEP_LIB_DIR=.
-[[ $_SWEEP_LIB_DIR == /* ]] || _SWEEP_LIB_DIR=$PWD/$_SWEEP_LIB_DIR
-# shellcheck source=lib/log.sh
-source "$_SWEEP_LIB_DIR/log.sh"
+# shellcheck source=lib/core.sh
+[[ -n ${MGPU_LIB:-} ]] || source "${BASH_SOURCE[0]%/*}/core.sh"
 # shellcheck source=lib/gpu.sh
-source "$_SWEEP_LIB_DIR/gpu.sh"
+source "$MGPU_LIB/gpu.sh"
 # shellcheck source=lib/grid.sh
-source "$_SWEEP_LIB_DIR/grid.sh"
-# shellcheck source=lib/lease.sh
-source "$_SWEEP_LIB_DIR/lease.sh"
+source "$MGPU_LIB/grid.sh"
 # shellcheck source=lib/sched.sh
-source "$_SWEEP_LIB_DIR/sched.sh"
-# shellcheck source=lib/ledger.sh
-source "$_SWEEP_LIB_DIR/ledger.sh"
+source "$MGPU_LIB/sched.sh" # and through it lease.sh and ledger.sh
 # shellcheck source=lib/slurm.sh
-source "$_SWEEP_LIB_DIR/slurm.sh"
+source "$MGPU_LIB/slurm.sh"
 
-# sweep::parse ARGS... — the argument loop of both launchers: --name=value, the shared flags, -h/--help
-# (the script's `usage`), and `--` (the rest into SWEEP_REST). Every other word goes to the script's
-# `own_arg`, which sets SWEEP_SHIFT to the words it took (0: unknown, an error).
+# sweep::parse ARGS... — the argument loop of the launchers: --name=value, the shared flags, -h/--help
+# (SWEEP_HELP=1: the script prints its usage), and `--` (the rest into SWEEP_REST). Every other word
+# goes to the script's `own_arg`, which sets SWEEP_SHIFT to the words it took (0: unknown, an error).
 sweep::parse() {
-  SWEEP_REST=()
+  SWEEP_REST=() SWEEP_HELP=""
   while (($#)); do
     [[ $1 != --*=* ]] || set -- "${1%%=*}" "${1#*=}" "${@:2}"
-    sweep::flag "$@"
+    sweep::flag "$@" || return
     if ((!SWEEP_SHIFT)); then
       case $1 in
-        -h | --help) usage; exit 0 ;;
-        --) shift; SWEEP_REST=("$@"); return 0 ;;
+        -h | --help) SWEEP_HELP=1 && return 0 ;;
+        --) shift && SWEEP_REST=("$@") && return 0 ;;
       esac
-      own_arg "$@"
-      ((SWEEP_SHIFT)) || DIE_STATUS=2 die "unknown option '$1' (see --help)"
+      own_arg "$@" || return
+      ((SWEEP_SHIFT)) || { log::error "unknown option '$1' (see --help)"; return 2; }
     fi
     shift "$SWEEP_SHIFT"
   done
-}
-
-# sweep::launch — the GPU check, --resume, --order, then --dry-run's plan or the sweep itself (exits).
-# With --backend slurm, Slurm gets the jobs instead (slurm::launch).
-sweep::launch() {
-  [[ $MGPU_BACKEND != slurm ]] || slurm::launch
-  sweep::slots
-  sweep::drop_done
-  sweep::order
-  if [[ $DRY_RUN == true ]]; then
-    sweep::dry_run
-    exit 0
-  fi
-  log::info "${#JOB_NAME[@]} job(s), ${#SCHED_SLOTS[@]} slot(s); logs in $LOG_DIR"
-  sched::run
-  exit "$SCHED_EXIT"
-}
-
-# sweep::defaults — the shared settings, each from the environment or its default.
-sweep::defaults() {
-  MAX_UTIL=${MAX_UTIL:-70} MAX_WAIT=${MAX_WAIT:-300} JOBS_PER_GPU=${JOBS_PER_GPU:-1}
-  RETRIES=${RETRIES:-0} GRACE=${GRACE:-10} ON_TIMEOUT=${ON_TIMEOUT:-run} CPU_SLOTS=${CPU_SLOTS:-1}
-  DRY_RUN=${DRY_RUN:-false} RESUME=${RESUME:-false} USE_MULTI_CONFIG=${USE_MULTI_CONFIG:-true}
-  ORDER=${ORDER:-given}
-  slurm::defaults
 }
 
 # sweep::flag ARGS... — take one shared flag; SWEEP_SHIFT is the words it used (0: not a shared flag).
@@ -74,7 +43,7 @@ sweep::flag() {
     --dry-run) DRY_RUN=true SWEEP_SHIFT=1 ;;
     --gpus | --max-util | --max-wait | --jobs-per-gpu | --log-dir | --retries | --on-timeout | --cpu-slots | \
       --grace | --use-multi-config | --order)
-      (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+      (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
       case $1 in
         --gpus) GPUS=("$2") ;;
         --max-util) MAX_UTIL=$2 ;;
@@ -93,77 +62,89 @@ sweep::flag() {
   esac
 }
 
-# sweep::split_list NAME — an array given as one string ("0,1" from the environment or a flag) split
-# at commas and spaces into its items.
+# sweep::defaults — the shared settings (core.sh) and the Slurm ones, from the environment or defaults.
+sweep::defaults() {
+  core::defaults
+  slurm::defaults
+}
+
+# sweep::split_list NAME [WHAT] — an array given as one string ("0,1" from the environment or a flag)
+# split at commas, spaces, tabs and newlines into its items.
 sweep::split_list() {
   local -n _items=$1
   local joined="${_items[*]}"
-  read -ra _items <<<"${joined//,/ }"
+  joined=${joined//[$'\n\t\r,']/ }
+  read -ra _items <<<"$joined"
 }
 
-# sweep::validate — every shared setting checked once, up front; a bad one exits 2 naming it.
+# sweep::validate — every shared setting checked once, up front; 2 (logged) names a bad one.
 sweep::validate() {
-  local DIE_STATUS=2
-  log::require_int MAX_UTIL "$MAX_UTIL" 0 100 || exit 2
-  log::require_int MAX_WAIT "$MAX_WAIT" 0 || exit 2
-  log::require_int JOBS_PER_GPU "$JOBS_PER_GPU" 1 64 || exit 2
-  log::require_int "--retries" "$RETRIES" 0 100 || exit 2
-  log::require_int "--grace" "$GRACE" 0 3600 || exit 2
-  log::require_int "--cpu-slots" "$CPU_SLOTS" 1 1024 || exit 2
-  [[ $ON_TIMEOUT =~ ^(run|skip|fail)$ ]] || die "--on-timeout must be run, skip or fail, got '$ON_TIMEOUT'"
-  [[ $ORDER =~ ^(given|longest-first)$ ]] || die "--order must be given or longest-first, got '$ORDER'"
-  [[ $USE_MULTI_CONFIG =~ ^(true|false)$ ]] || die "USE_MULTI_CONFIG must be true or false, got '$USE_MULTI_CONFIG'"
-  [[ -n $LOG_DIR ]] || die "LOG_DIR must not be empty"
+  core::check_env || return 2
+  log::require_int MAX_UTIL "$MAX_UTIL" 0 100 || return 2
+  log::require_int MAX_WAIT "$MAX_WAIT" 0 || return 2
+  log::require_int JOBS_PER_GPU "$JOBS_PER_GPU" 1 64 || return 2
+  log::require_int "--retries" "$RETRIES" 0 100 || return 2
+  log::require_int "--grace" "$GRACE" 0 3600 || return 2
+  log::require_int "--cpu-slots" "$CPU_SLOTS" 1 1024 || return 2
+  local problem=""
+  [[ $ON_TIMEOUT =~ ^(run|skip|fail)$ ]] || problem="--on-timeout must be run, skip or fail, got '$ON_TIMEOUT'"
+  [[ $ORDER =~ ^(given|longest-first)$ ]] || problem="--order must be given or longest-first, got '$ORDER'"
+  [[ $USE_MULTI_CONFIG =~ ^(true|false)$ ]] || problem="USE_MULTI_CONFIG must be true or false, got '$USE_MULTI_CONFIG'"
+  [[ -n $LOG_DIR ]] || problem="LOG_DIR must not be empty"
+  [[ -z $problem ]] || { log::error "$problem"; return 2; }
+  local given="${GPUS[*]}" gpu
   sweep::split_list GPUS
-  local gpu
+  ((${#GPUS[@]})) || { log::error "GPUS is empty ('$given'): list GPU indices like 0,1,2,3"; return 2; }
   for gpu in "${GPUS[@]}"; do
-    [[ $gpu =~ ^[0-9]+$ ]] || die "GPUS must list GPU indices like 0,1,2,3; got '$gpu' in '${GPUS[*]}'"
+    [[ $gpu =~ ^[0-9]+$ ]] || { log::error "GPUS must list GPU indices like 0,1,2,3; got '$gpu' in '${GPUS[*]}'"; return 2; }
   done
   slurm::validate
 }
 
-# sweep::_ranges 0 1 2 3 5 — "0-3, 5"
+# sweep::_ranges 0 1 2 3 5 — "0-3, 5" into SWEEP_RANGES
 sweep::_ranges() {
-  local ranges="" start=$1 prev=$1 n
+  local start=$1 prev=$1 n
+  SWEEP_RANGES=""
   shift
   for n in "$@" ""; do
     if [[ -n $n ]] && ((n == prev + 1)); then
       prev=$n
       continue
     fi
-    ranges+="${ranges:+, }$start"
-    [[ $start == "$prev" ]] || ranges+="-$prev"
+    SWEEP_RANGES+="${SWEEP_RANGES:+, }$start"
+    [[ $start == "$prev" ]] || SWEEP_RANGES+="-$prev"
     start=$n prev=$n
   done
-  echo "$ranges"
 }
 
 # sweep::slots — check every GPU in GPUS, skip the missing ones, and fill SCHED_SLOTS (GPU:slot,
-# round-robin over GPUs) and SCHED_THREADS. No GPU at all: CPU mode with CPU_SLOTS slots.
+# round-robin over GPUs), SCHED_GPUS and SCHED_THREADS. No GPU at all: CPU mode, CPU_SLOTS slots.
 sweep::slots() {
   local gpu k have=() kept=() cores _
-  gpu::_backend
-  SCHED_SLOTS=()
+  gpu::_backend || return 2
+  SCHED_SLOTS=() SCHED_GPUS=()
   if [[ $GPU_BACKEND == cpu ]]; then
     log::warn "no GPU found (no nvidia-smi, no MGPU_FAKE_GPUS): CPU mode, $CPU_SLOTS job(s) at a time"
     for ((k = 0; k < CPU_SLOTS; k++)); do SCHED_SLOTS+=("cpu:$k"); done
   else
-    gpu::sample || DIE_STATUS=1 die "the GPU query failed (see above); nothing can run"
+    gpu::sample || { log::error "the GPU query failed (see above); nothing can run"; return 1; }
+    core::now_ms
+    SCHED_SAMPLE_MS=$CORE_NOW_MS # the first launch decisions use this sample
     while IFS=, read -r gpu _; do [[ -z $gpu ]] || have+=("$gpu"); done <<<"$GPU_LINES" # in index order
-    ((${#have[@]})) || DIE_STATUS=1 die "the GPU query found no GPU; nothing can run"
-    gpu::_now_ms
-    SCHED_SAMPLE_MS=$GPU_NOW_MS # the first launch decisions use this sample
+    ((${#have[@]})) || { log::error "the GPU query found no GPU; nothing can run"; return 1; }
+    sweep::_ranges "${have[@]}"
     for gpu in "${GPUS[@]}"; do
       if [[ " ${have[*]} " == *" $gpu "* ]]; then
         [[ " ${kept[*]} " == *" $gpu "* ]] || kept+=("$gpu")
       else
-        log::error "GPU $gpu is not available (this machine has GPUs $(sweep::_ranges "${have[@]}")); skipping it"
+        log::error "GPU $gpu is not available (this machine has GPUs $SWEEP_RANGES); skipping it"
       fi
     done
-    ((${#kept[@]})) || die "none of the GPUs in GPUS (${GPUS[*]}) is available; this machine has GPUs $(sweep::_ranges "${have[@]}")"
+    ((${#kept[@]})) || { log::error "none of the GPUs in GPUS (${GPUS[*]}) is available; this machine has GPUs $SWEEP_RANGES"; return 2; }
     for ((k = 0; k < JOBS_PER_GPU; k++)); do
       for gpu in "${kept[@]}"; do SCHED_SLOTS+=("$gpu:$k"); done
     done
+    SCHED_GPUS=("${kept[@]}")
   fi
   [[ $USE_MULTI_CONFIG == true ]] || SCHED_SLOTS=("${SCHED_SLOTS[0]}")
   if [[ -n ${OMP_NUM_THREADS:-} ]]; then
@@ -174,12 +155,13 @@ sweep::slots() {
   fi
 }
 
-# sweep::dry_run — the plan, the GPU check right now, and each exact command; nothing is launched.
+# sweep::dry_run — the plan, the GPU check right now, and each exact command (with every variable the
+# job gets); nothing is launched and nothing is written.
 sweep::dry_run() {
-  local job s gpu seen=()
-  printf 'Plan: %d job(s) on %d slot(s) [%s]; MAX_UTIL %s%%, MAX_WAIT %ss, --on-timeout %s, --retries %s\n' \
-    "${#SCHED_QUEUE[@]}" "${#SCHED_SLOTS[@]}" "${SCHED_SLOTS[*]}" "$MAX_UTIL" "$MAX_WAIT" "$ON_TIMEOUT" "$RETRIES"
-  [[ ${SCHED_SLOTS[0]} == cpu:* ]] || gpu::sample || true
+  local job s gpu seen=() where
+  printf 'Plan: %d job(s) on %d slot(s) [%s]; MAX_UTIL %s%%, MAX_WAIT %ss, --on-timeout %s, --retries %s, --grace %ss\n' \
+    "${#SCHED_QUEUE[@]}" "${#SCHED_SLOTS[@]}" "${SCHED_SLOTS[*]}" "$MAX_UTIL" "$MAX_WAIT" "$ON_TIMEOUT" "$RETRIES" "$GRACE"
+  [[ ${SCHED_SLOTS[0]} == cpu:* ]] || gpu::sample "${SCHED_GPUS[@]}" || true
   for s in "${SCHED_SLOTS[@]}"; do
     gpu=${s%%:*}
     [[ $gpu != cpu && " ${seen[*]} " != *" $gpu "* ]] || continue
@@ -189,10 +171,12 @@ sweep::dry_run() {
   for s in "${!SCHED_QUEUE[@]}"; do
     job=${SCHED_QUEUE[s]}
     gpu=${SCHED_SLOTS[s % ${#SCHED_SLOTS[@]}]%%:*}
+    where="GPU $gpu"
+    [[ $gpu != cpu ]] || where=CPU
     sched::argv "$job"
-    printf '%s -> %s: ' "${JOB_NAME[job]}" "$([[ $gpu == cpu ]] && echo CPU || echo "GPU $gpu")"
-    printf '%q ' "CUDA_VISIBLE_DEVICES=${gpu/#cpu/}" CUDA_DEVICE_ORDER=PCI_BUS_ID "MGPU_CONFIG_NAME=${JOB_NAME[job]}" \
-      "${SCHED_ARGV[@]}"
+    printf '%s -> %s: ' "${JOB[$job,name]}" "$where"
+    printf '%q ' "CUDA_VISIBLE_DEVICES=${gpu/#cpu/}" CUDA_DEVICE_ORDER=PCI_BUS_ID "MGPU_CONFIG_NAME=${JOB[$job,name]}" \
+      "MGPU_GPU=$gpu" "OMP_NUM_THREADS=$SCHED_THREADS" "${SCHED_ARGV[@]}"
     echo
   done
 }
@@ -203,9 +187,8 @@ sweep::drop_done() {
   sched::hash_jobs
   for job in "${SCHED_QUEUE[@]}"; do
     if [[ $RESUME == true ]] && ledger::is_done "$job"; then
-      JOB_STATUS[job]=skipped JOB_REASON[job]="done earlier (--resume)"
-      ledger::record "$job"
-      log::info "skipping ${JOB_NAME[job]}: done earlier with the same configuration (--resume)"
+      sched::mark "$job" skipped "done earlier (--resume)"
+      log::info "skipping ${JOB[$job,name]}: done earlier with the same configuration (--resume)"
     else
       keep+=("$job")
     fi
@@ -218,16 +201,35 @@ sweep::drop_done() {
 sweep::order() {
   [[ $ORDER == longest-first ]] || return 0
   local -A took=()
-  local hash secs job line keyed=()
+  local hash secs job keyed=()
   local summaries=("$LOG_DIR"/summary_*.json)
   if [[ -e ${summaries[0]} ]]; then
     while IFS=$'\t' read -r hash secs; do took[$hash]=$secs; done < <(jq -rs '
-      [.[].configs[]? | select(.status == "succeeded") | [.config_hash, .seconds]] | .[] | @tsv' "${summaries[@]}")
+      [.[].configs[]? | select(.status == "succeeded") | [.config_hash, .seconds]] | .[] | @tsv' "${summaries[@]}" 2>/dev/null)
   fi
   log::info "--order longest-first: ${#took[@]} earlier wall time(s) found in $LOG_DIR"
   for job in "${SCHED_QUEUE[@]}"; do
-    keyed+=("${took[${JOB_HASH[job]}]:-1e18}"$'\t'"$job")
+    keyed+=("${took[${JOB[$job,hash]}]:-1e18}"$'\t'"$job")
   done
   SCHED_QUEUE=()
   while IFS=$'\t' read -r _ job; do SCHED_QUEUE+=("$job"); done < <(printf '%s\n' "${keyed[@]}" | sort -s -t $'\t' -k1,1gr)
+}
+
+# sweep::launch — --resume, --order, then the backend: Slurm, --dry-run's plan, or the sweep on this
+# machine. Returns the exit status for the entry script (0 all done, 1 some not, 2 usage, 130/143).
+sweep::launch() {
+  sweep::drop_done
+  sweep::order
+  if [[ $MGPU_BACKEND == slurm ]]; then
+    slurm::launch
+    return
+  fi
+  sweep::slots || return
+  if [[ $DRY_RUN == true ]]; then
+    sweep::dry_run
+    return 0
+  fi
+  log::info "${#SCHED_QUEUE[@]} job(s), ${#SCHED_SLOTS[@]} slot(s); logs in $LOG_DIR"
+  sched::run
+  return "$SCHED_EXIT"
 }

@@ -31,6 +31,14 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   NNODES=2 NODE_RANK=2 MASTER_ADDR=h run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
   assert_failure 2
   assert_equal "$stderr" "[ERROR] NODE_RANK must be an integer from 0 to 1, got '2'"
+  # more ranks than GPUs: every rank needs its own GPU (NCCL refuses two ranks on one)
+  MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-idle.json CUDA_VISIBLE_DEVICES=0,1 NPROC_PER_NODE=3 \
+    run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] NPROC_PER_NODE=3 is more than the 2 visible GPU(s) (0 1): each process needs a GPU of its own (NCCL refuses two ranks on one GPU); lower NPROC_PER_NODE or make more GPUs visible"
+  run --separate-stderr bash "$ROOT/train_ddp.sh" --gpus "0,,1" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --gpus must list GPUs like 0,1 (indices or GPU-/MIG- UUIDs), got '0,,1'"
 }
 
 @test "--dry-run: one process per visible GPU, --standalone, threads per process, elastic restarts resume" {
@@ -39,6 +47,11 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_success
   assert_equal "$stderr" "[INFO] Using 3 GPUs for training (world size 3)"
   assert_output --regexp "^env OMP_NUM_THREADS=1 PYTHONPATH=.*/py .*python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 3 --max-restarts 3 --local-ranks-filter 0 -m mgpu.train_clip --epochs 2 --resume auto$"
+  local same=$output # --gpus is the same as CUDA_VISIBLE_DEVICES
+  MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json MAX_RESTARTS=3 \
+    run --separate-stderr bash "$ROOT/train_torchrun.sh" --gpus 2,5,7 --dry-run --ranks 0 --epochs 2
+  assert_success
+  assert_equal "$output" "$same"
   MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 RDZV_ID=job7 \
     run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
   assert_success
@@ -68,7 +81,7 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
 @test "train_ddp.sh runs the same job through torch.distributed.launch on a free port" {
   "$PYTHON" -c 'import socket, time, sys; s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); print(s.getsockname()[1], flush=True); time.sleep(60)' >port &
   local holder=$!
-  while [[ ! -s port ]]; do sleep 0.1; done
+  wait_for 30 "the port holder" test -s port
   MASTER_PORT=$(<port) run --separate-stderr bash "$ROOT/train_ddp.sh" "${TINY[@]}" --max-steps 2 --output-dir out
   kill "$holder"
   assert_success
@@ -116,14 +129,10 @@ PY
 @test "killing one worker ends the whole job, non-zero, within the timeout" {
   bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 100000 --log-every 1 --dist-timeout 30 --output-dir k \
     >k.log 2>&1 &
-  local job=$! waited=0 workers=()
-  until grep -q '^step 2/' k.log; do
-    sleep 0.2
-    ((++waited < 600)) || { cat k.log; false; }
-  done
-  mapfile -t workers < <(pgrep -f -- '-m mgpu.train_clip .*--output-dir k' | while read -r pid; do
-    [[ $(ps -o args= -p "$pid") == *"torch.distributed.run"* ]] || echo "$pid"
-  done)
+  local job=$! workers=() # the script execs torchrun: $job is torchrun, and the workers are its children
+  at_step_2() { grep -q '^step 2/' k.log; }
+  wait_for 120 "step 2 in k.log" at_step_2 || { cat k.log; false; }
+  mapfile -t workers < <(children_of "$job" '*-m mgpu.train_clip *')
   assert_equal "${#workers[@]}" 2
   local start=$SECONDS rc=0
   kill -KILL "${workers[1]}"
@@ -142,14 +151,11 @@ PY
   # try, MAX_RESTARTS=3 gives more, and timeout bounds the test
   MAX_RESTARTS=3 timeout 240 bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 12 --save-every 3 --log-every 1 \
     --dist-timeout 20 --output-dir r >r.log 2>&1 &
-  local job=$! waited=0 victim
-  until [[ -f r/checkpoint_3.pt ]] && grep -q '^step 4/' r.log; do
-    sleep 0.2
-    ((++waited < 600)) || { cat r.log; false; }
-  done
-  victim=$(pgrep -f -- '-m mgpu.train_clip .*--output-dir r' | while read -r pid; do
-    [[ $(ps -o args= -p "$pid") == *"torch.distributed.run"* ]] || echo "$pid"
-  done | tail -1)
+  local job=$! victim
+  saved() { [[ -f r/checkpoint_3.pt ]] && grep -q '^step 4/' r.log; }
+  wait_for 120 "checkpoint_3.pt and step 4 in r.log" saved || { cat r.log; false; }
+  victim=$(children_of "$(children_of "$job" '*torch.distributed.run*')" '*-m mgpu.train_clip *' | tail -1)
+  [[ -n $victim ]]
   kill -KILL "$victim"
   wait "$job" || { cat r.log; false; }
   run grep -E "resumed from r/checkpoint_[0-9]+\.pt at step [0-9]+ of 12" r.log

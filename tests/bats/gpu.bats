@@ -142,8 +142,32 @@ setup() {
   assert_success
 }
 
-@test "CPU mode: no scenario and no nvidia-smi is reported as such, not an error" {
-  export NVIDIA_SMI=mgpu-no-such-nvidia-smi
+@test "nvidia-smi: any bracketed value is NA ([Not Supported] on GeForce, [N/A] memory on unified-memory GB10)" {
+  mkdir -p "$WORK/seq"
+  printf '0, GPU-a, [Not Supported], 100, 20000\n1, GPU-b, 3, [N/A], [N/A]\n2, GPU-c, [Unknown Error], [Not Supported], 8000\n' >"$WORK/seq/1.csv"
+  export NVIDIA_SMI=$FAKE_SMI MGPU_FAKE_SMI_SEQ_DIR=$WORK/seq
+  gpu_sh gpu::query
+  assert_success
+  assert_output $'0,GPU-a,NA,100,20000\n1,GPU-b,3,NA,NA\n2,GPU-c,NA,NA,8000'
+  # free by utilization; a memory need cannot be checked without the memory figures, so it is not met
+  run bash -c 'source "$1/lib/gpu.sh"; core::defaults
+    gpu::is_free 1; echo "1:$?:$GPU_REASON"; gpu::is_free 1 500; echo "1need:$?:$GPU_REASON"
+    gpu::is_free 0 500; echo "0need:$?:$GPU_REASON"' _ "$ROOT"
+  assert_line "1:0:"
+  assert_line "1need:1:its memory use is not reported (the driver says N/A), so 500 MiB free cannot be checked"
+  assert_line "0need:0:"
+}
+
+@test "NVIDIA_SMI naming no program is an error naming it, not CPU mode" {
+  NVIDIA_SMI=/nonexistent/nvidia-smi gpu_sh gpu::backend
+  assert_failure 2
+  assert_output "[ERROR] NVIDIA_SMI=/nonexistent/nvidia-smi: no such program (unset it to use nvidia-smi from PATH, or NVIDIA_SMI=none for no GPU)"
+  NVIDIA_SMI=/nonexistent/nvidia-smi gpu_sh gpu::query
+  assert_failure
+}
+
+@test "CPU mode: no scenario and no nvidia-smi (NVIDIA_SMI=none) is reported as such, not an error" {
+  export NVIDIA_SMI=none
   gpu_sh gpu::backend
   assert_output cpu
   gpu_sh gpu::query
@@ -167,37 +191,53 @@ setup() {
 
 @test "gpu::is_free: busy by utilization, busy by memory, free, and no such GPU" {
   export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-gpu2-busy.json MGPU_UTIL_SAMPLES=2
-  run bash -c 'source "$1/lib/log.sh"; source "$1/lib/gpu.sh"
+  run bash -c 'source "$1/lib/gpu.sh"; core::defaults
     gpu::is_free 2; echo "2:$?:$GPU_REASON"
     gpu::is_free 3 30000; echo "3big:$?:$GPU_REASON"
     gpu::is_free 3 20000; echo "3:$?:$GPU_REASON"
     MAX_UTIL=96 gpu::is_free 2; echo "2lenient:$?:$GPU_REASON"
     gpu::is_free 9; echo "9:$?:$GPU_REASON"' _ "$ROOT"
-  assert_line "2:1:utilization 95% (median of 2 samples) > MAX_UTIL 70%"
+  assert_line "2:1:utilization 95% (1 sample) > MAX_UTIL 70%"
   assert_line "3big:1:24252 MiB free < 30000 MiB needed"
   assert_line "3:0:"
   assert_line "2lenient:0:"
   assert_line "9:2:GPU 9 does not exist"
 }
 
-@test "gpu::is_free: utilization is the median of the samples, so one spike does not count" {
+@test "gpu::is_free: a reading near MAX_UTIL takes every sample, and the median decides" {
   mkdir -p "$WORK/spike" "$WORK/busy"
   local i
-  for i in 1 2 3 4 5; do printf '0, GPU-a, 0, 100, 20000\n' >"$WORK/spike/$i.csv"; done
-  printf '0, GPU-a, 100, 100, 20000\n' >"$WORK/spike/2.csv"
+  for i in 1 2 3 4 5; do printf '0, GPU-a, 10, 100, 20000\n' >"$WORK/spike/$i.csv"; done
+  printf '0, GPU-a, 60, 100, 20000\n' >"$WORK/spike/1.csv" # near 70: sample on; the others are idle
+  printf '0, GPU-a, 100, 100, 20000\n' >"$WORK/spike/3.csv"
   for i in 1 2 3 4 5; do printf '0, GPU-a, 90, 100, 20000\n' >"$WORK/busy/$i.csv"; done
+  printf '0, GPU-a, 75, 100, 20000\n' >"$WORK/busy/1.csv"
   printf '0, GPU-a, 0, 100, 20000\n' >"$WORK/busy/4.csv"
   export NVIDIA_SMI=$FAKE_SMI MGPU_UTIL_SAMPLES=5
   MGPU_FAKE_SMI_SEQ_DIR=$WORK/spike gpu_sh gpu::is_free 0
   assert_success
+  assert_equal "$(cat "$WORK/spike/.calls")" 5
   MGPU_FAKE_SMI_SEQ_DIR=$WORK/busy gpu_sh gpu::is_free 0
   assert_failure 1
-  run cat "$WORK/busy/.calls"
-  assert_output 5
+  assert_equal "$(cat "$WORK/busy/.calls")" 5
+}
+
+@test "gpu::is_free: one reading decides when a GPU is clearly idle or clearly busy (no sampling window)" {
+  mkdir -p "$WORK/idle" "$WORK/busy"
+  printf '0, GPU-a, 3, 100, 20000\n1, GPU-b, 40, 100, 20000\n' >"$WORK/idle/1.csv"
+  printf '0, GPU-a, 97, 100, 20000\n1, GPU-b, 95, 100, 20000\n' >"$WORK/busy/1.csv"
+  export NVIDIA_SMI=$FAKE_SMI MGPU_UTIL_SAMPLES=5 MGPU_UTIL_WINDOW_MS=5000
+  MGPU_FAKE_SMI_SEQ_DIR=$WORK/idle gpu_sh gpu::is_free 0
+  assert_success
+  MGPU_FAKE_SMI_SEQ_DIR=$WORK/busy run bash -c 'source "$1/lib/gpu.sh"; core::defaults; gpu::is_free 1; echo "$?:$GPU_REASON"' _ "$ROOT"
+  assert_output "1:utilization 95% (1 sample) > MAX_UTIL 70%"
+  assert_equal "$(cat "$WORK/idle/.calls") $(cat "$WORK/busy/.calls")" "1 1"
 }
 
 @test "gpu::is_free: samples are spread over MGPU_UTIL_WINDOW_MS" {
-  export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-idle.json MGPU_UTIL_SAMPLES=3 MGPU_UTIL_WINDOW_MS=600
+  export MGPU_FAKE_GPUS MGPU_UTIL_SAMPLES=3 MGPU_UTIL_WINDOW_MS=600
+  MGPU_FAKE_GPUS=$(scenario_copy 4x-rtx4090-idle)
+  set_util "$MGPU_FAKE_GPUS" 0 60 # near MAX_UTIL 70: one reading is not enough
   local start=${EPOCHREALTIME/./}
   gpu_sh gpu::is_free 0
   assert_success
@@ -209,7 +249,7 @@ setup() {
   export MGPU_FAKE_GPUS MAX_WAIT=20 MGPU_UTIL_SAMPLES=1
   MGPU_FAKE_GPUS=$(scenario_copy 4x-rtx4090-gpu2-busy)
   (sleep 1 && set_util "$MGPU_FAKE_GPUS" 2 10) &
-  run bash -c 'source "$1/lib/log.sh"; source "$1/lib/gpu.sh"; gpu::wait_free 2; echo "rc=$? waited=$GPU_WAITED_S"' _ "$ROOT"
+  run bash -c 'source "$1/lib/gpu.sh"; core::defaults; gpu::wait_free 2; echo "rc=$? waited=$GPU_WAITED_S"' _ "$ROOT"
   wait
   assert_line --partial "[INFO] GPU 2 is busy (utilization 95%"
   assert_line --regexp '^rc=0 waited=[1-4]$'
@@ -217,8 +257,8 @@ setup() {
 
 @test "gpu::wait_free: gives up after MAX_WAIT with the reason" {
   export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-gpu2-busy.json MAX_WAIT=1 MGPU_UTIL_SAMPLES=1
-  run bash -c 'source "$1/lib/log.sh"; source "$1/lib/gpu.sh"; gpu::wait_free 2; echo "rc=$? waited=$GPU_WAITED_S"' _ "$ROOT"
-  assert_line "[WARN] GPU 2 still busy after waiting 1s (MAX_WAIT): utilization 95% (median of 1 samples) > MAX_UTIL 70%"
+  run bash -c 'source "$1/lib/gpu.sh"; core::defaults; gpu::wait_free 2; echo "rc=$? waited=$GPU_WAITED_S"' _ "$ROOT"
+  assert_line "[WARN] GPU 2 still busy after waiting 1s (MAX_WAIT): utilization 95% (1 sample) > MAX_UTIL 70%"
   assert_line "rc=1 waited=1"
 }
 

@@ -36,7 +36,8 @@ max_overlap() {
     "$(printf 'starnet_s1_clip_ViT-B_32\tstarnet_s1\tclip:ViT-B/32\tsucceeded\t0')"
   assert_equal "$(summary '.configs[0].metrics.val_r1')" 0.5
   run cat logs/clip_training/summary_*.tsv
-  assert_line --index 1 --regexp $'^starnet_s1_clip_ViT-B_32\t0\tsucceeded\t0\t0\t[0-9.]+\t0\tval_r1=0.5\t'
+  assert_line --index 0 $'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tmetric_name\tmetric_value\tlog\tdetail'
+  assert_line --index 1 --regexp $'^starnet_s1_clip_ViT-B_32\t0\tsucceeded\t0\t\t0\t[0-9.]+\t0\tval_r1\t0.5\tlogs/clip_training/starnet_s1_clip_ViT-B_32_gpu0_[0-9_]+\.log\t$'
 }
 
 @test "seed example 1: one GPU (GPU 5 of eight) runs the configs one after another" {
@@ -66,7 +67,7 @@ JSON
   assert_equal "$(grep -c -F '[ERROR] GPU 5 is not available (this machine has GPUs 0-3); skipping it' <<<"$stderr")" 1
   assert_equal "$(gpus_of starnet_s1_clip_ViT-B_32)" 0
   sweep --gpus 7,9 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
-  assert_failure 1
+  assert_failure 2
   assert_equal "$(tail -n 1 <<<"$stderr")" "[ERROR] none of the GPUs in GPUS (7 9) is available; this machine has GPUs 0-3"
 }
 
@@ -77,10 +78,10 @@ JSON
   sweep --gpus 2 --max-wait 30 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
   wait
   assert_success
-  [[ $stderr == *"GPU 2 is busy (utilization 95%"* ]]
+  [[ $stderr == *"starnet_s1_clip_ViT-B_32 waits: GPU 2 is busy: utilization 95% (1 sample) > MAX_UTIL 70%; waited 0s of up to 30s (MAX_WAIT)"* ]]
   assert_equal "$(gpus_of starnet_s1_clip_ViT-B_32)" 2
   run summary '.configs[0] | "\(.waited_seconds) \(.reason)"'
-  assert_output --regexp '^[1-3] waited for GPU 2: utilization 95%'
+  assert_output --regexp '^([1-3]) waited \1s: GPU 2 is busy: utilization 95%'
 }
 
 @test "MAX_WAIT expiry: --on-timeout run starts anyway, skip skips, fail fails" {
@@ -96,7 +97,7 @@ JSON
   rm -rf logs
   sweep --gpus 2 --max-wait 1 --on-timeout fail --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
   assert_failure 1
-  assert_equal "$(summary '.configs[0] | "\(.status) \(.reason)"')" "failed GPU 2 busy after 1s: utilization 95% (median of 1 samples) > MAX_UTIL 70%"
+  assert_equal "$(summary '.configs[0] | "\(.status) \(.reason)"')" "failed gave up after 1s (MAX_WAIT): GPU 2 is busy: utilization 95% (1 sample) > MAX_UTIL 70%"
 }
 
 @test "one config failing never stops the others; its log tail is shown; exit 1" {
@@ -155,12 +156,14 @@ JSON
   FAKE_TRAIN_SLEEP=60 env --default-signal=INT bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0,1 --grace 2 \
     --image-encoders s1,s2,s3 --text-encoders t >"$WORK/out" 2>"$WORK/err" &
   local launcher=$!
-  for _ in $(seq 100); do [[ $(grep -c start "$FAKE_TRAIN_RECORD" 2>/dev/null) == 2 ]] && break; sleep 0.1; done
+  started() { [[ $(count_lines start "$FAKE_TRAIN_RECORD") == 2 ]]; }
+  wait_for 20 "two jobs started" started
   kill -INT "$launcher"
   local rc=0
   wait "$launcher" || rc=$?
   assert_equal "$rc" 130
-  assert_equal "$(summary '[.configs[].status] | join(" ")')" "interrupted interrupted interrupted"
+  assert_equal "$(summary '[.configs[] | .status + "/" + (.detail // .reason)] | join(" ")')" \
+    "interrupted/stopped within the grace period (exit 143) interrupted/stopped within the grace period (exit 143) interrupted/never started"
   assert_equal "$(grep -c start "$FAKE_TRAIN_RECORD")" 2
   local pid
   while read -r pid; do
@@ -173,7 +176,7 @@ JSON
   FAKE_TRAIN_SLEEP=60 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 --grace 1 --image-encoders s1 --text-encoders t \
     >/dev/null 2>&1 &
   local launcher=$! rc=0
-  for _ in $(seq 100); do [[ -s $FAKE_TRAIN_RECORD ]] && break; sleep 0.1; done
+  wait_for 20 "the job to start" test -s "$FAKE_TRAIN_RECORD"
   kill -TERM "$launcher"
   wait "$launcher" || rc=$?
   assert_equal "$rc" 143
@@ -188,7 +191,8 @@ JSON
 JSON
   sweep --gpus 0,1 --config-file "$WORK/evil.json"
   assert_success
-  assert [ ! -e pwned ] && assert [ ! -e pwned2 ]
+  assert [ ! -e pwned ]
+  assert [ ! -e pwned2 ]
   assert_equal "$(ls checkpoints/clip_models | sort | tr '\n' ' ')" '_._.._escape it_s___touch_pwned___touch_pwned2_ '
   run cut -f7 "$FAKE_TRAIN_RECORD"
   assert_line --partial "--image-encoder a b --text-encoder c;d"
@@ -211,7 +215,7 @@ JSON
 
 @test "CPU mode: no GPU at all runs --cpu-slots jobs with OMP_NUM_THREADS set" {
   unset MGPU_FAKE_GPUS
-  export NVIDIA_SMI=mgpu-no-such-nvidia-smi
+  export NVIDIA_SMI=none
   FAKE_TRAIN_SLEEP=1 sweep --cpu-slots 2 --image-encoders a,b --text-encoders t
   assert_success
   [[ $stderr == *"no GPU found (no nvidia-smi, no MGPU_FAKE_GPUS): CPU mode, 2 job(s) at a time"* ]]
@@ -227,22 +231,27 @@ JSON
   assert_failure 1
   assert_equal "$(jq -r '[.configs[] | "\(.name):\(.status):\(.exit_code)"] | join(" ")' logs/gpu_queue/summary_*.json)" \
     "job2:succeeded:0 job4:failed:4"
-  run cat logs/gpu_queue/job2_gpu3_*.log
+  run grep -v '^# ' logs/gpu_queue/job2_gpu3_*.log
   assert_output "gpu=3 name=job2"
+  run head -n 2 logs/gpu_queue/job2_gpu3_*.log # the header: what ran, where, when, which mgpu
+  assert_line --index 0 --regexp '^# mgpu: job2 on GPU 3 \(CUDA_VISIBLE_DEVICES=3\), host .+, started [0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8} [+-][0-9]{4}, mgpu (commit [0-9a-f]+|\(not a git checkout\))'
+  assert_line --index 1 '# command: bash -c echo\ \"gpu=\$CUDA_VISIBLE_DEVICES\ name=\$MGPU_CONFIG_NAME\"'
   rm -rf logs
   run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 - <<<$'true\ntrue\ntrue'
   assert_success
   assert_equal "$(jq -r .succeeded logs/gpu_queue/summary_*.json)" 3
 }
 
-@test "each job leads its own process group, with Ctrl-C (SIGINT) not ignored, as at a terminal" {
-  local line='read -r -a f </proc/$$/stat; m=$(awk "/^SigIgn/ { print \$2 }" /proc/$$/status); echo "pid=$$ group=${f[4]} int_ignored=$(( (0x$m >> 1) & 1 ))"'
+@test "each job has its own process group, led by its recording process, with Ctrl-C (SIGINT) not ignored" {
+  local line='read -r -a f </proc/$$/stat; read -r -a l </proc/$PPID/stat; m=$(awk "/^SigIgn/ { print \$2 }" /proc/$$/status); echo "parent=$PPID group=${f[4]} parent_group=${l[4]} launcher_group=${l[3]} int_ignored=$(( (0x$m >> 1) & 1 ))"'
   run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 - <<<"$line"$'\n'"$line"
   assert_success
   local log
   for log in logs/gpu_queue/job*.log; do
-    run cat "$log"
-    assert_output --regexp '^pid=([0-9]+) group=\1 int_ignored=0$'
+    run grep -v '^# ' "$log"
+    # the command runs in the group its parent (the job's recording process) leads, not the launcher's
+    assert_output --regexp '^parent=([0-9]+) group=\1 parent_group=\1 launcher_group=[0-9]+ int_ignored=0$'
+    [[ $output != *"launcher_group=${output#*group=}"* ]]
   done
 }
 
@@ -250,13 +259,15 @@ JSON
   export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-gpu2-busy.json
   sweep --dry-run --gpus 1,2 --image-encoders starnet_s1,starnet_s2,starnet_s3 --text-encoders "clip:ViT-B/32" -- --note "two words"
   assert_success
-  assert_equal "$output" "Plan: 3 job(s) on 2 slot(s) [1:0 2:0]; MAX_UTIL 70%, MAX_WAIT 300s, --on-timeout run, --retries 0
+  assert_equal "$output" "Plan: 3 job(s) on 2 slot(s) [1:0 2:0]; MAX_UTIL 70%, MAX_WAIT 300s, --on-timeout run, --retries 0, --grace 60s
 GPU 1: free now
-GPU 2: busy now (utilization 95% (median of 1 samples) > MAX_UTIL 70%): jobs wait for it
-starnet_s1_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s1_clip_ViT-B_32 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s1 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s1_clip_ViT-B_32 --note two\\ words 
-starnet_s2_clip_ViT-B_32 -> GPU 2: CUDA_VISIBLE_DEVICES=2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s2_clip_ViT-B_32 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s2 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s2_clip_ViT-B_32 --note two\\ words 
-starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s3_clip_ViT-B_32 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s3 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s3_clip_ViT-B_32 --note two\\ words "
+GPU 2: busy now (utilization 95% (1 sample) > MAX_UTIL 70%): jobs wait for it
+starnet_s1_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s1_clip_ViT-B_32 MGPU_GPU=1 OMP_NUM_THREADS=1 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s1 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s1_clip_ViT-B_32 --note two\\ words 
+starnet_s2_clip_ViT-B_32 -> GPU 2: CUDA_VISIBLE_DEVICES=2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s2_clip_ViT-B_32 MGPU_GPU=2 OMP_NUM_THREADS=1 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s2 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s2_clip_ViT-B_32 --note two\\ words 
+starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=starnet_s3_clip_ViT-B_32 MGPU_GPU=1 OMP_NUM_THREADS=1 $ROOT/tests/fakes/fake-trainer --image-encoder starnet_s3 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s3_clip_ViT-B_32 --note two\\ words "
   assert [ ! -e "$FAKE_TRAIN_RECORD" ]
+  assert [ ! -e logs ]
+  assert [ ! -e checkpoints ]
 }
 
 @test "bad settings exit 2 naming the setting, the value and what is allowed" {
@@ -285,7 +296,7 @@ starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_
   assert_equal "$(summary '[.configs[].metrics | .steps, .val_samples, (.["image_to_text_R@1"] | type)] | map(tostring) | join(" ")')" \
     "3 8 number 3 8 number"
   run cat logs/clip_training/summary_*.tsv
-  assert_line --index 1 --regexp $'\timage_to_text_R@1=(0|1|0\.[0-9]{1,4})\t' # rounded to 4 decimals
+  assert_line --index 1 --regexp $'\timage_to_text_R@1\t(0|1|0\.[0-9]{1,4})\t' # rounded to 4 decimals
   run cat logs/clip_training/starnet_s050_bert_tiny-chinese_gpu*.log
   assert_line "Using CPU for training (1 threads)"
   assert_line --partial "starnet_s050 x bert:tiny-chinese: 3 steps"
@@ -314,14 +325,19 @@ starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_
   [[ $stderr == *"[INFO] [2/2 done, 0 running, 0 queued, "* ]]
 }
 
-@test "a lock file that is a symbolic link is refused, and its target is left untouched" {
+@test "a lock file that is a symbolic link is refused, its target left untouched, and its slot never used" {
   mkdir -p "$MGPU_LOCK_DIR"
   ln -s "$WORK/precious" "$MGPU_LOCK_DIR/gpu0.slot0.lock"
   sweep --gpus 0 --image-encoders a --text-encoders b
-  assert_failure
-  [[ $stderr == *"MGPU_LOCK_DIR: refusing the lock file $MGPU_LOCK_DIR/gpu0.slot0.lock: it or its folder is a symbolic link"* ]]
+  assert_failure 1
+  [[ $stderr == *"MGPU_LOCK_DIR: refusing the lock file $MGPU_LOCK_DIR/gpu0.slot0.lock: it is a symbolic link or not a regular file"* ]]
   assert [ ! -e "$WORK/precious" ]
   assert [ ! -e "$FAKE_TRAIN_RECORD" ]
+  assert_equal "$(summary '.configs[0] | "\(.status) \(.failure): \(.reason)"')" "failed could not start: no usable GPU slot (see the errors above)"
+  rm -rf logs
+  sweep --gpus 0,1 --image-encoders a --text-encoders b # another GPU's slot takes the job
+  assert_success
+  assert_equal "$(gpus_of a_b)" 1
 }
 
 @test "USE_MULTI_CONFIG=false runs one config at a time on the first GPU" {

@@ -18,9 +18,10 @@ common_setup() {
   unset MGPU_FAKE_GPUS CUDA_VISIBLE_DEVICES CUDA_DEVICE_ORDER MAX_UTIL MAX_WAIT NVIDIA_SMI
 }
 
-# gpu_sh FUNCTION ARGS... — run a lib/gpu.sh function in a fresh bash under the entry scripts' strict mode.
+# gpu_sh FUNCTION ARGS... — run a lib/gpu.sh function in a fresh bash under the entry scripts' strict mode,
+# with the settings checked first as the entry scripts do.
 gpu_sh() {
-  run bash -c 'set -Eeuo pipefail; source "$1/lib/log.sh"; source "$1/lib/gpu.sh"; shift; "$@"' _ "$ROOT" "$@"
+  run bash -c 'set -Eeuo pipefail; source "$1/lib/gpu.sh"; core::defaults; core::check_env || exit 2; shift; "$@"' _ "$ROOT" "$@"
 }
 
 # scenario_copy NAME — a private, writable copy of a shipped scenario; prints its path.
@@ -39,4 +40,38 @@ live_in_group() {
 set_util() {
   jq --argjson i "$2" --argjson u "$3" '(.gpus[] | select(.index == $i) | .utilization_gpu) = $u' "$1" >"$1.tmp"
   mv "$1.tmp" "$1"
+}
+
+# wait_for SECONDS WHAT COMMAND... — run COMMAND every 0.05 s until it succeeds; after SECONDS, fail the
+# test loudly, saying what it waited for.
+wait_for() {
+  local limit=$1 what=$2 deadline
+  shift 2
+  deadline=$((SECONDS + limit))
+  until "$@"; do
+    if ((SECONDS >= deadline)); then
+      echo "timed out after ${limit}s waiting for: $what" >&2
+      return 1
+    fi
+    sleep 0.05
+  done
+}
+
+# count_lines PATTERN FILE — how many lines of FILE match PATTERN (0 for a missing file)
+count_lines() { grep -c -e "$1" "$2" 2>/dev/null || true; }
+
+# children_of PID PATTERN — the pids of PID's own children whose command line matches PATTERN (a bash
+# glob), one a line: this test's processes, never another checkout's (no machine-wide pgrep -f).
+children_of() {
+  local stat fields pid cmdline=()
+  for stat in /proc/[0-9]*/stat; do
+    read -r fields 2>/dev/null <"$stat" || continue
+    pid=${stat#/proc/} pid=${pid%/stat}
+    read -r -a fields <<<"${fields##*) }" # state ppid pgrp ...
+    [[ ${fields[1]} == "$1" ]] || continue
+    mapfile -d '' -t cmdline 2>/dev/null <"/proc/$pid/cmdline" || continue
+    # shellcheck disable=SC2053  # the pattern is meant as a glob
+    [[ "${cmdline[*]}" == $2 ]] && echo "$pid"
+  done
+  return 0
 }

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# slurm_task.sh SWEEP_DIR — one array task of an mgpu sweep on Slurm, run by the sweep's sweep.sbatch:
+# libexec/slurm_task.sh SWEEP_DIR — one array task of an mgpu sweep on Slurm, run by the sweep's sweep.sbatch:
 # the job of task<SLURM_ARRAY_TASK_ID>.meta/.argv, with the environment, log file and completion
 # marker a local run gives it, and its own record (task<i>.started, task<i>.result) for --wait/--status.
 # A TERM from Slurm (scancel, the time limit) reaches the job's whole process group; the record says so.
 set -Eeuo pipefail
-MGPU_LIB=$(readlink -f "${BASH_SOURCE[0]}") MGPU_LIB=${MGPU_LIB%/*}
-# shellcheck source=lib/log.sh
-source "$MGPU_LIB/log.sh"
-# shellcheck source=lib/gpu.sh
-source "$MGPU_LIB/gpu.sh" # for gpu::_now_ms
+MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/libexec/*}
+# shellcheck source=lib/core.sh
+source "$MGPU_ROOT/lib/core.sh"
 # shellcheck source=lib/ledger.sh
-source "$MGPU_LIB/ledger.sh" # for ledger::log_path, the local runs' log naming
+source "$MGPU_ROOT/lib/ledger.sh" # for ledger::log_path, the local runs' log naming
 
 # write_atomic FILE LINE... — FILE holds the lines, whole or not at all (a reader may look at any time)
 write_atomic() {
@@ -30,10 +28,10 @@ main() {
   [[ -n $gpu ]] || gpu=cpu
   node=${SLURMD_NODENAME:-$HOSTNAME}
   LOG_DIR=${meta[6]}
-  ledger::log_path "${meta[0]}" "$gpu"
+  ledger::log_path "${meta[0]}" "$gpu" || { echo "[ERROR] ${meta[0]}: $LEDGER_ERROR" >&2; exit 1; }
   [[ -z ${meta[3]} || -d ${meta[3]} ]] || mkdir -p -- "${meta[3]}"
-  gpu::_now_ms
-  start=$GPU_NOW_MS
+  core::now_ms
+  start=$CORE_NOW_MS
   write_atomic "$dir/task$k.started" "$gpu" "$node" "$LEDGER_LOG" "$start"
   echo "[INFO] ${meta[0]}: Slurm job ${SLURM_ARRAY_JOB_ID:-?}_$k on $node, GPU $gpu; log $LEDGER_LOG"
   trap 'stopped=TERM; kill -TERM -- "-$pid" 2>/dev/null || true' TERM
@@ -48,13 +46,13 @@ main() {
     rc=0
     wait "$pid" || rc=$?
   done
-  gpu::_now_ms
+  core::now_ms
   if ((rc == 0)); then
     mkdir -p -- "${meta[4]%/*}"
     write_atomic "${meta[4]}" "${meta[5]}"
   fi
-  write_atomic "$dir/task$k.result" "$rc" "$GPU_NOW_MS" "$stopped"
-  echo "[INFO] ${meta[0]}: exit $rc after $(((GPU_NOW_MS - start) / 1000))s${stopped:+ (stopped by SIG$stopped)}"
+  write_atomic "$dir/task$k.result" "$rc" "$CORE_NOW_MS" "$stopped"
+  echo "[INFO] ${meta[0]}: exit $rc after $(((CORE_NOW_MS - start) / 1000))s${stopped:+ (stopped by SIG$stopped)}"
   exit "$rc"
 }
 

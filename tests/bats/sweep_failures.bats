@@ -1,0 +1,293 @@
+#!/usr/bin/env bats
+# shellcheck disable=SC2030,SC2031,SC2154,SC2016,SC2317  # bats: subshell tests, $stderr from run; '$VAR' in job text is meant literally; wait_for calls the small functions
+# The sweep engine against what real servers do: jobs killed by the OOM killer, a launcher killed
+# mid-sweep, two launchers on one config, a second Ctrl-C, jobs that cannot start, stale results, bad
+# inputs, hostile files in the shared lock folder, held slots. Real bash, real processes, the fakes.
+
+load test_helper
+
+setup() {
+  common_setup
+  cd "$WORK" || return 1
+  export MGPU_LOCK_DIR="$WORK/locks" FAKE_TRAIN_RECORD="$WORK/record.tsv" MGPU_RETRY_BACKOFF_MS=100
+  export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-idle.json MGPU_UTIL_SAMPLES=1 MGPU_TICK_MS=50
+  TRAIN=(--train-cmd "$ROOT/tests/fakes/fake-trainer")
+}
+
+teardown() {
+  # Jobs a test left running on purpose (orphans of a killed launcher): their groups, from the record.
+  local pid group cmd=()
+  [[ -f $FAKE_TRAIN_RECORD ]] || return 0
+  while read -r pid; do
+    mapfile -d '' -t cmd 2>/dev/null <"/proc/$pid/cmdline" || continue
+    [[ "${cmd[*]}" == *"$ROOT/tests/fakes/fake-trainer"* ]] || continue # still ours, not a reused pid
+    group=$(ps -o pgid= -p "$pid" 2>/dev/null) || continue
+    kill -KILL -- "-${group// /}" 2>/dev/null || true
+  done < <(cut -f5 "$FAKE_TRAIN_RECORD")
+}
+
+sweep() { run --separate-stderr bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" "$@"; }
+summary() { jq -r "$1" logs/clip_training/summary_*.json; }
+starts() { count_lines $'\tstart\t' "$FAKE_TRAIN_RECORD"; }
+ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
+
+@test "jobs killed with their whole process group (SIGKILL, SIGSEGV) while the launcher samples GPUs: 50 ends, all seen, no hang" {
+  local scenario
+  scenario=$(scenario_copy 4x-rtx4090-idle)
+  set_util "$scenario" 2 65 # near MAX_UTIL: every fill samples it over the whole window
+  local i
+  for ((i = 0; i < 50; i++)); do
+    if ((i % 2)); then echo 'sleep 0.$((RANDOM % 3)); kill -SEGV 0'; else echo 'sleep 0.$((RANDOM % 3)); kill -KILL 0'; fi
+  done >"$WORK/jobs.txt"
+  MGPU_FAKE_GPUS=$scenario MGPU_UTIL_SAMPLES=5 MGPU_UTIL_WINDOW_MS=400 MGPU_POLL_MS=50 \
+    run --separate-stderr timeout 240 bash "$ROOT/gpu_queue.sh" --gpus 0,1,2 "$WORK/jobs.txt"
+  assert_failure 1 # not 124: the launcher never hung
+  assert_equal "$(jq -r '[.configs[] | "\(.status) \(.failure)"] | group_by(.) | map("\(length) \(.[0])") | join(", ")' logs/gpu_queue/summary_*.json)" \
+    "25 failed signal KILL, 25 failed signal SEGV"
+}
+
+@test "a job whose command is killed (the OOM killer's SIGKILL) is recorded by its own process, and retried" {
+  printf 'kill -KILL $$\n' >"$WORK/jobs.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 --retries 1 "$WORK/jobs.txt"
+  assert_failure 1
+  assert_equal "$(jq -r '.configs[0] | "\(.status) \(.exit_code) \(.failure) \(.retries) \(.failed_attempts | join("; "))"' logs/gpu_queue/summary_*.json)" \
+    "failed 137 signal KILL 1 signal KILL on GPU 0; signal KILL on GPU 1"
+}
+
+@test "the launcher SIGKILLed mid-sweep: its jobs finish and mark themselves done, so --resume redoes nothing" {
+  FAKE_TRAIN_SLEEP=1.5 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0,1 --image-encoders a,b --text-encoders t \
+    >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$!
+  two_started() { [[ $(starts) == 2 ]]; }
+  wait_for 30 "both jobs to start" two_started
+  kill -KILL "$launcher"
+  wait "$launcher" || true
+  two_ended() { [[ $(ends) == 2 ]]; }
+  wait_for 30 "the orphaned jobs to finish" two_ended
+  done_markers() { [[ -f checkpoints/clip_models/a_t/.mgpu_done && -f checkpoints/clip_models/b_t/.mgpu_done ]]; }
+  wait_for 10 "the orphans' completion markers" done_markers
+  sweep --resume --gpus 0,1 --image-encoders a,b --text-encoders t
+  assert_success
+  assert_equal "$(starts)" 2 # nothing ran again
+  assert_equal "$(summary '[.configs[] | "\(.name)=\(.status):\(.reason)"] | join(" ")')" \
+    "a_t=skipped:done earlier (--resume) b_t=skipped:done earlier (--resume)"
+}
+
+@test "a config still running from a killed launcher is reported as running elsewhere, never started twice" {
+  FAKE_TRAIN_SLEEP=60 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 --image-encoders a --text-encoders t \
+    >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$!
+  wait_for 30 "the job to start" test -s "$FAKE_TRAIN_RECORD"
+  kill -KILL "$launcher"
+  wait "$launcher" || true
+  # another launcher with a free slot on the same GPU, and with other GPUs
+  sweep --resume --jobs-per-gpu 2 --gpus 0,1 --image-encoders a,b --text-encoders t
+  assert_failure 1
+  assert_equal "$(starts)" 2 # a once (still running), b once
+  assert_equal "$(summary '.configs[] | select(.name == "a_t") | .status')" skipped
+  assert_regex "$(summary '.configs[] | select(.name == "a_t") | .reason')" '^running elsewhere \(pid [0-9]+: .*\)$'
+  assert_equal "$(summary '.configs[] | select(.name == "b_t") | .status')" succeeded
+}
+
+@test "a job that cannot start fails alone with the true cause; the others run and every config is in the summary" {
+  mkdir -p checkpoints/clip_models
+  echo "not a folder" >checkpoints/clip_models/b_t # b's output folder cannot be made
+  FAKE_TRAIN_SLEEP=0.5 sweep --gpus 0 --image-encoders a,b,c --text-encoders t
+  assert_failure 1
+  assert_equal "$(summary '[.configs[] | "\(.name)=\(.status)"] | join(" ")')" "a_t=succeeded b_t=failed c_t=succeeded"
+  assert_equal "$(summary '.configs[1] | "\(.failure): \(.reason)"')" "could not start: cannot make its output folder: File exists"
+  [[ $stderr == *"[ERROR] b_t could not start: cannot make its output folder: File exists"* ]]
+}
+
+@test "names too long for a file name are shortened with a stable hash; they run, and --resume finds them" {
+  local long
+  long=$(printf 'x%.0s' {1..300})
+  printf '{"configs": [{"name": "%s1", "image_encoder": "a", "text_encoder": "b"}, {"name": "%s2", "image_encoder": "a", "text_encoder": "b"}]}\n' \
+    "$long" "$long" >"$WORK/long.json"
+  sweep --gpus 0,1 --config-file "$WORK/long.json"
+  assert_success
+  run ls checkpoints/clip_models
+  assert_equal "${#lines[@]}" 2
+  assert_regex "${lines[0]}" '^x{111}_[0-9a-f]{8}$'
+  assert_not_equal "${lines[0]}" "${lines[1]}"
+  sweep --resume --gpus 0,1 --config-file "$WORK/long.json"
+  assert_success
+  assert_equal "$(starts)" 2
+}
+
+@test "LOG_DIR removed mid-sweep: it is made again, the next jobs run, and the summary is written" {
+  printf 'rm -rf logs/gpu_queue\ntrue\ntrue\n' >"$WORK/jobs.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt"
+  assert_success
+  [[ $stderr == *"LOG_DIR logs/gpu_queue was gone; made it again"* ]]
+  assert_equal "$(jq -r '.succeeded' logs/gpu_queue/summary_*.json)" 3
+}
+
+@test "a second Ctrl-C during the grace period kills at once; every config is still in the summary, exit 130" {
+  local i
+  for i in 1 2 3 4; do echo 'trap "" TERM; echo up; sleep 60'; done >"$WORK/jobs.txt"
+  env --default-signal=INT bash "$ROOT/gpu_queue.sh" --gpus 0 --grace 100 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0 start=$SECONDS
+  job_up() { grep -q '^up$' logs/gpu_queue/job1_gpu0_*.log 2>/dev/null; }
+  wait_for 30 "the first job to start" job_up
+  kill -INT "$launcher"
+  stopping() { grep -q 'stopping 1 running job' "$WORK/err"; }
+  wait_for 30 "the launcher to start stopping" stopping
+  kill -INT "$launcher"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 130
+  assert [ $((SECONDS - start)) -lt 60 ] # the second Ctrl-C did not wait out --grace 100
+  run cat "$WORK/err"
+  assert_line --partial "second stop signal: killing the running jobs now"
+  refute_line --regexp '(^|: )Killed'
+  assert_equal "$(jq -r '[.configs[] | "\(.status):\(.detail // .reason)"] | join(" ")' logs/gpu_queue/summary_*.json)" \
+    "interrupted:killed after grace (no checkpoint) interrupted:never started interrupted:never started interrupted:never started"
+}
+
+@test "Ctrl-C gives a trainer time to save (default --grace 60): the summary says checkpoint saved" {
+  FAKE_TRAIN_SLEEP=60 FAKE_TRAIN_ON_TERM=save bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 \
+    --image-encoders a --text-encoders t >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0
+  wait_for 30 "the job to start" test -s "$FAKE_TRAIN_RECORD"
+  kill -TERM "$launcher"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 143
+  assert [ -f checkpoints/clip_models/a_t/checkpoint_1.pt ]
+  assert_equal "$(summary '.configs[0] | "\(.status) (\(.detail))"')" "interrupted (checkpoint saved)"
+  run cat logs/clip_training/summary_*.tsv
+  assert_line --index 1 --partial $'\tinterrupted\t143\t'
+}
+
+@test "a job that ignores TERM is killed after --grace, and the summary says so" {
+  echo 'trap "" TERM; sleep 60' >"$WORK/jobs.txt"
+  bash "$ROOT/gpu_queue.sh" --gpus 0 --grace 1 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0
+  log_made() { compgen -G 'logs/gpu_queue/job1_gpu0_*.log' >/dev/null; }
+  wait_for 30 "the job to start" log_made
+  kill -TERM "$launcher"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 143
+  assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' logs/gpu_queue/summary_*.json)" "interrupted (killed after grace (no checkpoint))"
+}
+
+@test "a failed config never shows the metric of an earlier run's metrics.json" {
+  sweep --gpus 0 --image-encoders a --text-encoders t
+  assert_success
+  assert_equal "$(summary '.configs[0].metrics.val_r1')" 0.5
+  rm -rf logs
+  FAKE_TRAIN_FAIL=a_t sweep --gpus 0 --image-encoders a --text-encoders t
+  assert_failure 1
+  assert_equal "$(summary '.configs[0] | "\(.status) \(.metrics)"')" "failed null"
+  run cat logs/clip_training/summary_*.tsv
+  assert_line --index 1 --regexp $'^a_t\t0\tfailed\t7\terror\t0\t[0-9.]+\t0\t\t\t'
+}
+
+@test "bad inputs that used to pass silently are errors naming the input, the value and what is allowed" {
+  IMAGE_ENCODERS=$'a\nb' sweep --dry-run --gpus 0 --text-encoders t # a newline separates like a comma
+  assert_success
+  assert_line --partial "Plan: 2 job(s)"
+  : >"$WORK/empty.json"
+  sweep --config-file "$WORK/empty.json"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/empty.json: .: the file is empty: it must hold one JSON object"
+  printf '{"image_encoders": ["a"], "text_encoders": ["b"]}\n{"image_encoders": ["c"], "text_encoders": ["d"]}\n' >"$WORK/two.json"
+  sweep --config-file "$WORK/two.json"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/two.json: .: the file holds 2 JSON documents one after another; it must hold one"
+  local where
+  for where in '"defaults": {"output_dir": "/tmp/x"}, "configs": [{"image_encoder": "a", "text_encoder": "b"}]' \
+    '"configs": [{"image_encoder": "a", "text_encoder": "b", "output-dir": "/tmp/x"}]' \
+    '"image_encoders": ["a"], "text_encoders": ["b"], "args": {"output_dir": "/tmp/x"}'; do
+    echo "{$where}" >"$WORK/out.json"
+    sweep --config-file "$WORK/out.json"
+    assert_failure 2
+    assert_regex "$stderr" '^\[ERROR\] CONFIG_FILE: .*out\.json: \.(defaults|configs\[0\]|args)\.output[-_]dir: is reserved: the launcher sets each configuration.s output folder'
+  done
+  sweep --gpus 0 --image-encoders a --text-encoders b -- --output-dir /tmp/elsewhere
+  assert_failure 2
+  [[ $stderr == *"trainer argument '--output-dir' after --: the launcher sets --output-dir for each configuration"* ]]
+  sweep --gpus ""
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] GPUS is empty (''): list GPU indices like 0,1,2,3"
+  local name
+  for name in MGPU_POLL_MS MGPU_TICK_MS MGPU_RETRY_BACKOFF_MS MGPU_UTIL_SAMPLES MGPU_UTIL_WINDOW_MS MGPU_SMI_TIMEOUT MGPU_TAIL_LINES; do
+    run --separate-stderr env "$name=soon" bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 --image-encoders a --text-encoders b
+    assert_failure 2
+    assert_regex "$stderr" "^\[ERROR\] $name must be an integer from [0-9]+ to [0-9]+, got 'soon'$"
+  done
+  unset MGPU_FAKE_GPUS
+  NVIDIA_SMI=/nonexistent sweep --gpus 0 --image-encoders a --text-encoders b
+  assert_failure 2
+  [[ $stderr == *"NVIDIA_SMI=/nonexistent: no such program"* ]]
+  assert [ ! -e "$FAKE_TRAIN_RECORD" ]
+}
+
+@test "a scenario uuid holding a comma is refused, naming the JSON path" {
+  jq '.gpus[1].uuid = "GPU-a,b"' "$SCENARIOS/4x-rtx4090-idle.json" >"$WORK/comma.json"
+  MGPU_FAKE_GPUS=$WORK/comma.json sweep --gpus 0 --image-encoders a --text-encoders b
+  assert_failure
+  [[ $stderr == *"MGPU_FAKE_GPUS: $WORK/comma.json: .gpus[1].uuid: must not contain a comma"* ]]
+}
+
+@test "a FIFO planted as a lock file never blocks: the slot is refused, the job runs elsewhere, TERM still works" {
+  mkdir -p "$MGPU_LOCK_DIR"
+  mkfifo "$MGPU_LOCK_DIR/gpu0.slot0.lock"
+  run --separate-stderr timeout 60 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0,1 --image-encoders a --text-encoders t
+  assert_success
+  [[ $stderr == *"refusing the lock file $MGPU_LOCK_DIR/gpu0.slot0.lock: it is a symbolic link or not a regular file"* ]]
+  assert_equal "$(awk -F'\t' '$2 == "start" { print $3 }' "$FAKE_TRAIN_RECORD")" 1
+  rm -rf logs
+  mkdir -p checkpoints/clip_models/b_t
+  mkfifo checkpoints/clip_models/b_t/.mgpu.lock
+  run --separate-stderr timeout 60 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 1 --image-encoders a,b --text-encoders t
+  assert_failure 1
+  assert_equal "$(summary '[.configs[] | "\(.name)=\(.status)"] | join(" ")')" "a_t=succeeded b_t=failed"
+  [[ $stderr == *"b_t could not start: its lock file checkpoints/clip_models/b_t/.mgpu.lock is not a regular file or cannot be made"* ]]
+}
+
+@test "a slot held by another process: the wait names the holder, counts, and obeys --max-wait/--on-timeout" {
+  mkdir -p "$MGPU_LOCK_DIR"
+  : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
+  flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" sleep 30 &
+  local holder=$!
+  held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
+  wait_for 10 "the test's holder to take the lock" held
+  MGPU_POLL_MS=200 sweep --gpus 0 --max-wait 1 --on-timeout skip --image-encoders a --text-encoders t
+  kill "$holder" 2>/dev/null || true
+  assert_failure 1
+  assert [ ! -e "$FAKE_TRAIN_RECORD" ]
+  [[ $stderr == *"a_t waits: GPU 0 slot 0 is held by pid "*"sleep 30"* ]]
+  assert_equal "$(summary '.configs[0] | "\(.status) \(.waited_seconds)"')" "skipped 1"
+  assert_regex "$(summary '.configs[0].reason')" '^gave up after 1s \(MAX_WAIT\): GPU 0 slot 0 is held by pid [0-9]+: (flock|sleep)'
+}
+
+@test "a held slot freed mid-wait is taken, and the wait is recorded" {
+  mkdir -p "$MGPU_LOCK_DIR"
+  : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
+  flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" sleep 1.5 &
+  held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
+  wait_for 10 "the test's holder to take the lock" held
+  MGPU_POLL_MS=200 sweep --gpus 0 --max-wait 30 --image-encoders a --text-encoders t
+  wait
+  assert_success
+  assert_regex "$(summary '.configs[0] | "\(.waited_seconds) \(.reason)"')" '^[1-3] waited [1-3]s: GPU 0 slot 0 is held by pid'
+}
+
+@test "no temporary folder is left behind: a run, --dry-run, an early error, a Slurm dry run" {
+  export TMPDIR=$WORK/tmp
+  mkdir -p "$TMPDIR"
+  sweep --gpus 0 --image-encoders a --text-encoders t
+  assert_success
+  sweep --dry-run --gpus 0 --image-encoders a --text-encoders t
+  assert_success
+  echo '{"configs": []}' >"$WORK/none.json"
+  sweep --config-file "$WORK/none.json"
+  assert_failure 2
+  printf 'sleep 5\n' >"$WORK/jobs.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 --max-util 150 "$WORK/jobs.txt"
+  assert_failure 2
+  sweep --backend slurm --dry-run --image-encoders a --text-encoders t # make test installs Slurm's client
+  assert_success
+  run ls -A "$TMPDIR"
+  assert_output ""
+}
