@@ -18,6 +18,19 @@ SCENARIOS = ROOT / "examples" / "scenarios"
 MIB = 2**20
 
 
+def real_gpus() -> int:
+    """How many GPUs the real driver of this machine reports (0 without a driver); for the few tests
+    that pin what a machine without GPUs shows, and are skipped where there are GPUs."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def scenario_data(name: str) -> dict:
     return json.loads((SCENARIOS / f"{name}.json").read_text())
 
