@@ -132,7 +132,8 @@ def problems(inv: Inventory, vis: Visibility, max_util: int, me: str) -> list[Pr
     out = _visibility_problems(inv, vis) + _order_problem(inv, vis)
     for gpu in inv.gpus:
         out += _gpu_problems(gpu)
-        cuda = vis.cuda_index(gpu.index) if vis.mig is None else (0 if gpu.index in vis.physical else None)
+        # A MIG instance is isolated from the others' work: its own memory is what counts (the plan).
+        cuda = vis.cuda_index(gpu.index)
         if cuda is None or gpu.lost is not None or not is_busy(gpu, max_util, me):
             continue
         util = gpu.utilization_gpu or 0
@@ -199,7 +200,10 @@ def plan_lines(p: Plan) -> list[str]:
         lines.append(f"  {p.total} replica{'s' if p.total != 1 else ''} in total: {p.total} x {gib(per)} = {gib(p.total * per)} "
                      f"<= {gib(free_total)} free on {len(p.rows)} GPUs")
     else:
-        lines.append(f"  no GPU has {gib(per)} free: use a smaller batch or model, or free a GPU")
+        unknown = [str(r.index) for r in p.rows if r.free_mib is None]
+        lines.append(f"  no GPU has {gib(per)} free: use a smaller batch or model, or free a GPU"
+                     + (f" (the free memory of GPU {', '.join(unknown)} is unknown: with unified memory, see "
+                        "how much system memory is free)" if unknown else ""))
     return lines
 
 

@@ -109,8 +109,9 @@ def test_mig_visibility_plans_the_instance_and_names_it():
     plan = diagnose.plan(inv, vis, 8, 512)
     assert [(r.index, r.cuda_index, r.free_mib, r.replicas, r.mig) for r in plan.rows] == [(0, 0, 9843, 1, uuid)]
     assert f"  GPU 0 {uuid} (cuda:0): 9.6 GiB free -> 1 replica" in diagnose.plan_lines(plan)
-    busy = next(p for p in diagnose.problems(inv, vis, 70, "bob") if p.code == "gpu_busy")
-    assert "GPU 0 (cuda:0)" in busy.message and "carol" in busy.message
+    # MIG instances are isolated: carol's work on another instance of GPU 0 does not make this one busy
+    assert "gpu_busy" not in codes(diagnose.problems(inv, vis, 70, "bob"))
+    assert "gpu_busy" in codes(diagnose.problems(inv, resolve("0", inv.gpus), 70, "bob"))
 
 
 def test_no_driver_and_no_gpus():
