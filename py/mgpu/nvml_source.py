@@ -111,11 +111,20 @@ def _named(nvml, pid: int, used: object) -> GpuProcess:
     return GpuProcess(pid, name, mib, user)
 
 
-def _processes(nvml, gpu: Gpu, handle, smi_apps: smi_source.ComputeApps) -> None:
-    """Fill gpu.processes; when no source can list them, say so (gpu.processes_known = False)."""
+def _processes(nvml, gpu: Gpu, handles: list, smi_apps: smi_source.ComputeApps) -> None:
+    """Fill gpu.processes from the GPU's handle and its MIG instances' handles (in MIG mode only root
+    may ask the whole GPU); when no source can list them, say so (gpu.processes_known = False)."""
     found: dict[int, GpuProcess] = {}
-    compute, why = _entries(nvml, handle, _COMPUTE)
-    if compute is None:
+    answered, why = False, []
+    for handle in handles:
+        compute, failed = _entries(nvml, handle, _COMPUTE)
+        if compute is None:
+            why += failed
+            continue
+        answered = True
+        for p in compute:
+            found.setdefault(p.pid, _named(nvml, p.pid, getattr(p, "usedGpuMemory", None)))
+    if not answered:
         listed = smi_apps.for_gpu(gpu.uuid)
         if listed is None:
             gpu.processes_known = False
@@ -123,14 +132,13 @@ def _processes(nvml, gpu: Gpu, handle, smi_apps: smi_source.ComputeApps) -> None
                                                " it may be busy although no process is shown")
         else:
             found.update((p.pid, p) for p in listed)
-    for p in compute or []:
-        found.setdefault(p.pid, _named(nvml, p.pid, getattr(p, "usedGpuMemory", None)))
-    for p in _entries(nvml, handle, _GRAPHICS)[0] or []:
+    for p in _entries(nvml, handles[0], _GRAPHICS)[0] or []:
         found.setdefault(p.pid, _named(nvml, p.pid, getattr(p, "usedGpuMemory", None)))
     gpu.processes = sorted(found.values(), key=lambda p: p.pid)
 
 
-def _migs(nvml, handle) -> list[MigDevice]:
+def _migs(nvml, handle) -> list[tuple[MigDevice, object]]:
+    """The GPU's MIG instances, each with its NVML handle."""
     try:
         if nvml.nvmlDeviceGetMigMode(handle)[0] != 1:
             return []
@@ -147,7 +155,7 @@ def _migs(nvml, handle) -> list[MigDevice]:
         reader = _Reader(nvml, mig)
         name = reader.ask("name", "nvmlDeviceGetName")
         total, used = _memory(nvml, reader)
-        out.append(MigDevice(uuid, None if name is None else _text(name), total, used))
+        out.append((MigDevice(uuid, None if name is None else _text(name), total, used), mig))
     return out
 
 
@@ -174,8 +182,9 @@ def _read_gpu(nvml, index: int, handle, uuid: str, util: int | None, smi_apps) -
               pci_bus_id=None if pci is None else _text(pci.busId),
               compute_capability=None if cc is None else f"{cc[0]}.{cc[1]}")
     if reader.lost is None:
-        _processes(nvml, gpu, handle, smi_apps)
-        gpu.mig_devices = _migs(nvml, handle)
+        migs = _migs(nvml, handle)
+        gpu.mig_devices = [m for m, _ in migs]
+        _processes(nvml, gpu, [handle] + [h for _, h in migs], smi_apps)
     gpu.lost, gpu.faults = reader.lost, {**reader.faults, **gpu.faults}
     return gpu
 

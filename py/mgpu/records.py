@@ -19,6 +19,7 @@ import sys
 from .gpus import Gpu, Inventory
 
 _UNSAFE = re.compile(r"[,\x00-\x1f\x7f]")
+EXIT_SOURCE_FAILED, EXIT_NO_GPU = 1, 3
 
 
 def _clean(text: str | None) -> str:
@@ -72,13 +73,14 @@ def _read_machine(samples: int) -> tuple[Inventory | None, str, int]:
         return nvml_source.from_nvml(samples, 0.1), "", 0
     except SourceUnavailable as nvml_exc:
         if "not installed" not in str(nvml_exc):
-            return None, f"no GPU can be read: {nvml_exc}", 3
+            return None, f"no GPU can be read: {nvml_exc}", EXIT_NO_GPU
         try:
             return smi_source.from_nvidia_smi(), "", 0
         except smi_source.ProgramMissing as exc:
-            return None, f"no GPU can be read: {nvml_exc}; {exc}", 1 if "NVIDIA_SMI" in os.environ else 3
+            code = EXIT_SOURCE_FAILED if "NVIDIA_SMI" in os.environ else EXIT_NO_GPU
+            return None, f"no GPU can be read: {nvml_exc}; {exc}", code
         except SourceUnavailable as exc:
-            return None, str(exc), 1
+            return None, str(exc), EXIT_SOURCE_FAILED
 
 
 def print_machine(samples: int) -> int:
@@ -92,8 +94,8 @@ def print_machine(samples: int) -> int:
         return code
     if not inv.gpus:
         print("no GPU can be read: the driver reports none", file=sys.stderr)
-        return 3
+        return EXIT_NO_GPU
     sys.stdout.write(render(inv))
     for line in faults(inv):
         print(line, file=sys.stderr)
-    return 1 if all(g.lost is not None for g in inv.gpus) else 0
+    return EXIT_SOURCE_FAILED if all(g.lost is not None for g in inv.gpus) else 0

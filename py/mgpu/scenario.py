@@ -22,7 +22,7 @@ import sys
 from . import topology
 from .gpus import Gpu, GpuProcess, Inventory, MigDevice
 
-EXIT_OK, EXIT_SOURCE_FAILED, EXIT_BAD, EXIT_NO_GPU = 0, 1, 2, 3
+EXIT_OK, EXIT_BAD = 0, 2  # --machine adds 1 (the GPU source failed) and 3 (no GPU): mgpu.records
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _GPU_UUID = re.compile(r"^GPU-[0-9A-Za-z][0-9A-Za-z-]*$")
@@ -87,8 +87,8 @@ def _int(obj: dict, key: str, where: str, lo: int, hi: int | None = None, nullab
 
 
 def _text(value: object, at: str, comma_ok: bool = False) -> str:
-    _need(isinstance(value, str) and value != "", at, f"must be a non-empty string, got {json.dumps(value)}")
-    assert isinstance(value, str)
+    if not isinstance(value, str) or value == "":
+        raise _Fault(at, f"must be a non-empty string, got {json.dumps(value)}")
     _need(not _CONTROL.search(value), at,
           f"must not hold a newline or other control character, got {json.dumps(value)}")
     _need(comma_ok or "," not in value, at, f"must not hold a comma (mgpu's GPU records are comma-separated), "
@@ -214,6 +214,12 @@ def _parse_topology(obj: object, indices: list[int]) -> dict[tuple[int, int], st
     return topology.derive(indices, nvlink, groups)
 
 
+def _bus(bus_id: str) -> str:
+    """One spelling of a PCI bus id: "0000:1b:00.0" and "00000000:1B:00.0" are one device."""
+    domain, rest = bus_id.split(":", 1)
+    return f"{int(domain, 16):08X}:{rest.upper()}"
+
+
 def _parse(data: object) -> Inventory:
     _need(isinstance(data, dict), ".", 'the top level must be a JSON object with a "gpus" list')
     _need(isinstance(data.get("gpus"), list), ".gpus", "must be a list of GPUs")
@@ -221,7 +227,7 @@ def _parse(data: object) -> Inventory:
     gpus = [_parse_gpu(g, f".gpus[{i}]") for i, g in enumerate(data["gpus"])]
     _unique([g.index for g in gpus], ".gpus[].index")
     _unique([g.uuid for g in gpus], ".gpus[].uuid")
-    _unique([g.pci_bus_id.lower() for g in gpus if g.pci_bus_id], ".gpus[].pci_bus_id")
+    _unique([_bus(g.pci_bus_id) for g in gpus if g.pci_bus_id], ".gpus[].pci_bus_id")
     _unique([m.uuid for g in gpus for m in g.mig_devices], ".gpus[].mig_devices[].uuid")
     driver = _str(data, "driver_version", ".", required=False, comma_ok=True)
     cuda = _str(data, "cuda_version", ".", required=False, comma_ok=True)
@@ -257,6 +263,14 @@ def load_scenario(path: str | os.PathLike) -> Inventory:
     return inv
 
 
+def _samples(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 100, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -271,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("file", nargs="?", metavar="FILE", help="the scenario JSON to validate (no default)")
     what.add_argument("--machine", action="store_true",
                       help="read this machine instead: NVML, else nvidia-smi (default: off)")
-    p.add_argument("--samples", type=int, default=1, metavar="N",
-                   help="with --machine, utilization readings to take the median of (default: 1)")
+    p.add_argument("--samples", type=_samples, default=1, metavar="N",
+                   help="with --machine, utilization readings (0.1 s apart) to take the median of (default: 1)")
     args = p.parse_args(argv)
     if args.machine:
-        return records.print_machine(max(args.samples, 1))
+        return records.print_machine(args.samples)
     try:
         inv = load_scenario(args.file)
     except ScenarioError as exc:

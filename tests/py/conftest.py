@@ -65,7 +65,8 @@ class FakeNvml:
     - ``processes_api``: "v3" (a current driver), "v2" (R470: the unversioned call, which is _v3, is
       missing), "none" (neither _v3 nor _v2); ``missing_style``: how a missing entry point surfaces,
       "mismatch" (recent nvidia-ml-py's NVMLLibraryMismatchError) or "function_not_found";
-    - ``dead_pids``: processes NVML lists whose name it cannot give any more;
+    - ``dead_pids``: processes NVML lists whose name it cannot give any more; ``root_only_mig``: a GPU
+      in MIG mode refuses to list its processes (NO_PERMISSION), its instances answer;
     - ``ancestors``: {(i, j): NVML_TOPOLOGY_*} and ``nvlinks``: {i: [("gpu", j) | ("switch", None) |
       ("hidden", None), ...]} one entry per active link; ``topology_error``: raise it from the
       common-ancestor call. A GPU with a memory_total_mib of null raises NOT_SUPPORTED for memory.
@@ -86,6 +87,7 @@ class FakeNvml:
         self.processes_api = "v3"
         self.missing_style = "mismatch"
         self.process_calls: list[str] = []
+        self.root_only_mig = False  # in MIG mode, only root may list the whole GPU's processes
         self.dead_pids: set[int] = set()
         self.ancestors: dict[tuple[int, int], int] = {}
         self.nvlinks: dict[int, list[tuple[str, int | None]]] = {}
@@ -175,6 +177,10 @@ class FakeNvml:
         return SimpleNamespace(gpu=self.gpus[i]["utilization_gpu"], memory=0)
 
     def _procs(self, h):
+        if h[0] == "gpu" and self.root_only_mig and self._gpu(h)["mig_devices"]:
+            raise self._err(pynvml.NVML_ERROR_NO_PERMISSION)
+        if h[0] == "mig" and h[2] > 0:
+            return []  # the scenario's processes all run on the first instance
         return [SimpleNamespace(pid=p["pid"], usedGpuMemory=None if p.get("used_memory_mib") is None
                                 else p["used_memory_mib"] * MIB)
                 for p in self._gpu(h).get("processes", [])]

@@ -171,6 +171,14 @@ def test_mig_instances_are_devices_with_names_and_memory(fake_nvml):
     assert inv.gpus[1].mig_devices == [] and inv.gpus[0].utilization_gpu is None
 
 
+def test_mig_processes_come_from_the_instances_when_the_gpu_refuses(fake_nvml):
+    nvml = fake_nvml(scenario_data("2x-a100-40gb-mig"))
+    nvml.root_only_mig = True
+    gpu = gpus.inventory().gpus[0]
+    assert [(p.pid, p.used_memory_mib) for p in gpu.processes] == [(5151, 8998)]
+    assert gpu.processes_known and gpu.faults == {}
+
+
 def test_no_driver_is_cpu_mode_with_the_reason(fake_nvml, capsys):
     nvml = fake_nvml(scenario_data("4x-rtx4090-idle"))
     nvml.init_error = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND

@@ -250,3 +250,17 @@ def test_gpus_are_sorted_by_index_and_the_old_names_still_work(write_scenario):
     data["gpus"].reverse()
     assert [g.index for g in gpus.load_scenario(write_scenario(data)).gpus] == [0, 1, 2, 3]
     assert gpus.ScenarioError is scenario.ScenarioError
+
+
+def test_one_pci_device_spelt_two_ways_is_a_duplicate(write_scenario):
+    data = scenario_data("4x-rtx4090-idle")
+    data["gpus"][0]["pci_bus_id"] = "0000:1b:00.0"
+    data["gpus"][1]["pci_bus_id"] = "00000000:1B:00.0"
+    with pytest.raises(scenario.ScenarioError, match=r"\.gpus\[\]\.pci_bus_id: must be unique"):
+        scenario.load_scenario(write_scenario(data))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "101"])
+def test_machine_samples_are_validated(value):
+    done = cli("--machine", "--samples", value)
+    assert done.returncode == 2 and f"must be an integer from 1 to 100, got '{value}'" in done.stderr
