@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# How fast check_gpus.py and lib/gpu.sh answer: check_gpus.py must answer "well under a second" on a
-# machine without a driver, and without importing torch. Prints median wall times; asserts nothing.
+# How fast check_gpus.py, python -m mgpu.scenario and lib/gpu.sh answer: check_gpus.py must answer "well
+# under a second" on a machine without a driver, and without importing torch; the scenario records CLI
+# replaces a jq run in lib/gpu.sh, so its start-up is compared with the interpreter's own and with jq's.
+# Prints median wall times; asserts nothing.
 #   bash bench/check_gpus.sh [RUNS]
 set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +27,7 @@ median_ms() {
 }
 
 scenario=$ROOT/examples/scenarios/8x-a100-80gb.json
+quads=$ROOT/examples/scenarios/8x-h100-2-nvlink-quads.json
 printf '%-62s %8s\n' "what (median of $RUNS runs)" "ms"
 printf '%-62s %8s\n' "check_gpus.py, no driver on this machine (real NVML path)" \
   "$(median_ms env -u MGPU_FAKE_GPUS "$PYTHON" "$ROOT/check_gpus.py")"
@@ -32,6 +35,13 @@ printf '%-62s %8s\n' "check_gpus.py --json, 8-GPU scenario" \
   "$(median_ms env MGPU_FAKE_GPUS="$scenario" "$PYTHON" "$ROOT/check_gpus.py" --json)"
 printf '%-62s %8s\n' "check_gpus.py --torch (imports torch)" \
   "$(median_ms env MGPU_FAKE_GPUS="$scenario" "$PYTHON" "$ROOT/check_gpus.py" --torch)"
+printf '%-62s %8s\n' "python -m mgpu.scenario FILE, 8-GPU scenario (records)" \
+  "$(PYTHONPATH=$ROOT/py median_ms "$PYTHON" -m mgpu.scenario "$scenario")"
+printf '%-62s %8s\n' "python -m mgpu.scenario FILE, 8 GPUs + topology (28 links)" \
+  "$(PYTHONPATH=$ROOT/py median_ms "$PYTHON" -m mgpu.scenario "$quads")"
+printf '%-62s %8s\n' "python -m mgpu.scenario --machine, no driver on this machine" \
+  "$(PYTHONPATH=$ROOT/py median_ms env -u MGPU_FAKE_GPUS "$PYTHON" -m mgpu.scenario --machine)"
+printf '%-62s %8s\n' "python -c pass (the interpreter alone)" "$(median_ms "$PYTHON" -c pass)"
 printf '%-62s %8s\n' "gpu::query, 8-GPU scenario (jq)" "$(MGPU_FAKE_GPUS=$scenario median_ms gpu::query)"
 printf '%-62s %8s\n' "gpu::query, fake nvidia-smi on PATH" \
   "$(NVIDIA_SMI=$ROOT/tests/fakes/nvidia-smi MGPU_FAKE_SMI_SCENARIO=$scenario median_ms gpu::query)"

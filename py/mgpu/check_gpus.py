@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 
 from . import diagnose, gpus, visible
+from .scenario import ScenarioError
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NO_GPU = 0, 1, 2, 3
 
@@ -71,20 +72,44 @@ def _max_util(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         raise  # p.error exits; this line is for type checkers
 
 
-def _row(gpu: gpus.Gpu, cuda: int | None, me: str) -> list[str]:
+def _memory(used: int | None, total: int | None) -> str:
+    if total is None:
+        return "unknown" if used is None else f"{used / 1024:.1f} / ?"
+    return f"{'?' if used is None else f'{used / 1024:.1f}'} / {diagnose.gib(total)}"
+
+
+def _rows(gpu: gpus.Gpu, vis: visible.Visibility, me: str) -> list[list[str]]:
+    """The GPU's row, then one row per MIG instance: each is a device CUDA can be given."""
+    cuda = vis.cuda_index(gpu.index)
+    if gpu.lost is not None:
+        return [[str(gpu.index), "-", gpu.uuid or "?", gpu.pci_bus_id or "?", f"(cannot be read: {gpu.lost})",
+                 "?", "?", "?"]]
     procs = "; ".join(
         f"{p.pid} {p.name}" + (f" ({'you' if p.user == me else p.user})" if p.user else "")
         + (f" {diagnose.gib(p.used_memory_mib)}" if p.used_memory_mib is not None else "")
-        for p in gpu.processes) or "-"
+        for p in gpu.processes) or ("-" if gpu.processes_known else "? (cannot be listed)")
     util = "n/a" if gpu.utilization_gpu is None else f"{gpu.utilization_gpu}%"
-    memory = f"{gpu.memory_used_mib / 1024:.1f} / {diagnose.gib(gpu.memory_total_mib)}"
-    return [str(gpu.index), "-" if cuda is None else str(cuda), gpu.name, memory, util, procs]
+    rows = [[str(gpu.index), "-" if cuda is None else str(cuda), gpu.uuid, gpu.pci_bus_id or "-", gpu.name,
+             _memory(gpu.memory_used_mib, gpu.memory_total_mib), util, procs]]
+    for n, mig in enumerate(gpu.mig_devices):
+        mig_cuda = vis.mig_cuda_index(mig.uuid)
+        name = f"MIG {mig.name}" if mig.name and "MIG" not in mig.name else mig.name or "MIG"
+        rows.append([f"{gpu.index}/mig{n}", "-" if mig_cuda is None else str(mig_cuda), mig.uuid,
+                     gpu.pci_bus_id or "-", name, _memory(mig.memory_used_mib, mig.memory_total_mib), "n/a", "-"])
+    return rows
 
 
 def _table(rows: list[list[str]]) -> list[str]:
-    head = ["GPU", "CUDA", "NAME", "MEMORY USED / TOTAL", "UTIL", "PROCESSES (pid name user memory)"]
+    head = ["GPU", "CUDA", "UUID", "PCI BUS ID", "NAME", "MEMORY USED / TOTAL", "UTIL",
+            "PROCESSES (pid name user memory)"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in [head, *rows]]
+
+
+def _seen(vis: visible.Visibility) -> str:
+    if vis.mig is not None and vis.physical:
+        return f"cuda:0 = {vis.mig} (a MIG instance of GPU {vis.physical[0]})"
+    return ", ".join(f"cuda:{c} = GPU {i}" for c, i in enumerate(vis.physical))
 
 
 def render_text(inv: gpus.Inventory, vis: visible.Visibility, found: list[diagnose.Problem],
@@ -97,8 +122,8 @@ def render_text(inv: gpus.Inventory, vis: visible.Visibility, found: list[diagno
         cvd = "(unset)" if vis.raw is None else repr(vis.raw)
         lines.append(f"CUDA_VISIBLE_DEVICES={cvd}  CUDA_DEVICE_ORDER="
                      f"{os.environ.get('CUDA_DEVICE_ORDER', '(unset: FASTEST_FIRST)')}")
-        lines += [""] + _table([_row(g, vis.cuda_index(g.index), me) for g in inv.gpus]) + [""]
-        seen = ", ".join(f"cuda:{c} = GPU {i}" for c, i in enumerate(vis.physical))
+        lines += [""] + _table([row for g in inv.gpus for row in _rows(g, vis, me)]) + [""]
+        seen = _seen(vis)
         count = len(vis.physical)
         lines.append(f"PyTorch will see {count} GPU(s){': ' + seen if seen else ''}. "
                      + (f"Training prints 'Using {count} GPUs for training'." if count > 1 else
@@ -117,6 +142,14 @@ def render_text(inv: gpus.Inventory, vis: visible.Visibility, found: list[diagno
     return "\n".join(lines)
 
 
+def _gpu_json(g: gpus.Gpu, vis: visible.Visibility) -> dict:
+    return {"index": g.index, "cuda_index": vis.cuda_index(g.index), "uuid": g.uuid, "pci_bus_id": g.pci_bus_id,
+            "name": g.name, "memory_used_mib": g.memory_used_mib, "memory_total_mib": g.memory_total_mib,
+            "utilization_gpu": g.utilization_gpu, "compute_capability": g.compute_capability,
+            "processes": [asdict(p) for p in g.processes], "processes_known": g.processes_known,
+            "mig_devices": [m.uuid for m in g.mig_devices], "lost": g.lost, "faults": g.faults}
+
+
 def render_json(inv: gpus.Inventory, vis: visible.Visibility, found: list[diagnose.Problem],
                 plan: diagnose.Plan | None, view: diagnose.TorchView | None) -> str:
     out = {
@@ -125,10 +158,12 @@ def render_json(inv: gpus.Inventory, vis: visible.Visibility, found: list[diagno
         "cuda_version": inv.cuda_version,
         "cuda_visible_devices": vis.raw,
         "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
-        "gpus": [{"index": g.index, "cuda_index": vis.cuda_index(g.index), "uuid": g.uuid, "name": g.name,
-                  "memory_used_mib": g.memory_used_mib, "memory_total_mib": g.memory_total_mib,
-                  "utilization_gpu": g.utilization_gpu,
-                  "processes": [asdict(p) for p in g.processes]} for g in inv.gpus],
+        "cuda_order": {"nvml_indices": vis.order.indices, "setting": vis.order.setting, "guess": vis.order.guess},
+        "gpus": [_gpu_json(g, vis) for g in inv.gpus],
+        "mig_devices": [{"uuid": m.uuid, "parent_index": g.index, "cuda_index": vis.mig_cuda_index(m.uuid),
+                         "name": m.name, "memory_used_mib": m.memory_used_mib, "memory_total_mib": m.memory_total_mib}
+                        for g in inv.gpus for m in g.mig_devices],
+        "links": [{"gpus": [a, b], "level": level} for (a, b), level in sorted(inv.links.items())],
         "problems": [asdict(p) for p in found],
     }
     if plan:
@@ -150,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     max_util = _max_util(args, p)
     try:
         inv = gpus.inventory()
-    except gpus.ScenarioError as exc:
+    except ScenarioError as exc:
         print(f"check_gpus.py: {gpus.SCENARIO_ENV}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     me = getpass.getuser()
@@ -158,7 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     found = diagnose.problems(inv, vis, max_util, me)
     view = diagnose.torch_view() if args.torch else None
     if view:
+        differs = False
+        if inv.source != "scenario":
+            vis, differs = visible.join_uuids(vis, view.uuids, inv.gpus)
         found += diagnose.torch_problems(view, vis, inv)
+        if differs:
+            found.append(diagnose.Problem(
+                "cuda_order", "info", f"torch's devices are {_seen(vis)}: the CUDA column shows what torch "
+                                      "reports, which differs from mgpu's estimate of CUDA's order"))
     plan = diagnose.plan(inv, vis, args.plan, args.context_mib) if args.plan else None
     if args.json:
         print(render_json(inv, vis, found, plan, view))

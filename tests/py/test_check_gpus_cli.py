@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SCENARIOS, run_check_gpus
+from conftest import ROOT, SCENARIOS, real_gpus, run_check_gpus, scenario_data
+from mgpu import check_gpus
 
 BUSY = str(SCENARIOS / "4x-rtx4090-gpu2-busy.json")
 IDLE = str(SCENARIOS / "4x-rtx4090-idle.json")
@@ -39,8 +40,9 @@ def test_json_has_the_documented_keys():
     assert {"driver_version", "cuda_visible_devices", "gpus", "problems"} <= set(data)
     assert data["cuda_visible_devices"] == "3,2"
     gpu = data["gpus"][2]
-    assert set(gpu) == {"index", "cuda_index", "uuid", "name", "memory_used_mib", "memory_total_mib",
-                        "utilization_gpu", "processes"}
+    assert set(gpu) == {"index", "cuda_index", "uuid", "pci_bus_id", "name", "memory_used_mib", "memory_total_mib",
+                        "utilization_gpu", "compute_capability", "processes", "processes_known", "mig_devices",
+                        "lost", "faults"}
     assert [g["cuda_index"] for g in data["gpus"]] == [None, None, 1, 0]
     assert gpu["processes"] == [{"pid": 4242, "name": "python", "used_memory_mib": 20270, "user": "alice"}]
     assert all(set(p) == {"code", "severity", "message"} for p in data["problems"])
@@ -86,7 +88,9 @@ def test_everything_hidden_exits_3():
 
 
 def test_no_driver_exits_3_with_what_to_do():
-    # This machine has no NVIDIA driver, so this is the real NVML path failing for real.
+    # Without an NVIDIA driver this is the real NVML path failing for real.
+    if real_gpus():
+        pytest.skip(f"this machine has {real_gpus()} GPU(s): the test pins what a machine without a driver shows")
     done = run_check_gpus("--json")
     data = json.loads(done.stdout)
     assert done.returncode == 3 and data["gpus"] == [] and data["source"] == "none"
@@ -103,6 +107,10 @@ def test_torch_is_only_imported_when_asked():
 
 
 def test_torch_view_on_this_cpu_build():
+    import torch
+
+    if torch.version.cuda is not None:
+        pytest.skip(f"torch here is a CUDA build ({torch.version.cuda}): the test pins a CPU-only build's view")
     done = run_check_gpus("--torch", "--json", env={"MGPU_FAKE_GPUS": IDLE})
     data = json.loads(done.stdout)
     assert data["torch"]["cuda"] is None and data["torch"]["device_count"] == 0
@@ -121,3 +129,46 @@ def test_without_nvidia_ml_py_the_cli_reads_nvidia_smi(tmp_path):
     assert data["source"] == "nvidia-smi" and len(data["gpus"]) == 4
     assert [g["cuda_index"] for g in data["gpus"]] == [None, None, 0, None]
     assert {"gpu_busy", "hidden_gpus", "note"} <= {p["code"] for p in data["problems"]}
+
+
+def test_uuid_pci_bus_id_nvml_and_cuda_index_side_by_side():
+    done = run_check_gpus(env={"MGPU_FAKE_GPUS": str(SCENARIOS / "2x-rtx3090-2x-rtx4090.json")})
+    lines = done.stdout.splitlines()
+    assert lines[3].split()[:5] == ["GPU", "CUDA", "UUID", "PCI", "BUS"]
+    row0 = next(line for line in lines if line.startswith("0 "))
+    assert row0.split()[:4] == ["0", "2", "GPU-30900a7e-3b1d-4f6a-9c2e-0d8b7a6f0000", "00000000:01:00.0"]
+    assert "PyTorch will see 4 GPU(s): cuda:0 = GPU 2, cuda:1 = GPU 3, cuda:2 = GPU 0, cuda:3 = GPU 1" in done.stdout
+    assert "[warning] device_order:" in done.stdout and done.returncode == 1
+    pci = run_check_gpus(env={"MGPU_FAKE_GPUS": str(SCENARIOS / "2x-rtx3090-2x-rtx4090.json"),
+                              "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    assert "cuda:0 = GPU 0, cuda:1 = GPU 1" in pci.stdout and pci.returncode == 0
+
+
+def test_mig_instances_are_devices_in_the_table_and_json():
+    mig = str(SCENARIOS / "2x-a100-40gb-mig.json")
+    uuid = "MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f2002"
+    done = run_check_gpus(env={"MGPU_FAKE_GPUS": mig, "CUDA_VISIBLE_DEVICES": uuid})
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line[:1].isdigit()}
+    assert rows["0/mig1"][:3] == ["0/mig1", "0", uuid] and rows["0/mig0"][1] == "-" and rows["0"][1] == "-"
+    assert "MIG 2g.10gb" in " ".join(rows["0/mig1"])
+    assert f"PyTorch will see 1 GPU(s): cuda:0 = {uuid} (a MIG instance of GPU 0)" in done.stdout
+    data = json.loads(run_check_gpus("--json", env={"MGPU_FAKE_GPUS": mig, "CUDA_VISIBLE_DEVICES": uuid}).stdout)
+    assert [(m["parent_index"], m["name"], m["cuda_index"]) for m in data["mig_devices"]] == \
+        [(0, "3g.20gb", None), (0, "2g.10gb", 0), (0, "1g.5gb", None)]
+    assert data["mig_devices"][1]["memory_total_mib"] == 9856 and data["links"] == [{"gpus": [0, 1], "level": "NV12"}]
+
+
+def test_unified_memory_and_lost_gpus_are_reported_without_a_traceback(fake_nvml, capsys):
+    data = scenario_data("4x-rtx4090-gpu2-busy")
+    data["gpus"][0].update(memory_total_mib=None, memory_used_mib=None)
+    nvml = fake_nvml(data)
+    nvml.lost.add(3)
+    assert check_gpus.main(["--plan", "10"]) == 1
+    out = capsys.readouterr().out
+    assert "GPU 0 (cuda:0): memory unknown -> 0 replicas" in out
+    row3 = next(line for line in out.splitlines() if line.startswith("3 "))
+    assert "(cannot be read: GPU is lost)" in row3
+    assert "[error] gpu_lost: GPU 3 cannot be read" in out and "[info] memory_unknown: GPU 0: memory is not" in out
+    assert check_gpus.main(["--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["gpus"][3]["lost"] and data["gpus"][0]["memory_total_mib"] is None

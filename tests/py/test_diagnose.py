@@ -1,8 +1,10 @@
 """Problems (each with what to do), the memory plan, and torch's view."""
 
+import json
+
 import pytest
 
-from conftest import SCENARIOS
+from conftest import SCENARIOS, real_gpus
 from mgpu import diagnose, gpus
 from mgpu.diagnose import TorchView
 from mgpu.visible import resolve
@@ -67,14 +69,49 @@ def test_invalid_entries_and_empty_visibility():
 
 
 def test_mixed_gpus_need_pci_bus_order(monkeypatch):
-    found = setup("2x-rtx3090-2x-rtx4090")[2]
+    inv, vis, found = setup("2x-rtx3090-2x-rtx4090")
     order = next(p for p in found if p.code == "device_order")
-    assert "NVIDIA GeForce RTX 3090 / NVIDIA GeForce RTX 4090" in order.message
-    assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in order.message
+    assert order.severity == "warning"
+    for words in ("NVIDIA GeForce RTX 3090 / NVIDIA GeForce RTX 4090", "cuda:0 = GPU 2 (NVIDIA GeForce RTX 4090)",
+                  "cuda:2 = GPU 0 (NVIDIA GeForce RTX 3090)", "CUDA_VISIBLE_DEVICES=0 is GPU 2 here, not GPU 0",
+                  "an estimate", "export CUDA_DEVICE_ORDER=PCI_BUS_ID"):
+        assert words in order.message
+    assert vis.physical == [2, 3, 0, 1]
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     assert setup("2x-rtx3090-2x-rtx4090")[2] == []
     monkeypatch.delenv("CUDA_DEVICE_ORDER")
     assert setup("4x-rtx4090-idle")[2] == []  # identical GPUs: the order cannot differ
+
+
+def test_mixed_gpus_of_unknown_speed_are_a_guess(write_scenario):
+    data = json.loads((SCENARIOS / "2x-rtx3090-2x-rtx4090.json").read_text())
+    for g in data["gpus"]:
+        del g["compute_capability"]
+    inv = gpus.load_scenario(write_scenario(data))
+    vis = resolve(None, inv.gpus)
+    order = next(p for p in diagnose.problems(inv, vis, 70, "bob") if p.code == "device_order")
+    assert "may be two different cards" in order.message and "cannot be told" in order.message
+    assert vis.physical == [0, 1, 2, 3]
+
+
+def test_a_busy_gpu_suggestion_is_in_cuda_numbers(monkeypatch, write_scenario):
+    data = json.loads((SCENARIOS / "2x-rtx3090-2x-rtx4090.json").read_text())
+    data["gpus"][2].update(utilization_gpu=99)  # a 4090, cuda:0 under FASTEST_FIRST
+    inv = gpus.load_scenario(write_scenario(data))
+    busy = next(p for p in diagnose.problems(inv, resolve(None, inv.gpus), 70, "bob") if p.code == "gpu_busy")
+    assert "GPU 2 (cuda:0)" in busy.message and "Idle now: GPU 0, 1, 3; try CUDA_VISIBLE_DEVICES=1,2,3" in busy.message
+
+
+def test_mig_visibility_plans_the_instance_and_names_it():
+    inv = gpus.load_scenario(SCENARIOS / "2x-a100-40gb-mig.json")
+    uuid = "MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f2002"
+    vis = resolve(uuid, inv.gpus)
+    plan = diagnose.plan(inv, vis, 8, 512)
+    assert [(r.index, r.cuda_index, r.free_mib, r.replicas, r.mig) for r in plan.rows] == [(0, 0, 9843, 1, uuid)]
+    assert f"  GPU 0 {uuid} (cuda:0): 9.6 GiB free -> 1 replica" in diagnose.plan_lines(plan)
+    # MIG instances are isolated: carol's work on another instance of GPU 0 does not make this one busy
+    assert "gpu_busy" not in codes(diagnose.problems(inv, vis, 70, "bob"))
+    assert "gpu_busy" in codes(diagnose.problems(inv, resolve("0", inv.gpus), 70, "bob"))
 
 
 def test_no_driver_and_no_gpus():
@@ -121,5 +158,7 @@ def test_torch_problems(view, expected):
 
 
 def test_real_torch_view_needs_no_gpu():
+    if real_gpus():
+        pytest.skip(f"this machine has {real_gpus()} GPU(s): the test pins torch's view of a machine without one")
     view = diagnose.torch_view()
     assert view.version.startswith("2.") and view.device_count == 0 and view.error is None

@@ -2,14 +2,23 @@
 
 import pytest
 
-from mgpu.gpus import Gpu
-from mgpu.visible import resolve
+from mgpu.gpus import Gpu, MigDevice
+from mgpu.visible import cuda_order, join_uuids, resolve
 
 
 def machine(n=8, migs=None):
     migs = migs or {}
-    return [Gpu(i, f"GPU-{i}aaa{i}-uuid", "NVIDIA A100", 81920, 0, 0, mig_devices=migs.get(i, []))
-            for i in range(n)]
+    return [Gpu(i, f"GPU-{i}aaa{i}-uuid", "NVIDIA A100", 81920, 0, 0,
+                mig_devices=[MigDevice(m) for m in migs.get(i, [])]) for i in range(n)]
+
+
+def mixed():
+    """The 2 x RTX 3090 + 2 x RTX 4090 server: NVML (PCI) order 3090, 3090, 4090, 4090."""
+    gpus = [Gpu(i, f"GPU-{i}bbb{i}", name, 24576, 0, 0, pci_bus_id=f"00000000:{i * 32 + 1:02X}:00.0",
+                compute_capability=cc, multiprocessors=sm)
+            for i, (name, cc, sm) in enumerate([("NVIDIA GeForce RTX 3090", "8.6", 82)] * 2
+                                               + [("NVIDIA GeForce RTX 4090", "8.9", 128)] * 2)]
+    return gpus
 
 
 @pytest.mark.parametrize("raw,physical", [
@@ -72,7 +81,75 @@ def test_mig_only_the_first_instance_is_enumerated():
     gpus = machine(2, migs={1: ["MIG-a", "MIG-b"]})
     vis = resolve("MIG-b,MIG-a", gpus)
     assert vis.physical == [1] and vis.invalid == ["MIG-a"] and "only the first MIG" in vis.why
+    assert (vis.mig, vis.mig_cuda_index("MIG-b"), vis.mig_cuda_index("MIG-a")) == ("MIG-b", 0, None)
+    assert vis.cuda_index(1) is None  # the whole GPU is not a CUDA device; its MIG instance is
     assert resolve("MIG-zzz", gpus).physical == []
+
+
+def test_mig_uuids_old_and_new_style():
+    old = "MIG-GPU-1aaa1-uuid/2/0"
+    vis = resolve(old, machine(2, migs={1: [old]}))
+    assert (vis.physical, vis.mig, vis.invalid) == ([1], old, [])
+
+
+def test_a_mig_list_stops_at_a_gpu_uuid():
+    vis = resolve("MIG-a,GPU-0aaa0-uuid", machine(2, migs={1: ["MIG-a"]}))
+    assert vis.physical == [1] and vis.invalid == ["GPU-0aaa0-uuid"]
+
+
+def test_identical_gpus_keep_pci_order_whatever_cuda_device_order_says():
+    assert cuda_order(machine(4), "FASTEST_FIRST").indices == [0, 1, 2, 3]
+    assert cuda_order(machine(4), "FASTEST_FIRST").guess is None
+
+
+def test_fastest_first_puts_newer_gpus_first_and_ordinals_follow_it():
+    order = cuda_order(mixed(), "FASTEST_FIRST")
+    assert order.indices == [2, 3, 0, 1] and "estimate" in order.guess
+    vis = resolve("0,1", mixed(), "FASTEST_FIRST")
+    assert vis.physical == [2, 3]  # CUDA's 0 and 1 are the 4090s, nvidia-smi's 2 and 3
+    assert resolve("0,1", mixed(), "PCI_BUS_ID").physical == [0, 1]
+    assert resolve(None, mixed(), "FASTEST_FIRST").physical == [2, 3, 0, 1]
+
+
+def test_cuda_device_order_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    assert resolve(None, mixed()).physical == [0, 1, 2, 3]
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    assert resolve(None, mixed()).physical == [2, 3, 0, 1]
+
+
+def test_pci_bus_id_order_follows_the_bus_not_the_listed_index():
+    gpus = mixed()
+    gpus[0].pci_bus_id, gpus[3].pci_bus_id = gpus[3].pci_bus_id, gpus[0].pci_bus_id
+    assert cuda_order(gpus, "PCI_BUS_ID").indices == [3, 1, 2, 0]
+
+
+def test_unknown_speed_of_different_models_is_said_to_be_a_guess():
+    gpus = mixed()
+    gpus[0].compute_capability = None
+    order = cuda_order(gpus, "FASTEST_FIRST")
+    assert order.indices == [0, 1, 2, 3] and "cannot be told" in order.guess
+
+
+def test_lost_gpus_are_not_enumerated():
+    gpus = machine(4)
+    gpus[1].lost = "GPU is lost"
+    vis = resolve("1", gpus)
+    assert vis.physical == [2] and cuda_order(gpus, "PCI_BUS_ID").indices == [0, 2, 3]
+
+
+def test_torch_uuids_give_the_real_order():
+    gpus = mixed()
+    estimate = resolve(None, gpus, "FASTEST_FIRST")
+    real, differs = join_uuids(estimate, ["3bbb3", "2bbb2", "0bbb0", "1bbb1"], gpus)  # torch: no "GPU-" prefix
+    assert real.physical == [3, 2, 0, 1] and differs and real.order.guess is None
+    same, differs = join_uuids(estimate, ["GPU-2bbb2", "GPU-3bbb3", "GPU-0bbb0", "GPU-1bbb1"], gpus)
+    assert same.physical == estimate.physical and not differs
+    assert join_uuids(estimate, [], gpus) == (estimate, False)
+    assert join_uuids(estimate, ["ffff-unknown"], gpus) == (estimate, False)
+    migs = machine(2, migs={1: ["MIG-abc"]})
+    joined, _ = join_uuids(resolve("MIG-abc", migs), ["MIG-abc"], migs)
+    assert (joined.physical, joined.mig) == ([1], "MIG-abc")
 
 
 def test_no_gpus_at_all():
