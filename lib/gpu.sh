@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # GPU_* results are read by the callers
 # gpu:: — which GPUs exist and how busy they are; one query of all GPUs per call.
 # Source of truth: the scenario named by MGPU_FAKE_GPUS (re-read at every query), else
 # ${NVIDIA_SMI:-nvidia-smi} (wrapped in `timeout`), else CPU mode. Needs lib/log.sh and jq (scenarios).
@@ -16,8 +16,6 @@
 
 # shellcheck source=lib/core.sh
 [[ -n ${MGPU_LIB:-} ]] || source "${BASH_SOURCE[0]%/*}/core.sh"
-# shellcheck source=lib/json.sh
-source "$MGPU_LIB/json.sh"
 
 # gpu::backend — prints where GPUs come from: scenario | nvidia-smi | cpu
 gpu::backend() {
@@ -62,30 +60,47 @@ gpu::_read() {
   esac
 }
 
-# A scenario's lines depend on its text alone, so the text and its lines are kept, in this process and
-# in MGPU_CACHE_DIR (default ~/.cache/mgpu), and jq runs only when the text is new. A scenario edited
-# between queries (as the tests do to free a GPU) is therefore still re-read.
+# gpu::_from_scenario FILE — GPU_LINES and GPU_RECORDS from a scenario. The one validator of scenarios is
+# Python's (`python -m mgpu.scenario`, shared with check_gpus.py); it prints records (gpu, mig, proc, link
+# lines). A scenario's records depend on its text alone, so the text and its records are kept, in this
+# process and in MGPU_CACHE_DIR (default ~/.cache/mgpu), and Python runs only when the text is new. A
+# scenario edited between queries (as the tests do to free a GPU) is therefore still re-read.
 gpu::_from_scenario() {
-  local file=$1 text="" cache cached="" lines=""
+  local file=$1 text="" cache cached="" records="" err
   if [[ ! -f $file || ! -r $file ]]; then
     log::error "MGPU_FAKE_GPUS: $file: cannot read the scenario file (no such readable file)"
     return 1
   fi
   IFS= read -r -d '' text <"$file" || true
   if [[ ${GPU_SCENARIO_TEXT-x} == "$text" ]]; then
-    GPU_LINES=$GPU_SCENARIO_LINES
+    GPU_LINES=$GPU_SCENARIO_LINES GPU_RECORDS=$GPU_SCENARIO_RECORDS
     return 0
   fi
   gpu::_cache_file "$file"
   cache=$GPU_CACHE_FILE
   if [[ -n $cache && -f $cache && ! -L $cache ]]; then
-    { IFS= read -r -d '' cached && IFS= read -r -d '' lines; } <"$cache" || cached=""
+    { IFS= read -r -d '' cached && IFS= read -r -d '' records; } <"$cache" || cached=""
   fi
   if [[ -z $cache || $cached != "$text" || -z $cached ]]; then
-    lines=$(json::run MGPU_FAKE_GPUS "$file" "$MGPU_LIB/scenario.jq") || return 1
-    [[ -z $cache ]] || gpu::_cache_write "$cache" "$text" "$lines"
+    core::py_env
+    if ! records=$("${CORE_PY[@]}" -m mgpu.scenario "$file" 2>&1); then # on failure: one line, the fault
+      err=${records%%$'\n'*}
+      log::error "MGPU_FAKE_GPUS: $file: ${err:-the scenario check failed (python -m mgpu.scenario; is Python 3 there?)}"
+      return 1
+    fi
+    [[ -z $cache ]] || gpu::_cache_write "$cache" "$text" "$records"
   fi
-  GPU_SCENARIO_TEXT=$text GPU_SCENARIO_LINES=$lines GPU_LINES=$lines
+  gpu::_lines "$records"
+  GPU_SCENARIO_TEXT=$text GPU_SCENARIO_RECORDS=$records GPU_SCENARIO_LINES=$GPU_LINES GPU_RECORDS=$records
+}
+# gpu::_lines RECORDS — GPU_LINES ("index,uuid,util,used,total" a GPU) from mgpu.scenario's records.
+gpu::_lines() {
+  local kind index uuid util used total _
+  GPU_LINES=""
+  while IFS=, read -r kind index uuid util used total _; do
+    [[ $kind == gpu ]] || continue
+    GPU_LINES+=${GPU_LINES:+$'\n'}$index,$uuid,$util,$used,$total
+  done <<<"$1"
 }
 
 # gpu::_cache_file FILE — GPU_CACHE_FILE: where the parsed copy of this scenario is kept; empty (no
@@ -96,7 +111,7 @@ gpu::_cache_file() {
   [[ $name == /* ]] || name=$PWD/$name
   [[ -d $dir ]] || { mkdir -p -- "${dir%/*}" && mkdir -m 700 -- "$dir"; } 2>/dev/null || [[ -d $dir ]] || return 0
   [[ ! -L $dir && -w $dir ]] || return 0
-  GPU_CACHE_FILE=$dir/scenario${name//[!A-Za-z0-9._-]/_}
+  GPU_CACHE_FILE=$dir/records${name//[!A-Za-z0-9._-]/_}
 }
 
 # gpu::_cache_write CACHE TEXT LINES — replace the cache file whole (a reader never sees half of one).

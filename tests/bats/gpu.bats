@@ -20,28 +20,29 @@ setup() {
   assert_output scenario
 }
 
-@test "scenario: a parsed scenario is cached by its text; jq runs again only when the text changes" {
-  export MGPU_FAKE_GPUS MGPU_CACHE_DIR=$WORK/cache JQ_CALLS=$WORK/jq-calls
+@test "scenario: a parsed scenario is cached by its text; the validator runs again only when the text changes" {
+  export MGPU_FAKE_GPUS MGPU_CACHE_DIR=$WORK/cache CALLS=$WORK/validator-calls
   MGPU_FAKE_GPUS=$(scenario_copy 4x-rtx4090-idle)
-  # jq on PATH that counts its runs, then runs the real one
+  # a Python that counts its runs, then runs the real one (the scenario validator is python -m mgpu.scenario)
   mkdir -p "$WORK/bin"
-  # shellcheck disable=SC2016  # the fake jq expands these itself
-  printf '#!/usr/bin/env bash\necho run >>"$JQ_CALLS"\nexec %q "$@"\n' "$(command -v jq)" >"$WORK/bin/jq"
-  chmod +x "$WORK/bin/jq"
-  PATH=$WORK/bin:$PATH gpu_sh gpu::query
+  # shellcheck disable=SC2016  # the wrapper expands these itself
+  printf '#!/usr/bin/env bash\necho run >>"$CALLS"\nexec %q "$@"\n' "$PYTHON" >"$WORK/bin/python"
+  chmod +x "$WORK/bin/python"
+  export PYTHON=$WORK/bin/python
+  gpu_sh gpu::query
   assert_line --index 3 --partial ",0,312,24564"
-  PATH=$WORK/bin:$PATH gpu_sh gpu::query
+  gpu_sh gpu::query
   assert_line --index 3 --partial ",0,312,24564"
-  assert_equal "$(wc -l <"$JQ_CALLS")" 1
+  assert_equal "$(wc -l <"$CALLS")" 1
   assert [ "$(stat -c %a "$MGPU_CACHE_DIR")" = 700 ]
   set_util "$MGPU_FAKE_GPUS" 3 88
-  : >"$JQ_CALLS"
-  PATH=$WORK/bin:$PATH gpu_sh gpu::query
+  : >"$CALLS"
+  gpu_sh gpu::query
   assert_line --index 3 --partial ",88,312,24564"
-  assert_equal "$(wc -l <"$JQ_CALLS")" 1
+  assert_equal "$(wc -l <"$CALLS")" 1
   # a cache file that lies about the text is never believed; a broken scenario is never cached
-  printf '%s\0%s\0' "not this scenario" "0,GPU-x,0,1,2" >"$(echo "$MGPU_CACHE_DIR"/scenario*)"
-  PATH=$WORK/bin:$PATH gpu_sh gpu::query
+  printf '%s\0%s\0' "not this scenario" "gpu,0,GPU-x,0,1,2,NA,x" >"$(echo "$MGPU_CACHE_DIR"/records*)"
+  gpu_sh gpu::query
   assert_line --index 3 --partial ",88,312,24564"
   echo '{"gpus": 3}' >"$MGPU_FAKE_GPUS"
   gpu_sh gpu::query
@@ -81,7 +82,7 @@ setup() {
     assert_output --partial "$fragment"
     checked=$((checked + 1))
   done <"$ROOT/tests/fixtures/bad-scenarios/expected.tsv"
-  assert_equal "$checked" 12
+  assert_equal "$checked" 30
 }
 
 @test "scenario: a missing file is an error, not CPU mode" {

@@ -226,7 +226,7 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
   jq '.gpus[1].uuid = "GPU-a,b"' "$SCENARIOS/4x-rtx4090-idle.json" >"$WORK/comma.json"
   MGPU_FAKE_GPUS=$WORK/comma.json sweep --gpus 0 --image-encoders a --text-encoders b
   assert_failure
-  [[ $stderr == *"MGPU_FAKE_GPUS: $WORK/comma.json: .gpus[1].uuid: must not contain a comma"* ]]
+  [[ $stderr == *"MGPU_FAKE_GPUS: $WORK/comma.json: .gpus[1].uuid: must not hold a comma"* ]]
 }
 
 @test "a FIFO planted as a lock file never blocks: the slot is refused, the job runs elsewhere, TERM still works" {
