@@ -69,14 +69,15 @@ ledger::mark_done() {
   { [[ -d ${marker%/*} ]] || mkdir -p "${marker%/*}"; } 2>/dev/null && printf '%s\n' "${JOB[$1,hash]}" 2>/dev/null >"$marker"
 }
 
-# ledger::log_path NAME GPU — LEDGER_LOG: a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log,
-# never reused. A removed LOG_DIR is made again. 1 with LEDGER_ERROR (the system's words) when the file
+# ledger::log_path NAME GPU — LEDGER_LOG: a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log
+# (<name>_cpu_<...>.log without a GPU), never reused. A removed LOG_DIR is made again. 1 with LEDGER_ERROR (the system's words) when the file
 # cannot be made.
 ledger::log_path() {
   local - base n=1 path ts err # `local -`: the noclobber set below ends with this function
   printf -v ts '%(%Y%m%d_%H%M%S)T' -1
   [[ -d $LOG_DIR ]] || { mkdir -p -- "$LOG_DIR" 2>/dev/null && log::warn "LOG_DIR $LOG_DIR was gone; made it again"; }
   base=$LOG_DIR/$1_gpu$2_$ts
+  [[ $2 != cpu ]] || base=$LOG_DIR/$1_cpu_$ts
   path=$base.log
   set -C # noclobber: creating the file fails if it exists, so no two jobs ever share a log
   while :; do

@@ -223,6 +223,8 @@ JSON
   run awk -F'\t' '$2 == "start" { print "[" $3 "]", ($6 >= 1) }' "$FAKE_TRAIN_RECORD"
   assert_output $'[] 1\n[] 1'
   assert_equal "$(summary '.configs[0].gpu')" cpu
+  run ls logs/clip_training # logs say where they ran: the CPU, not a "GPU cpu"
+  assert_line --regexp '^a_t_cpu_[0-9]{8}_[0-9]{6}\.log$'
 }
 
 @test "gpu_queue.sh runs a jobs file and standard input with the same engine" {
