@@ -21,6 +21,7 @@ Usage: bash gpu_queue.sh [options] JOBS_FILE|-
 Runs each line of JOBS_FILE (or standard input for -) as a shell command (bash -c), with
 CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID, MGPU_GPU and MGPU_CONFIG_NAME (job<line>) set.
   --gpus 0,1,2,3  --jobs-per-gpu N  --max-util PCT  --max-wait SEC  --on-timeout run|skip|fail
+  --gpus-per-job N (CUDA_VISIBLE_DEVICES lists the job's set)  --need-mem SIZE|auto  --on-oom POLICY
   --cpu-slots N  --retries N  --resume  --order given|longest-first  --grace SEC
   --log-dir DIR (default logs/gpu_queue)  --dry-run
   --status [LOG_DIR] [--watch [SEC]] [--json]  --compare [LOG_DIR] [--json]
@@ -61,6 +62,7 @@ main() {
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
     sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c "$line"
     sched::set "$SCHED_NEW" "command=$line"
+    sweep::resources "$SCHED_NEW" || exit 2
   done <"$input"
   LEDGER_COMMANDS=1
   ((SCHED_N)) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"

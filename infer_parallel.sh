@@ -92,6 +92,7 @@ main() {
   LOG_DIR=${LOG_DIR:-$OUT/logs}
   sweep::defaults
   sweep::validate
+  ((GPUS_PER_JOB == 1)) || DIE_STATUS=2 die "--gpus-per-job: infer_parallel.sh runs one shard a GPU (a whole model on each), got $GPUS_PER_JOB"
   [[ $MGPU_BACKEND == local ]] ||
     DIE_STATUS=2 die "infer_parallel.sh runs on this machine's GPUs only (--backend $MGPU_BACKEND): inside a Slurm allocation, run it there"
   core::py_env

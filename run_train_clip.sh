@@ -16,7 +16,7 @@ CONFIG_FILE=${CONFIG_FILE:-}                             # a JSON config file in
 USE_MULTI_CONFIG=${USE_MULTI_CONFIG:-true}               # false: one config at a time on the first GPU
 MAX_UTIL=${MAX_UTIL:-70}                                 # wait while a GPU is busier than this (%)
 MAX_WAIT=${MAX_WAIT:-300}                                # ...at most this many seconds
-JOBS_PER_GPU=${JOBS_PER_GPU:-1}
+JOBS_PER_GPU=${JOBS_PER_GPU:-}                           # jobs at a time on one GPU (default 1; with --need-mem, 8 at most)
 LOG_DIR=${LOG_DIR:-logs/clip_training}
 CKPT_DIR=${CKPT_DIR:-checkpoints/clip_models}
 # -------------------------------------------------------------------------------------------------------
@@ -46,7 +46,15 @@ Every configuration's trainer arguments are checked by the trainer's own parser 
 (a typo, an unknown encoder or a bad value stops --dry-run and the run, naming the config and JSON path).
 GPUs:
   --gpus 0,1,2,3              GPUS
-  --jobs-per-gpu N            JOBS_PER_GPU (default 1)
+  --jobs-per-gpu N            JOBS_PER_GPU (default 1; with --need-mem an upper bound, default 8)
+  --gpus-per-job N            GPUS_PER_JOB (default 1): each config gets a set of N GPUs, leased together,
+                              the best-connected free set (NVLink, then one PCIe switch, ...); the trainer
+                              runs as DDP over them (torchrun --standalone: a rendezvous port of its own).
+                              A config file may set gpus_per_job per config
+  --need-mem SIZE|auto        NEED_MEM: a GPU takes jobs while its free memory (minus what starting jobs of
+                              every launcher have reserved) covers SIZE (12G, 11500M); several jobs share a
+                              GPU by memory. auto: each config's peak from earlier summaries + 10% + 256 MiB
+                              (a config never measured runs alone). A config file may set need_mem
   --use-multi-config BOOL     USE_MULTI_CONFIG: false runs one config at a time on the first GPU
   --max-util PCT              MAX_UTIL (default 70): wait while a GPU is busier than this
   --max-wait SEC              MAX_WAIT (default 300), then --on-timeout run|skip|fail (default run)
@@ -54,6 +62,11 @@ GPUs:
 Runs:
   --retries N                 re-queue a failed job up to N times (out-of-memory and signals included),
                               after a backoff, preferring another GPU
+  --on-oom retry-elsewhere|halve-batch|fail
+                              ON_OOM (default retry-elsewhere): after CUDA (or the host) ran out of memory,
+                              retry on a GPU with room for the job's peak; or rerun with half --batch-size and
+                              twice --accum-steps (the same global batch) from the last checkpoint (at least 2
+                              halvings); or fail
   --resume                    skip configs an earlier run finished with the same settings
   --order given|longest-first ORDER: longest-first starts the configs that took longest in earlier
                               sweeps (LOG_DIR's summaries) first; configs never seen go first of all
@@ -120,13 +133,14 @@ trainer() {
     core::py_env
     TRAINER=("${CORE_PY[@]}" -m mgpu.train_clip)
   fi
+  TRAINER_TAIL=()
   # --preset demo: small towers on the embedded data, about a minute a config on a CPU (--encoders win)
   case $PRESET in
     "") ;;
     demo)
       [[ $ENCODERS_GIVEN == *image* ]] || IMAGE_ENCODERS=(starnet_s050)
       [[ $ENCODERS_GIVEN == *text* ]] || TEXT_ENCODERS=(clip:tiny bert:tiny-chinese)
-      TRAINER+=(--preset demo)
+      TRAINER_TAIL=(--preset demo)
       PRESET_ARGS=(--preset demo)
       ;;
     *) DIE_STATUS=2 die "--preset $PRESET: allowed: demo" ;;
@@ -179,17 +193,22 @@ main() {
   configs
   [[ $DRY_RUN == true ]] || mkdir -p -- "$LOG_DIR" "$CKPT_DIR"
   sched::init
-  local i flags out
+  local i flags out n trainer
   for i in "${!CFG_NAME[@]}"; do
-    flags=()
+    flags=() n=$GPUS_PER_JOB trainer=("${TRAINER[@]}")
     [[ -z ${CFG_FLAGS[i]} ]] || mapfile -t flags <<<"${CFG_FLAGS[i]}"
+    [[ ! ${CFG_LAUNCH[i]} =~ gpus_per_job=([0-9]+) ]] || n=${BASH_REMATCH[1]}
+    if ((n > 1)) && [[ -z $TRAIN_CMD ]]; then # DDP over the job's GPUs; --standalone: a rendezvous port of its own
+      trainer=("${CORE_PY[@]}" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$n" -m mgpu.train_clip)
+    fi
     out=$CKPT_DIR/${CFG_NAME[i]}
     sched::add "${CFG_NAME[i]}" "${CFG_IMAGE[i]}" "${CFG_TEXT[i]}" "$out" "$out/.mgpu_done" -- \
-      "${TRAINER[@]}" --image-encoder "${CFG_IMAGE[i]}" --text-encoder "${CFG_TEXT[i]}" --output-dir "$out" \
-      "${flags[@]}" "${SWEEP_REST[@]}"
+      "${trainer[@]}" "${TRAINER_TAIL[@]}" --image-encoder "${CFG_IMAGE[i]}" --text-encoder "${CFG_TEXT[i]}" \
+      --output-dir "$out" "${flags[@]}" "${SWEEP_REST[@]}"
     sched::set "$SCHED_NEW" "params=${CFG_PARAMS[i]}"
+    sweep::resources "$SCHED_NEW" "${CFG_LAUNCH[i]}" || exit 2
   done
-  log::info "outputs in $CKPT_DIR"
+  [[ $DRY_RUN == true ]] || log::info "outputs in $CKPT_DIR"
   sweep::launch
 }
 

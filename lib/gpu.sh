@@ -16,6 +16,7 @@
 
 # shellcheck source=lib/core.sh
 [[ -n ${MGPU_LIB:-} ]] || source "${BASH_SOURCE[0]%/*}/core.sh"
+declare -gA GPU_PARENT=() # MIG instance UUID -> its GPU's index (gpu::_extras)
 
 # gpu::backend — prints where GPUs come from: scenario | nvidia-smi | cpu
 gpu::backend() {
@@ -51,11 +52,11 @@ gpu::query() {
 
 # gpu::_read — gpu::query's lines into the global GPU_LINES (newline-separated, no trailing newline).
 gpu::_read() {
-  GPU_LINES=""
+  GPU_LINES="" GPU_RECORDS=""
   gpu::_backend || return 1
   case $GPU_BACKEND in
     scenario) gpu::_from_scenario "$MGPU_FAKE_GPUS" ;;
-    nvidia-smi) gpu::_from_smi "${NVIDIA_SMI:-nvidia-smi}" ;;
+    nvidia-smi) gpu::_from_smi "${NVIDIA_SMI:-nvidia-smi}" && GPU_RECORDS=${GPU_MACHINE_RECORDS:-} ;;
     cpu) return 0 ;;
   esac
 }
@@ -210,6 +211,71 @@ gpu::sample() {
     gpu::_median "${values[@]}"
     GPU_UTIL[$index]=$GPU_MEDIAN
   done
+  gpu::_extras
+}
+
+# gpu::_extras — from the records of the last read (a scenario's, or the machine's once fetched with
+# gpu::machine): MIG instances as devices of their own (GPU_UTIL NA, their memory, GPU_PARENT[uuid]), and
+# the per-process list GPU_PROCS ("<device>,<pid>,<MiB>" lines; from nvidia-smi when GPU_WANT_PROCS=1).
+gpu::_extras() {
+  local kind a b c d _
+  declare -gA GPU_PARENT=()
+  GPU_PROCS=""
+  while IFS=, read -r kind a b c d _; do
+    case $kind in
+      mig) GPU_UTIL[$b]=NA GPU_MEM_USED[$b]=$c GPU_MEM_TOTAL[$b]=$d GPU_PARENT[$b]=$a ;;
+      proc) [[ $GPU_BACKEND != scenario ]] || GPU_PROCS+=$a,$b,$c$'\n' ;;
+    esac
+  done <<<"${GPU_RECORDS:-}"
+  [[ $GPU_BACKEND != nvidia-smi || -z ${GPU_WANT_PROCS:-} ]] || gpu::_smi_procs
+}
+
+# gpu::_smi_procs — GPU_PROCS from nvidia-smi's list of compute processes (one query for all GPUs).
+gpu::_smi_procs() {
+  local smi=${NVIDIA_SMI:-nvidia-smi} out uuid pid used index uid
+  local -A by_uuid=()
+  while IFS=, read -r index uid _; do by_uuid[$uid]=$index; done <<<"$GPU_LINES"
+  out=$(timeout -k 2 "${MGPU_SMI_TIMEOUT:-10}" "$smi" --query-compute-apps=gpu_uuid,pid,used_memory \
+    --format=csv,noheader,nounits 2>/dev/null) || return 0
+  while IFS=, read -r uuid pid used; do
+    uuid=${uuid//[[:space:]]/} pid=${pid//[[:space:]]/} used=${used//[[:space:]]/}
+    [[ -n ${by_uuid[$uuid]:-} && $pid =~ ^[0-9]+$ ]] || continue
+    [[ $used =~ ^[0-9]+$ ]] || used=NA
+    GPU_PROCS+=${by_uuid[$uuid]},$pid,$used$'\n'
+  done <<<"$out"
+}
+
+# gpu::machine — the real server's records (MIG instances, topology) once, from `python -m mgpu.scenario
+# --machine` (NVML, else nvidia-smi): kept in GPU_MACHINE_RECORDS and used by every later read. A
+# scenario has them already. 1 when they cannot be had (the shell then knows no topology or MIG).
+gpu::machine() {
+  [[ $GPU_BACKEND == nvidia-smi && -z ${GPU_MACHINE_RECORDS:-} ]] || return 0
+  core::py_env
+  GPU_MACHINE_RECORDS=$("${CORE_PY[@]}" -m mgpu.scenario --machine 2>/dev/null) || { GPU_MACHINE_RECORDS=""; return 1; }
+}
+
+# gpu::resolve ID — a GPU named by index, GPU- UUID (or a unique start of one) or MIG- UUID, as the device
+# id the launchers use (the index; a MIG instance's UUID) into GPU_ID; 1 when no device matches, 2 when a
+# UUID start matches several.
+gpu::resolve() {
+  local id=$1 kind index uuid _ found=()
+  GPU_ID=""
+  if [[ $id =~ ^[0-9]+$ ]]; then
+    [[ -n ${GPU_MEM_TOTAL[$id]:-} ]] && GPU_ID=$id && return 0
+    return 1
+  fi
+  while IFS=, read -r kind index uuid _; do
+    case $kind in
+      gpu) [[ $uuid != "$id"* || $id != GPU-* ]] || found+=("$index") ;;
+      mig) [[ $uuid != "$id" ]] || found+=("$uuid") ;;
+    esac
+  done <<<"${GPU_RECORDS:-}"
+  if [[ -z ${GPU_RECORDS:-} ]]; then # nvidia-smi lines: index,uuid,...
+    while IFS=, read -r index uuid _; do [[ $uuid != "$id"* || $id != GPU-* ]] || found+=("$index"); done <<<"$GPU_LINES"
+  fi
+  ((${#found[@]} == 1)) && GPU_ID=${found[0]} && return 0
+  ((${#found[@]} == 0)) && return 1
+  return 2
 }
 
 # gpu::_median N... — the median of integers (the lower middle for an even count), NA for none, into

@@ -9,8 +9,8 @@ LEDGER_STARTED="" LEDGER_STARTED_MS=0 LEDGER_TS="" LEDGER_FINISHED=""
 LEDGER_DONE=0 LEDGER_RAN=0 LEDGER_RAN_MS=0 LEDGER_FAILED=0
 declare -a LEDGER_JSON=() LEDGER_ROW=() LEDGER_TSV=()
 # The summary's columns: the table people read, and the .tsv with numbers and words in separate columns.
-LEDGER_HEADER=$'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog'
-LEDGER_TSV_HEADER=$'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tmetric_name\tmetric_value\tlog\tdetail\tcommand'
+LEDGER_HEADER=$'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tpeak\tmetric\tlog'
+LEDGER_TSV_HEADER=$'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tgpu_seconds\tpeak_mem_mib\tmetric_name\tmetric_value\tlog\tdetail\tcause\tcommand'
 LEDGER_COMMANDS="" # gpu_queue.sh: the table shows each job's command too (job2 says nothing)
 
 ledger::begin() {
@@ -76,7 +76,7 @@ ledger::log_path() {
   local - base n=1 path ts err # `local -`: the noclobber set below ends with this function
   printf -v ts '%(%Y%m%d_%H%M%S)T' -1
   [[ -d $LOG_DIR ]] || { mkdir -p -- "$LOG_DIR" 2>/dev/null && log::warn "LOG_DIR $LOG_DIR was gone; made it again"; }
-  base=$LOG_DIR/$1_gpu$2_$ts
+  base=$LOG_DIR/$1_gpu${2//,/+}_$ts # several GPUs: <name>_gpu0+1_<time>.log
   [[ $2 != cpu ]] || base=$LOG_DIR/$1_cpu_$ts
   path=$base.log
   set -C # noclobber: creating the file fails if it exists, so no two jobs ever share a log
@@ -114,15 +114,33 @@ ledger::version() {
   LEDGER_VERSION="commit $commit$dirty"
 }
 
-# ledger::failure_kind LOG STATUS — why a job failed: oom (CUDA out of memory in its log), signal, or error.
+# ledger::failure_kind LOG STATUS — why a job failed: oom (CUDA out of memory in its log), nccl (a
+# collective or NCCL failure in its log), signal <NAME>, or error.
 ledger::failure_kind() {
   if grep -q -E 'CUDA out of memory|OutOfMemoryError' "$1" 2>/dev/null; then
     echo oom
+  elif grep -q -E 'NCCL (error|WARN)|ncclUnhandledCudaError|ncclSystemError|ncclInternalError|ncclRemoteError|ProcessGroupNCCL.*(timed out|Timeout|error)|Watchdog caught collective operation timeout|DistBackendError' "$1" 2>/dev/null; then
+    echo nccl
   elif (($2 > 128 && $2 < 160)); then
     echo "signal $(kill -l $(($2 - 128)) 2>/dev/null || echo $(($2 - 128)))"
   else
     echo error
   fi
+}
+
+# ledger::cause KIND STATUS — a failure kind in words, into LEDGER_CAUSE.
+ledger::cause() {
+  case $1 in
+    "") LEDGER_CAUSE="" ;;
+    oom) LEDGER_CAUSE="CUDA out of memory on the GPU" ;;
+    "host oom") LEDGER_CAUSE="the host ran out of memory: the kernel's OOM killer ended it" ;;
+    nccl) LEDGER_CAUSE="an NCCL/collective failure (a rank died or timed out)" ;;
+    "signal KILL") LEDGER_CAUSE="killed (SIGKILL) by something outside mgpu" ;;
+    "signal SEGV") LEDGER_CAUSE="crashed (segmentation fault)" ;;
+    signal\ *) LEDGER_CAUSE="ended by SIG${1#signal }" ;;
+    error) LEDGER_CAUSE="exited with status $2 (see its log)" ;;
+    *) LEDGER_CAUSE=$1 ;;
+  esac
 }
 
 # ledger::show_tail JOB — the last lines of a failed job's log, so nobody has to go looking.
@@ -169,23 +187,32 @@ ledger::record() {
     [[ -z $f ]] || { ledger::_str "$f" && fails+="${fails:+, }$LEDGER_STR"; }
   done <<<"${JOB[$job,fails]}"
   local gpu=${JOB[$job,gpu]:-null} fields seconds exit=${JOB[$job,exit]}
-  [[ $gpu =~ ^[0-9]+$|^null$ ]] || { ledger::_str "$gpu" && gpu=$LEDGER_STR; }
+  [[ $gpu =~ ^[0-9]+$|^null$ ]] || { ledger::_str "$gpu" && gpu=$LEDGER_STR; } # "0,1", "cpu", "MIG-..."
   printf -v fields '%s, ' "${out[@]}"
   printf -v seconds '%d.%d' $((JOB[$job,ms] / 1000)) $((JOB[$job,ms] % 1000 / 100))
-  printf -v 'LEDGER_JSON[job]' '{%s, "gpu": %s, "exit_code": %s, "retries": %d, "seconds": %s, "waited_seconds": %d, "failed_attempts": [%s], "params": %s, "metrics": %s}' \
-    "${fields%, }" "$gpu" "${exit:-null}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$fails" \
-    "${JOB[$job,params]:-"{}"}" "$metrics"
+  local peak=${JOB[$job,peak]:-} gpu_s=null
+  ledger::cause "${JOB[$job,kind]}" "$exit"
+  ledger::_str "$LEDGER_CAUSE"
+  local cause=$LEDGER_STR
+  [[ -z ${JOB[$job,gpu_ms]:-} || $gpu == '"cpu"' ]] || printf -v gpu_s '%d.%d' $((JOB[$job,gpu_ms] / 1000)) $((JOB[$job,gpu_ms] % 1000 / 100))
+  printf -v 'LEDGER_JSON[job]' '{%s, "gpu": %s, "exit_code": %s, "retries": %d, "seconds": %s, "waited_seconds": %d, "gpu_seconds": %s, "peak_mem_mib": %s, "cause": %s, "failed_attempts": [%s], "params": %s, "metrics": %s}' \
+    "${fields%, }" "$gpu" "${exit:-null}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$gpu_s" \
+    "${peak:-null}" "$cause" "$fails" "${JOB[$job,params]:-"{}"}" "$metrics"
   local shown=${exit:--} metric=""
   [[ -z ${JOB[$job,kind]} ]] || shown="$shown (${JOB[$job,kind]})"
   [[ -z $LEDGER_METRIC_NAME ]] || metric="$LEDGER_METRIC_NAME=$LEDGER_METRIC_VALUE"
   [[ -z ${JOB[$job,detail]} ]] || status="$status (${JOB[$job,detail]})"
   local command=${JOB[$job,command]//[$'\t\n\r']/ }
-  printf -v 'LEDGER_ROW[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" "${JOB[$job,gpu]:--}" \
-    "$status" "$shown" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$metric" "${JOB[$job,log]:--}"
+  local peak_shown=-
+  [[ -z $peak ]] || printf -v peak_shown '%d.%dG' $((peak / 1024)) $((peak % 1024 * 10 / 1024))
+  printf -v 'LEDGER_ROW[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" "${JOB[$job,gpu]:--}" \
+    "$status" "$shown" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$peak_shown" "$metric" "${JOB[$job,log]:--}"
   [[ -z $LEDGER_COMMANDS ]] || LEDGER_ROW[job]+=$'\t'${command:0:60}
-  printf -v 'LEDGER_TSV[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" "${JOB[$job,gpu]}" \
-    "${JOB[$job,status]}" "$exit" "${JOB[$job,kind]}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" \
-    "$LEDGER_METRIC_NAME" "$LEDGER_METRIC_VALUE" "${JOB[$job,log]}" "${JOB[$job,detail]}" "$command"
+  [[ $gpu_s != null ]] || gpu_s=""
+  printf -v 'LEDGER_TSV[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" \
+    "${JOB[$job,gpu]}" "${JOB[$job,status]}" "$exit" "${JOB[$job,kind]}" "${JOB[$job,retries]}" "$seconds" \
+    "${JOB[$job,waited]}" "$gpu_s" "$peak" "$LEDGER_METRIC_NAME" "$LEDGER_METRIC_VALUE" "${JOB[$job,log]}" \
+    "${JOB[$job,detail]}" "$LEDGER_CAUSE" "$command"
 }
 
 # ledger::_metrics FILE — LEDGER_METRICS (compact JSON), LEDGER_METRIC_NAME and LEDGER_METRIC_VALUE (the

@@ -24,8 +24,12 @@ source "$MGPU_LIB/gpu.sh"
 source "$MGPU_LIB/lease.sh"
 # shellcheck source=lib/ledger.sh
 source "$MGPU_LIB/ledger.sh"
+# shellcheck source=lib/place.sh
+source "$MGPU_LIB/place.sh"
 # shellcheck source=lib/sched_wait.sh
 source "$MGPU_LIB/sched_wait.sh"
+# shellcheck source=lib/sched_retry.sh
+source "$MGPU_LIB/sched_retry.sh"
 
 declare -A pids=()        # config name -> pid of its running job: the table of running jobs
 declare -A JOB=()         # the job records (see above)
@@ -129,15 +133,18 @@ sched::_prepare() {
   return 1
 }
 
-# sched::_launch JOB SLOT — start the job on the slot (its lease, if taken, is in LEASE_FD).
+# sched::_launch JOB — start the job on the slots of SCHED_PICK (their lease files open in LEASE_FDS,
+# its memory reserved in PLACE_RESERVATIONS).
 sched::_launch() {
-  local job=$1 s=$2 gpu=${SCHED_SLOTS[$2]%%:*} pid visible
-  visible=$gpu
-  [[ $gpu != cpu ]] || visible=""
-  if ! sched::_prepare "$job" "$gpu"; then
-    [[ -z $LEASE_FD ]] || exec {LEASE_FD}<&-
-    LEASE_FD=""
-    JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]=$SCHED_CAUSE JOB[$job,gpu]=$gpu
+  local job=$1 slot devs=() pid visible gpus i
+  for slot in $SCHED_PICK; do devs+=("${slot%:*}"); done
+  printf -v gpus '%s,' "${devs[@]}"
+  gpus=${gpus%,} visible=$gpus
+  [[ $gpus != cpu ]] || visible=""
+  if ! sched::_prepare "$job" "$gpus"; then
+    sched::_release
+    ((${#PLACE_RESERVATIONS[@]} == 0)) || rm -f -- "${PLACE_RESERVATIONS[@]}"
+    JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]=$SCHED_CAUSE JOB[$job,gpu]=$gpus
     JOB[$job,log]=$LEDGER_LOG
     SCHED_ENDED+=("$job")
     log::error "${JOB[$job,name]} could not start: $SCHED_CAUSE"
@@ -149,41 +156,51 @@ sched::_launch() {
   # Job control on for this one fork: the job leads its own process group (its pid is the group id), so a
   # stop reaches every process it started, and SIGINT is not ignored in it as in plain `&` jobs.
   set -m
-  sched::_job "$job" "$visible" "$gpu" &
+  sched::_job "$job" "$visible" "$gpus" &
   pid=$!
   set +m
-  [[ -z $LEASE_FD ]] || exec {LEASE_FD}<&-
+  sched::_release
   exec {SCHED_DIR_FD}<&-
-  LEASE_FD=""
-  SLOT_JOB[$s]=$job pids[${JOB[$job,name]}]=$pid
+  for i in "${!PLACE_RESERVATIONS[@]}"; do # the job's pid: its reservation now counts its own use against it
+    printf '%s %s\n' "${PLACE_RESERVED_MIB[i]}" "$pid" 2>/dev/null >"${PLACE_RESERVATIONS[i]}"
+  done
+  JOB[$job,reservations]="${PLACE_RESERVATIONS[*]}"
+  for slot in $SCHED_PICK; do SLOT_JOB[$slot]=$job GPU_OURS_UNTIL[${GPU_PARENT[${slot%:*}]:-${slot%:*}}]=9999999999999; done
+  pids[${JOB[$job,name]}]=$pid
   core::now_ms
-  JOB[$job,pid]=$pid JOB[$job,slot]=$s JOB[$job,status]=running JOB[$job,gpu]=$gpu JOB[$job,log]=$LEDGER_LOG
-  JOB[$job,start_ms]=$CORE_NOW_MS
-  GPU_OURS_UNTIL[$gpu]=9999999999999
-  local where="GPU $gpu"
-  [[ $gpu != cpu ]] || where="the CPU"
-  ledger::ev start "${JOB[$job,name]}" "$gpu" "$LEDGER_LOG" "$CORE_NOW_MS"
+  JOB[$job,pid]=$pid JOB[$job,slots]=$SCHED_PICK JOB[$job,status]=running JOB[$job,gpu]=$gpus JOB[$job,log]=$LEDGER_LOG
+  JOB[$job,start_ms]=$CORE_NOW_MS JOB[$job,ngpus]=${#devs[@]}
+  local up=""
+  read -r up _ 2>/dev/null </proc/uptime || true
+  JOB[$job,up_start]=$up
+  local where="GPU $gpus"
+  place::worst "${devs[@]}"
+  [[ -z $PLACE_LEVEL ]] || where="GPUs $gpus ($PLACE_LEVEL)"
+  [[ $gpus != cpu ]] || where="the CPU"
+  ledger::ev start "${JOB[$job,name]}" "$gpus" "$LEDGER_LOG" "$CORE_NOW_MS"
   ledger::event "started ${JOB[$job,name]} on $where (log $LEDGER_LOG)"
 }
 
-# sched::_job JOB VISIBLE GPU — the job's own process: a fork of the launcher, leader of its process group.
-# It takes the slot's lease (another launcher may have it: then it ends at once, saying so) and the lock
-# of the job's folder for the whole run (another run of it: "running elsewhere"), runs the command, and
-# writes the completion marker (on success) and its end record itself. TERM and INT are
+# sched::_job JOB VISIBLE GPUS — the job's own process: a fork of the launcher, leader of its process
+# group. It takes its slots' leases (another launcher may hold one: then it ends at once, saying which)
+# and the lock of the job's folder for the whole run (another run of it: "running elsewhere"), runs the
+# command, and writes the completion marker (on success) and its end record itself. TERM and INT are
 # trapped, not ignored: the command keeps their default, and this process outlives it to record its end.
 sched::_job() {
-  local job=$1 rc=0 end=$SCHED_STATE/job$1.end
+  local job=$1 rc=0 end=$SCHED_STATE/job$1.end i note="" held=""
   set +eEm
   trap - ERR EXIT
   trap : INT TERM
-  if [[ -n $LEASE_FD ]]; then lease::lock "$LEASE_FD" "$SCHED_LEASE_FILE" || rc=$?; fi
+  for i in "${!LEASE_FDS[@]}"; do
+    lease::lock "${LEASE_FDS[i]}" "${LEASE_FILES[i]}" || { rc=$? held=${LEASE_FILES[i]} && break; }
+  done
   if ((rc == 0)); then
     lease::lock "$SCHED_DIR_FD" "$SCHED_DIR_LOCK" || rc=$?
-    ((rc != 1)) || rc=76 # held: the folder's lock this time, not the slot's
+    ((rc != 1)) || rc=76 # held: the folder's lock this time, not a slot's
   fi
   if ((rc)); then
-    local note="stopped before it started"
-    ((rc != 1)) || note="slot held by $LEASE_HOLDER"
+    note="stopped before it started"
+    ((rc != 1)) || note="slot held by $LEASE_HOLDER|${held##*/gpu}"
     ((rc != 76)) || note="running elsewhere ($LEASE_HOLDER)"
     printf '%s\t%s\t%s\n' "$rc" "${EPOCHREALTIME/./}" "$note" >"$end"
     exit "$rc"
@@ -194,6 +211,7 @@ sched::_job() {
   rc=$?
   ((rc)) || printf '%s\n' "${JOB[$job,hash]}" 2>/dev/null >"${JOB[$job,marker]}"
   printf '%s\t%s\t\n' "$rc" "${EPOCHREALTIME/./}" 2>/dev/null >"$end"
+  ((${#PLACE_RESERVATIONS[@]} == 0)) || rm -f -- "${PLACE_RESERVATIONS[@]}"
   exit "$rc"
 }
 
@@ -201,7 +219,7 @@ sched::_job() {
 
 # sched::_fill — start every queued job that can start now; arm a timer when some must wait.
 sched::_fill() {
-  local i job rest=() need_timer=0
+  local i job rest=() need_timer=0 rc
   core::now_ms
   local now=$CORE_NOW_MS
   SCHED_SAMPLED=$((now - SCHED_SAMPLE_MS < 500 ? 1 : 0)) # one GPU sample serves fills for 500 ms
@@ -214,47 +232,72 @@ sched::_fill() {
     sched::_pick "$job" "$now"
     if [[ -n $SCHED_PICK ]]; then
       sched::_started_after_wait "$job" "$now"
-      sched::_launch "$job" "$SCHED_PICK"
-    elif [[ $SCHED_PICK_WHY == wait ]] && sched::_waits "$job" "$now"; then
-      sched::_expired "$job" || continue # recorded as skipped or failed: the next job may go
-      sched::_launch "$job" "$SCHED_PICK"
+      sched::_launch "$job"
+      continue
     elif [[ $SCHED_PICK_WHY == broken ]]; then
       JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]="no usable GPU slot (see the errors above)"
       SCHED_ENDED+=("$job")
-    else
-      rest+=("${SCHED_QUEUE[@]:i}")
-      [[ $SCHED_PICK_WHY == full ]] || need_timer=1
-      break
+      continue
+    elif [[ $SCHED_PICK_WHY == wait ]] && sched::_waits "$job" "$now"; then
+      rc=0
+      sched::_expired "$job" || rc=$?
+      ((rc != 0)) || { sched::_launch "$job" && continue; }
+      ((rc != 1)) || continue # recorded as skipped or failed: the next job may go
     fi
+    rest+=("${SCHED_QUEUE[@]:i}")
+    [[ $SCHED_PICK_WHY == full ]] || need_timer=1
+    break
   done
   SCHED_QUEUE=("${rest[@]}")
-  if ((need_timer)) && [[ -z $SCHED_TIMER ]]; then
-    core::seconds "$MGPU_TICK_MS"
-    sleep "$CORE_SECONDS" &
-    SCHED_TIMER=$!
-  fi
+  sched::_timer "$need_timer"
 }
 
+# sched::_timer NEEDED — arm the wake-up timer (a `sleep` child: `wait -n` wakes when it ends): every
+# MGPU_TICK_MS while a job waits, every MGPU_POLL_MS while jobs run on GPUs (their memory is sampled).
+sched::_timer() {
+  local ms=$MGPU_TICK_MS
+  [[ -z $SCHED_TIMER ]] || return 0
+  if (($1 == 0)); then
+    ((${#pids[@]})) && [[ ${SCHED_SLOTS[0]} != cpu:* ]] || return 0
+    ms=$MGPU_POLL_MS
+  fi
+  core::seconds "$ms"
+  sleep "$CORE_SECONDS" &
+  SCHED_TIMER=$!
+}
 # ---------------------------------------------------------------- ending
 
-# sched::_ended PID STATUS — a job's process ended: free its slot, then queue it again (retry) or leave
-# it to sched::_settle, which records it once the freed slot has its next job.
+# sched::_ended PID STATUS — a job's process ended: free its slots, then queue it again (retry) or leave
+# it to sched::_settle, which records it once the freed slots have their next jobs.
 sched::_ended() {
-  local pid=$1 rc=$2 name job s gpu other still=0 end=() note=""
+  local pid=$1 rc=$2 name job slot gpu other still end=() note="" slots
   for name in "${!pids[@]}"; do [[ ${pids[$name]} != "$pid" ]] || break; done
-  job=${SCHED_BY_NAME[$name]} s=${JOB[$job,slot]} gpu=${JOB[$job,gpu]}
-  unset "pids[$name]" "SLOT_JOB[$s]"
-  for other in "${SLOT_JOB[@]}"; do [[ ${JOB[$other,gpu]} != "$gpu" ]] || still=1; done
+  job=${SCHED_BY_NAME[$name]} slots=${JOB[$job,slots]} gpu=${JOB[$job,gpu]}
+  unset "pids[$name]"
   core::now_ms
-  ((still)) || GPU_OURS_UNTIL[$gpu]=$((CORE_NOW_MS + 2000))
+  for slot in $slots; do
+    unset "SLOT_JOB[$slot]"
+    still=0
+    for other in "${SLOT_JOB[@]}"; do [[ " ${JOB[$other,slots]} " != *" ${slot%:*}:"* ]] || still=1; done
+    ((still)) || GPU_OURS_UNTIL[${GPU_PARENT[${slot%:*}]:-${slot%:*}}]=$((CORE_NOW_MS + 2000))
+  done
+  if [[ -n ${JOB[$job,reservations]} ]]; then # the job's own process removes them; not if it was killed
+    local files=()
+    read -ra files <<<"${JOB[$job,reservations]}"
+    rm -f -- "${files[@]}"
+    JOB[$job,reservations]=""
+  fi
   # The job's own end record knows what bash may have lost (a job reaped while bash printed "Killed").
   [[ ! -f $SCHED_STATE/job$job.end ]] || IFS=$'\t' read -r -a end <"$SCHED_STATE/job$job.end" || true
   if ((rc == 127)) && ((${#end[@]})); then rc=${end[0]}; fi
   note=${end[2]:-}
   : >"$SCHED_STATE/job$job.end" # read once: a retry's record is its own
   JOB[$job,exit]=$rc JOB[$job,ms]=$((CORE_NOW_MS - JOB[$job,start_ms])) JOB[$job,pid]=""
+  JOB[$job,gpu_ms]=$((${JOB[$job,gpu_ms]:-0} + JOB[$job,ms] * JOB[$job,ngpus]))
   if [[ $note == "slot held by "* ]]; then
-    sched::_held "$job" "$s" "${note#slot held by }"
+    note=${note#slot held by }
+    slot=${note##*|} slot=${slot%.lock} slot=${slot/.slot/:}
+    sched::_held "$job" "$slot" "${note%|*}"
     return 0
   elif [[ $note == "running elsewhere"* ]]; then
     JOB[$job,status]=skipped JOB[$job,reason]=$note JOB[$job,exit]=""
@@ -267,18 +310,7 @@ sched::_ended() {
   elif ((rc == 0)); then
     JOB[$job,status]=succeeded JOB[$job,kind]=""
   else
-    JOB[$job,kind]=$(ledger::failure_kind "${JOB[$job,log]}" "$rc")
-    JOB[$job,fails]+="${JOB[$job,kind]} on GPU $gpu"$'\n'
-    if ((JOB[$job,retries] < RETRIES)); then
-      JOB[$job,retries]=$((JOB[$job,retries] + 1))
-      JOB[$job,avoid]=$gpu JOB[$job,status]=queued
-      JOB[$job,ready_at]=$((CORE_NOW_MS + MGPU_RETRY_BACKOFF_MS * (1 << (JOB[$job,retries] - 1))))
-      SCHED_QUEUE=("$job" "${SCHED_QUEUE[@]}")
-      ledger::ev retry "$name" "${JOB[$job,retries]}" "${JOB[$job,kind]}"
-      ledger::event "retrying $name (${JOB[$job,kind]}, exit $rc on GPU $gpu; retry ${JOB[$job,retries]} of $RETRIES, preferring another GPU)"
-      return 0
-    fi
-    JOB[$job,status]=failed
+    sched::_failed "$job" "$rc" "$gpu" || return 0 # 1: queued again
   fi
   SCHED_ENDED+=("$job")
 }

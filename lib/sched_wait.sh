@@ -30,67 +30,153 @@ sched::_gpu_ready() {
   return 1
 }
 
-# sched::_pick JOB NOW_MS — SCHED_PICK becomes a free slot whose GPU may take a job, its lease file open
-# in LEASE_FD (the job takes the lock; should another launcher hold it, the job comes back at once and
-# the slot waits); or "" with SCHED_PICK_WHY: full (every slot runs one of our jobs), wait (blocked by a
-# busy GPU or a slot another process holds; SCHED_BLOCKED is the first such slot and SCHED_BLOCK_WHY
-# why), or broken (no slot has a usable lock file).
+# sched::_pick JOB NOW_MS — SCHED_PICK becomes the slots ("dev:k", one a device) the job starts on: free of
+# our jobs, their GPUs ready (not busy, memory enough for its need, which is reserved now), for a job
+# needing several GPUs the best-connected set; their lease files open in LEASE_FDS (the job takes the
+# locks; a slot another launcher holds sends it back at once and that slot waits). Or "" with
+# SCHED_PICK_WHY: full (fewer devices than it needs have a slot free of our jobs), wait (blocked by a
+# busy GPU, missing memory or a held slot; SCHED_BLOCK_WHY says which, SCHED_BLOCKED is where
+# --on-timeout run would start it anyway), or broken (no slot has a usable lock file).
 sched::_pick() {
-  local job=$1 now=$2 pass s gpu usable=0
-  SCHED_PICK="" SCHED_PICK_WHY=full SCHED_BLOCKED="" SCHED_BLOCK_WHY="" LEASE_FD=""
+  local job=$1 now=$2 pass slot dev usable=0 cand=() devs_free=() need=${JOB[$1,need]:-0} g=${JOB[$1,gpus]:-1}
+  local -A seen=()
+  SCHED_PICK="" SCHED_PICK_WHY=full SCHED_BLOCKED="" SCHED_BLOCK_WHY="" SCHED_BLOCK_MEM=0 LEASE_FDS=() LEASE_FILES=()
   for pass in prefer any; do
-    for s in "${!SCHED_SLOTS[@]}"; do
-      [[ -z ${SLOT_BROKEN[$s]:-} ]] || continue
+    cand=() devs_free=() seen=()
+    for slot in "${SCHED_SLOTS[@]}"; do
+      dev=${slot%:*}
+      [[ -z ${SLOT_BROKEN[$slot]:-} ]] || continue
       usable=1
-      [[ -z ${SLOT_JOB[$s]:-} ]] || continue
-      gpu=${SCHED_SLOTS[s]%%:*}
-      [[ $pass == any || $gpu != "${JOB[$job,avoid]}" ]] || continue
-      if ! sched::_gpu_ready "$gpu" "$now"; then
-        sched::_blocked "$s" "${SCHED_WHY[$gpu]}"
-      elif [[ -n ${SLOT_NEXT_CHECK[$s]:-} ]] && ((now < SLOT_NEXT_CHECK[$s])); then
-        sched::_blocked "$s" "${SCHED_WHY[slot$s]}"
-      elif lease::open "$gpu" "${SCHED_SLOTS[s]#*:}"; then
-        # A slot found held before is locked here first (a child process), so a job is not sent to it in vain.
-        if [[ -n ${SCHED_WHY[slot$s]:-} ]] && ! lease::lock "$LEASE_FD" "$LEASE_FILE"; then
-          exec {LEASE_FD}<&-
-          LEASE_FD=""
-          # a holder that ended between the two looks leaves no name: keep the one seen before
-          [[ -z $LEASE_HOLDER_PID ]] || SCHED_WHY[slot$s]="GPU $gpu slot ${SCHED_SLOTS[s]#*:} is held by $LEASE_HOLDER"
-          SLOT_NEXT_CHECK[$s]=$((now + MGPU_POLL_MS))
-          sched::_blocked "$s" "${SCHED_WHY[slot$s]}"
-          continue
+      [[ -z ${SLOT_JOB[$slot]:-} && -z ${seen[$dev]:-} ]] || continue
+      seen[$dev]=1 devs_free+=("$slot")
+      [[ $pass == any || " ${JOB[$job,avoid]} " != *" $dev "* ]] || continue
+      if ! sched::_slot_ready "$slot" "$need" "$now"; then
+        # memory our own jobs hold frees as they end, like a slot: that is queueing, not a wait
+        if ((SCHED_WHY_MEM == 0)) || ! sched::_ours_on "$dev"; then
+          sched::_blocked "$slot" "$SCHED_WHY_NOW" "${SCHED_WHY_MEM/#0/}"
         fi
-        SCHED_PICK=$s SCHED_LEASE_FILE=$LEASE_FILE
-        return 0
-      else
-        SLOT_BROKEN[$s]=1 # a lock file that is no regular file: that slot is never used (logged)
+        continue
       fi
+      if [[ $pass == prefer && -n ${JOB[$job,prefer_mem]:-} && $dev != cpu ]]; then
+        place::free "$dev" # a retry after running out of memory prefers a GPU with room for its peak
+        if [[ $PLACE_FREE == NA ]] || ((PLACE_FREE < JOB[$job,prefer_mem])); then continue; fi
+      fi
+      cand+=("$slot")
     done
+    if ((${#cand[@]} >= g)); then
+      place::set "$g" "${cand[@]}"
+      if sched::_take "$job" "$now" "${PLACE_SET[@]}"; then
+        return 0
+      fi
+      cand=() # the set turned out held, or its memory reserved by another launcher meanwhile
+    fi
   done
-  ((usable)) || SCHED_PICK_WHY=broken
+  ((usable)) || { SCHED_PICK_WHY=broken && return 0; }
+  ((${#devs_free[@]} >= g)) || { SCHED_PICK_WHY=full && return 0; }
+  [[ $SCHED_PICK_WHY == wait ]] || SCHED_PICK_WHY=full
+  SCHED_BLOCKED="${devs_free[*]:0:g}"
 }
 
-# sched::_held JOB SLOT WHY — the job's process found the slot's lease held by another process: the job
+# sched::_ours_on DEV — does one of our running jobs use this device?
+sched::_ours_on() {
+  local slot
+  for slot in "${!SLOT_JOB[@]}"; do [[ ${slot%:*} != "$1" ]] || return 0; done
+  return 1
+}
+
+# sched::_slot_ready SLOT NEED NOW_MS — may this slot take a job now? 1 with SCHED_WHY_NOW when its GPU
+# is busy, the slot is held by another process, or the device lacks NEED MiB net of reservations (then
+# SCHED_WHY_MEM=1; NEED "all": a job never measured, which runs alone).
+sched::_slot_ready() {
+  local slot=$1 need=$2 now=$3 dev=${1%:*}
+  local gpu=${GPU_PARENT[$dev]:-$dev}
+  SCHED_WHY_NOW="" SCHED_WHY_MEM=0
+  if ! sched::_gpu_ready "$gpu" "$now"; then
+    SCHED_WHY_NOW=${SCHED_WHY[$gpu]}
+  elif [[ -n ${SLOT_NEXT_CHECK[$slot]:-} ]] && ((now < SLOT_NEXT_CHECK[$slot])); then
+    SCHED_WHY_NOW=${SCHED_WHY[slot$slot]}
+  elif [[ $need != 0 && $dev != cpu ]]; then
+    place::free "$dev"
+    SCHED_WHY_MEM=1
+    if [[ $PLACE_FREE == NA ]]; then
+      SCHED_WHY_NOW="GPU $dev does not report its memory, so its free memory cannot be checked"
+    elif [[ $need == all ]]; then
+      ! sched::_ours_on "$dev" && ((PLACE_RESERVED == 0)) ||
+        SCHED_WHY_NOW="GPU $dev is shared, and this config was never measured (--need-mem auto): it runs alone"
+    elif ((PLACE_FREE < need)); then
+      SCHED_WHY_NOW="GPU $dev has $PLACE_FREE MiB free (net of ${PLACE_RESERVED} MiB reserved by starting jobs) < $need MiB needed"
+    fi
+  fi
+  [[ -z $SCHED_WHY_NOW ]]
+}
+
+# sched::_take JOB NOW_MS SLOT... — open the slots' lease files (a slot found held before is locked here
+# first, so the job is not sent to it in vain) and reserve the job's memory need on their devices; 0 with
+# SCHED_PICK, LEASE_FDS and LEASE_FILES set, 1 (nothing kept) when a slot is held or broken or the memory
+# is gone.
+sched::_take() {
+  local job=$1 now=$2 slot dev fd
+  shift 2
+  for slot in "$@"; do
+    dev=${slot%:*}
+    if ! lease::open "$dev" "${slot##*:}"; then
+      SLOT_BROKEN[$slot]=1 # a lock file that is no regular file: that slot is never used (logged)
+      sched::_release
+      return 1
+    fi
+    LEASE_FDS+=("$LEASE_FD") LEASE_FILES+=("$LEASE_FILE")
+    if [[ -n ${SCHED_WHY[slot$slot]:-} ]] && ! lease::lock "$LEASE_FD" "$LEASE_FILE"; then
+      # a holder that ended between the two looks leaves no name: keep the one seen before
+      [[ -z $LEASE_HOLDER_PID ]] || SCHED_WHY[slot$slot]="GPU $dev slot ${slot##*:} is held by $LEASE_HOLDER"
+      SLOT_NEXT_CHECK[$slot]=$((now + MGPU_POLL_MS))
+      sched::_blocked "$slot" "${SCHED_WHY[slot$slot]}"
+      sched::_release
+      return 1
+    fi
+  done
+  PLACE_RESERVATIONS=() PLACE_RESERVED_MIB=()
+  if [[ ${JOB[$job,need]:-0} != 0 && ${1%:*} != cpu ]]; then
+    local devs=()
+    for slot in "$@"; do devs+=("${slot%:*}"); done
+    if ! place::admit "$job" "${JOB[$job,need]}" "${devs[@]}"; then
+      sched::_blocked "$1" "$PLACE_WHY" mem
+      sched::_release
+      return 1
+    fi
+  fi
+  SCHED_PICK="$*"
+}
+
+# sched::_release — close the lease files a pick opened (no job took them).
+sched::_release() {
+  local fd
+  for fd in "${LEASE_FDS[@]}"; do exec {fd}<&-; done
+  LEASE_FDS=() LEASE_FILES=()
+}
+
+# sched::_held JOB SLOT WHY — the job's process found a slot's lease held by another process: the job
 # goes back to the head of the queue, and the slot is tried again after MGPU_POLL_MS.
 sched::_held() {
-  local job=$1 s=$2
+  local job=$1 slot=$2
   core::now_ms
-  log::info "${JOB[$job,name]} did not start: GPU ${SCHED_SLOTS[s]%%:*} slot ${SCHED_SLOTS[s]#*:} is held by $3"
+  log::info "${JOB[$job,name]} did not start: GPU ${slot%:*} slot ${slot##*:} is held by $3"
   JOB[$job,wait_since]=${JOB[$job,tried_since]:-$CORE_NOW_MS}
-  SCHED_WHY[slot$s]="GPU ${SCHED_SLOTS[s]%%:*} slot ${SCHED_SLOTS[s]#*:} is held by $3"
-  SLOT_NEXT_CHECK[$s]=$((CORE_NOW_MS + MGPU_POLL_MS))
+  SCHED_WHY[slot$slot]="GPU ${slot%:*} slot ${slot##*:} is held by $3"
+  SLOT_NEXT_CHECK[$slot]=$((CORE_NOW_MS + MGPU_POLL_MS))
   JOB[$job,status]=queued JOB[$job,gpu]="" JOB[$job,ms]=0
   [[ -z ${JOB[$job,log]} ]] || rm -f -- "${JOB[$job,log]}"
   JOB[$job,log]=""
   SCHED_QUEUE=("$job" "${SCHED_QUEUE[@]}")
-  sched::_blocked "$s" "${SCHED_WHY[slot$s]}"
+  SCHED_BLOCKED="" SCHED_BLOCK_WHY=""
+  sched::_blocked "$slot" "${SCHED_WHY[slot$slot]}"
   sched::_waits "$job" "$CORE_NOW_MS" || true
 }
 
-# sched::_blocked SLOT WHY — note the first slot found blocked in this pick.
+# sched::_blocked SLOT WHY [mem] — note the first slot found blocked in this pick (mem: by memory, which
+# --on-timeout run never overrides).
 sched::_blocked() {
   SCHED_PICK_WHY="wait"
-  [[ -n $SCHED_BLOCKED ]] || SCHED_BLOCKED=$1 SCHED_BLOCK_WHY=$2
+  [[ -n $SCHED_BLOCK_WHY ]] || SCHED_BLOCK_WHY=$2 SCHED_BLOCK_MEM=$((${3:+1}+0))
 }
 
 # sched::_waits JOB NOW_MS — the job at the head of the queue is blocked: count its wait, say so every
@@ -120,17 +206,24 @@ sched::_started_after_wait() {
   JOB[$1,wait_since]=""
 }
 
-# sched::_expired JOB — the job waited MAX_WAIT: --on-timeout run starts it on the first blocked slot
-# anyway (0, SCHED_PICK set); skip and fail record it (1).
+# sched::_expired JOB — the job waited MAX_WAIT: --on-timeout run starts it where it was blocked anyway
+# (0, SCHED_PICK set), except where memory blocks it (memory is never overcommitted: 2, it waits on);
+# skip and fail record it (1).
 sched::_expired() {
   local job=$1 waited
   core::now_ms
   waited=$(((CORE_NOW_MS - JOB[$job,wait_since]) / 1000))
+  if [[ $ON_TIMEOUT == run ]] && ((SCHED_BLOCK_MEM)); then
+    log::warn "${JOB[$job,name]}: still waiting after MAX_WAIT ${MAX_WAIT}s: $SCHED_BLOCK_WHY; memory is never overcommitted, so it waits on (--on-timeout skip or fail would give up)"
+    JOB[$job,next_note]=$((CORE_NOW_MS - JOB[$job,wait_since] + 30000))
+    JOB[$job,wait_since]=$((CORE_NOW_MS - MAX_WAIT * 1000 + 30000)) # said again in 30 s, not at every tick
+    return 2
+  fi
   JOB[$job,waited]=$waited JOB[$job,wait_since]=""
   if [[ $ON_TIMEOUT == run ]]; then
     JOB[$job,reason]="started after ${waited}s (MAX_WAIT) although ${SCHED_BLOCK_WHY}"
     log::warn "${JOB[$job,name]}: still blocked after MAX_WAIT ${MAX_WAIT}s ($SCHED_BLOCK_WHY); starting it there anyway (--on-timeout run)"
-    SCHED_PICK=$SCHED_BLOCKED LEASE_FD="" SCHED_LEASE_FILE=""
+    SCHED_PICK=$SCHED_BLOCKED LEASE_FDS=() LEASE_FILES=() PLACE_RESERVATIONS=()
     return 0
   fi
   JOB[$job,status]=$([[ $ON_TIMEOUT == skip ]] && echo skipped || echo failed)
@@ -150,9 +243,13 @@ sched::_wait_one() {
   if [[ -z ${pid:-} ]]; then
     # No pid: a trapped signal cut the wait short, or bash had reaped a job already (after printing
     # "Killed") and `wait -n` has nothing left to report. Look at every job instead.
-    sched::_reap
+    sched::_reap || [[ -n $SCHED_STOP ]] || core::sleep_ms "$MGPU_TICK_MS" # never spin
   elif [[ $pid == "$SCHED_TIMER" ]]; then
     SCHED_TIMER=""
+    sched::_reap || true # a job bash reaped while the timer ran would never be reported by `wait -n`
+    core::now_ms
+    ((!${#pids[@]} || CORE_NOW_MS - ${SCHED_USAGE_MS:-0} < MGPU_POLL_MS)) || [[ ${SCHED_SLOTS[0]} == cpu:* ]] ||
+      sched::_sample_usage
   elif [[ ${pids[*]} =~ (^| )$pid( |$) ]]; then
     sched::_ended "$pid" "$rc"
   fi
@@ -168,8 +265,7 @@ sched::_alive() {
 }
 
 # sched::_reap — collect every job that is no longer running (`wait PID` gives bash's saved status, or
-# 127 when bash lost it: sched::_ended then reads the job's own end record). Never spins: when nothing
-# ended, it sleeps a tick.
+# 127 when bash lost it: sched::_ended then reads the job's own end record); 1 when none had ended.
 sched::_reap() {
   local name pid rc found=0
   for name in "${!pids[@]}"; do
@@ -181,7 +277,7 @@ sched::_reap() {
     found=1
   done
   [[ -z $SCHED_TIMER ]] || sched::_alive "$SCHED_TIMER" || SCHED_TIMER=""
-  ((found)) || [[ -n $SCHED_STOP ]] || core::sleep_ms "$MGPU_TICK_MS"
+  ((found))
 }
 
 # ---------------------------------------------------------------- stopping

@@ -52,9 +52,12 @@ sweep::flag() {
       fi
       ;;
     --gpus | --max-util | --max-wait | --jobs-per-gpu | --log-dir | --retries | --on-timeout | --cpu-slots | \
-      --grace | --use-multi-config | --order)
+      --grace | --use-multi-config | --order | --gpus-per-job | --need-mem | --on-oom)
       (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
       case $1 in
+        --gpus-per-job) GPUS_PER_JOB=$2 ;;
+        --need-mem) NEED_MEM=$2 ;;
+        --on-oom) ON_OOM=$2 ;;
         --gpus) GPUS=("$2") ;;
         --max-util) MAX_UTIL=$2 ;;
         --max-wait) MAX_WAIT=$2 ;;
@@ -73,9 +76,25 @@ sweep::flag() {
 }
 
 # sweep::defaults — the shared settings (core.sh) and the Slurm ones, from the environment or defaults.
+# With --need-mem (jobs share GPUs by memory) JOBS_PER_GPU, unless given, is an upper bound of 8.
 sweep::defaults() {
+  [[ -z ${NEED_MEM:-} || -n ${JOBS_PER_GPU:-} ]] || JOBS_PER_GPU=8
   core::defaults
+  GPUS_PER_JOB=${GPUS_PER_JOB:-1} NEED_MEM=${NEED_MEM:-} ON_OOM=${ON_OOM:-retry-elsewhere}
   slurm::defaults
+}
+
+# sweep::mib SIZE — a memory size (12G, 12GiB, 11500M, 11500 = MiB; auto) as MiB into SWEEP_MIB; 2 when
+# it is none of those.
+sweep::mib() {
+  local size=${1^^}
+  SWEEP_MIB=""
+  [[ $size != AUTO ]] || { SWEEP_MIB=auto && return 0; }
+  [[ $size =~ ^([0-9]+)(\.[0-9]+)?(K|M|G|T)?(I?B)?$ ]] || return 2
+  local whole=${BASH_REMATCH[1]} frac=${BASH_REMATCH[2]#.} unit=${BASH_REMATCH[3]:-M} scale
+  case $unit in K) scale=1 ;; M) scale=1024 ;; G) scale=1048576 ;; T) scale=1073741824 ;; esac
+  frac=${frac:0:3}
+  SWEEP_MIB=$(((10#$whole * 1000 + 10#${frac:-0} * 10 ** (3 - ${#frac})) * scale / 1024 / 1000))
 }
 
 # sweep::report — --status (the live table of the newest local sweep in LOG_DIR; --watch redraws it) or
@@ -121,11 +140,20 @@ sweep::validate() {
   [[ -z $SWEEP_WATCH || $SWEEP_WATCH =~ ^[0-9]+(\.[0-9]+)?$ ]] || problem="--watch takes the seconds between redraws, like 2 or 0.5, got '$SWEEP_WATCH'"
   [[ -z $SWEEP_WATCH || -n $SWEEP_REPORT ]] || problem="--watch redraws --status: give --status too"
   [[ -z $problem ]] || { log::error "$problem"; return 2; }
+  log::require_int "--gpus-per-job" "$GPUS_PER_JOB" 1 64 || return 2
+  [[ $ON_OOM =~ ^(retry-elsewhere|halve-batch|fail)$ ]] || { log::error "--on-oom must be retry-elsewhere, halve-batch or fail, got '$ON_OOM'"; return 2; }
+  if [[ -n $NEED_MEM ]] && ! sweep::mib "$NEED_MEM"; then
+    log::error "--need-mem must be a size like 12G, 11500M or 11500 (MiB), or auto, got '$NEED_MEM'"
+    return 2
+  fi
   local given="${GPUS[*]}" gpu
   sweep::split_list GPUS
   ((${#GPUS[@]})) || { log::error "GPUS is empty ('$given'): list GPU indices like 0,1,2,3"; return 2; }
   for gpu in "${GPUS[@]}"; do
-    [[ $gpu =~ ^[0-9]+$ ]] || { log::error "GPUS must list GPU indices like 0,1,2,3; got '$gpu' in '${GPUS[*]}'"; return 2; }
+    [[ $gpu =~ ^[0-9]+$|^(GPU|MIG)-[0-9A-Za-z-]+$ ]] || {
+      log::error "GPUS must list GPUs like 0,1,2,3 (indices, GPU- or MIG- UUIDs); got '$gpu' in '${GPUS[*]}'"
+      return 2
+    }
   done
   slurm::validate
 }
@@ -146,34 +174,50 @@ sweep::_ranges() {
   done
 }
 
-# sweep::slots — check every GPU in GPUS, skip the missing ones, and fill SCHED_SLOTS (GPU:slot,
-# round-robin over GPUs), SCHED_GPUS and SCHED_THREADS. No GPU at all: CPU mode, CPU_SLOTS slots.
+# sweep::slots — check every GPU in GPUS (an index, a GPU- UUID or its unique start, a MIG- UUID: each a
+# device for jobs), skip the missing ones, and fill SCHED_SLOTS ("<device>:<slot>", JOBS_PER_GPU a device,
+# round-robin over devices), SCHED_GPUS, the topology (for jobs of several GPUs) and SCHED_THREADS. No GPU
+# at all: CPU mode, CPU_SLOTS slots.
 sweep::slots() {
-  local gpu k have=() kept=() cores _
+  local gpu k kept=() cores rc
   gpu::_backend || return 2
   SCHED_SLOTS=() SCHED_GPUS=()
   if [[ $GPU_BACKEND == cpu ]]; then
     log::warn "no GPU found (no nvidia-smi, no MGPU_FAKE_GPUS): CPU mode, $CPU_SLOTS job(s) at a time"
     for ((k = 0; k < CPU_SLOTS; k++)); do SCHED_SLOTS+=("cpu:$k"); done
   else
+    if ((GPUS_PER_JOB > 1 || SWEEP_MAX_GPUS > 1)) || [[ " ${GPUS[*]}" == *" "[GM][PI]* ]]; then
+      gpu::machine || log::warn "the GPUs' topology and MIG instances cannot be read (python -m mgpu.scenario --machine failed): sets of GPUs are chosen without it"
+    fi
     gpu::sample || { log::error "the GPU query failed (see above); nothing can run"; return 1; }
     core::now_ms
     SCHED_SAMPLE_MS=$CORE_NOW_MS # the first launch decisions use this sample
-    while IFS=, read -r gpu _; do [[ -z $gpu ]] || have+=("$gpu"); done <<<"$GPU_LINES" # in index order
+    local have=() index _
+    while IFS=, read -r index _; do [[ -z $index ]] || have+=("$index"); done <<<"$GPU_LINES" # in index order
     ((${#have[@]})) || { log::error "the GPU query found no GPU; nothing can run"; return 1; }
     sweep::_ranges "${have[@]}"
     for gpu in "${GPUS[@]}"; do
-      if [[ " ${have[*]} " == *" $gpu "* ]]; then
-        [[ " ${kept[*]} " == *" $gpu "* ]] || kept+=("$gpu")
+      rc=0
+      gpu::resolve "$gpu" || rc=$?
+      if ((rc == 0)); then
+        [[ " ${kept[*]} " == *" $GPU_ID "* ]] || kept+=("$GPU_ID")
+      elif ((rc == 2)); then
+        log::error "GPU $gpu: that UUID start matches several GPUs; give more of it"
+        return 2
       else
         log::error "GPU $gpu is not available (this machine has GPUs $SWEEP_RANGES); skipping it"
       fi
     done
     ((${#kept[@]})) || { log::error "none of the GPUs in GPUS (${GPUS[*]}) is available; this machine has GPUs $SWEEP_RANGES"; return 2; }
+    ((${#kept[@]} >= SWEEP_MAX_GPUS)) || {
+      log::error "a job needs $SWEEP_MAX_GPUS GPUs (--gpus-per-job or a config's gpus_per_job), but GPUS gives ${#kept[@]} (${kept[*]})"
+      return 2
+    }
     for ((k = 0; k < JOBS_PER_GPU; k++)); do
       for gpu in "${kept[@]}"; do SCHED_SLOTS+=("$gpu:$k"); done
     done
     SCHED_GPUS=("${kept[@]}")
+    place::links
   fi
   [[ $USE_MULTI_CONFIG == true ]] || SCHED_SLOTS=("${SCHED_SLOTS[0]}")
   if [[ -n ${OMP_NUM_THREADS:-} ]]; then
@@ -183,29 +227,96 @@ sweep::slots() {
     SCHED_THREADS=$((cores / ${#SCHED_SLOTS[@]} > 0 ? cores / ${#SCHED_SLOTS[@]} : 1))
   fi
 }
+SWEEP_MAX_GPUS=1 # the most GPUs any one job of the sweep needs (sweep::resources)
+
+# sweep::resources JOB [LAUNCH] — the job's GPUs and memory need: its config's "gpus_per_job=N
+# need_mem=S" words (LAUNCH), else --gpus-per-job and --need-mem; 2 (logged) for a bad value.
+sweep::resources() {
+  local job=$1 word gpus=$GPUS_PER_JOB need=$NEED_MEM
+  SWEEP_MIB=""
+  for word in ${2:-}; do
+    case $word in
+      gpus_per_job=*) gpus=${word#*=} ;;
+      need_mem=*) need=${word#*=} ;;
+    esac
+  done
+  log::require_int "${JOB[$job,name]}: gpus_per_job" "$gpus" 1 64 || return 2
+  if [[ -n $need ]] && ! sweep::mib "$need"; then
+    log::error "${JOB[$job,name]}: need_mem must be a size like 12G, 11500M or 11500 (MiB), or auto, got '$need'"
+    return 2
+  fi
+  sched::set "$job" "gpus=$gpus" "need=${SWEEP_MIB:-0}"
+  ((gpus <= SWEEP_MAX_GPUS)) || SWEEP_MAX_GPUS=$gpus
+}
+
+# sweep::learn_needs — --need-mem auto: each job's need is the peak GPU memory an earlier run of the same
+# configuration reached (LOG_DIR's summaries, by config hash, else name), plus 10% and 256 MiB; a job
+# never measured runs alone on its GPU (need "all": every MiB free when it starts), to be measured.
+sweep::learn_needs() {
+  local job hash name peak line learned=0 unknown=0
+  local -A by_hash=() by_name=()
+  local summaries=("$LOG_DIR"/summary_*.json)
+  if [[ -e ${summaries[0]} ]]; then
+    while IFS=$'\t' read -r hash name peak; do
+      ((peak > ${by_hash[$hash]:-0})) && by_hash[$hash]=$peak
+      ((peak > ${by_name[$name]:-0})) && by_name[$name]=$peak
+    done < <(jq -rs '[.[].configs[]? | select(.peak_mem_mib | type == "number") | [.config_hash, .name, .peak_mem_mib]]
+      | .[] | @tsv' "${summaries[@]}" 2>/dev/null)
+  fi
+  for ((job = 0; job < SCHED_N; job++)); do
+    [[ ${JOB[$job,need]} == auto ]] || continue
+    peak=${by_hash[${JOB[$job,hash]}]:-${by_name[${JOB[$job,name]}]:-}}
+    if [[ -n $peak ]]; then
+      JOB[$job,need]=$((peak + peak / 10 + 256)) learned=$((learned + 1))
+    else
+      JOB[$job,need]=all unknown=$((unknown + 1))
+    fi
+  done
+  ((learned + unknown == 0)) ||
+    log::info "--need-mem auto: $learned need(s) learned from LOG_DIR's summaries (peak + 10% + 256 MiB); $unknown config(s) never measured run alone on a GPU"
+}
 
 # sweep::dry_run — the plan, the GPU check right now, and each exact command (with every variable the
-# job gets); nothing is launched and nothing is written.
+# job gets) on the GPUs it would get, and why (for several GPUs, how they are linked); nothing is
+# launched and nothing is written.
 sweep::dry_run() {
-  local job s gpu seen=() where
+  local job s gpu listed=() where n slot cand=() devs gpus
+  local -A used=()
   printf 'Plan: %d job(s) on %d slot(s) [%s]; MAX_UTIL %s%%, MAX_WAIT %ss, --on-timeout %s, --retries %s, --grace %ss\n' \
     "${#SCHED_QUEUE[@]}" "${#SCHED_SLOTS[@]}" "${SCHED_SLOTS[*]}" "$MAX_UTIL" "$MAX_WAIT" "$ON_TIMEOUT" "$RETRIES" "$GRACE"
   [[ ${SCHED_SLOTS[0]} == cpu:* ]] || gpu::sample "${SCHED_GPUS[@]}" || true
   for s in "${SCHED_SLOTS[@]}"; do
-    gpu=${s%%:*}
-    [[ $gpu != cpu && " ${seen[*]} " != *" $gpu "* ]] || continue
-    seen+=("$gpu")
-    if gpu::judge "$gpu"; then echo "GPU $gpu: free now"; else echo "GPU $gpu: busy now ($GPU_REASON): jobs wait for it"; fi
+    gpu=${s%:*}
+    [[ $gpu != cpu && " ${listed[*]} " != *" $gpu "* ]] || continue
+    listed+=("$gpu")
+    if gpu::judge "${GPU_PARENT[$gpu]:-$gpu}"; then echo "GPU $gpu: free now"; else echo "GPU $gpu: busy now ($GPU_REASON): jobs wait for it"; fi
   done
-  for s in "${!SCHED_QUEUE[@]}"; do
-    job=${SCHED_QUEUE[s]}
-    gpu=${SCHED_SLOTS[s % ${#SCHED_SLOTS[@]}]%%:*}
-    where="GPU $gpu"
-    [[ $gpu != cpu ]] || where=CPU
+  for job in "${SCHED_QUEUE[@]}"; do
+    n=${JOB[$job,gpus]:-1}
+    for _ in 1 2; do # the GPUs free of the plan's earlier jobs; when none are left, those of the next round
+      cand=() listed=()
+      for slot in "${SCHED_SLOTS[@]}"; do
+        gpu=${slot%:*}
+        if ((${used[$gpu]:-0} >= JOBS_PER_GPU)) || [[ " ${listed[*]} " == *" $gpu "* ]]; then continue; fi
+        listed+=("$gpu") cand+=("$slot")
+      done
+      ((${#cand[@]} < n)) || break
+      used=()
+    done
+    place::set "$n" "${cand[@]}"
+    devs=() gpus=""
+    for slot in "${PLACE_SET[@]}"; do devs+=("${slot%:*}") used[${slot%:*}]=$((${used[${slot%:*}]:-0} + 1)); done
+    printf -v gpus '%s,' "${devs[@]}"
+    gpus=${gpus%,}
+    place::worst "${devs[@]}"
+    where="GPU $gpus"
+    [[ -z $PLACE_LEVEL ]] || where="GPUs $gpus ($PLACE_LEVEL)"
+    [[ $gpus != cpu ]] || where=CPU
+    [[ ${JOB[$job,need]:-0} == 0 ]] || where+=", needs ${JOB[$job,need]/#all/all free} MiB a GPU"
     sched::argv "$job"
     printf '%s -> %s: ' "${JOB[$job,name]}" "$where"
-    printf '%q ' "CUDA_VISIBLE_DEVICES=${gpu/#cpu/}" CUDA_DEVICE_ORDER=PCI_BUS_ID "MGPU_CONFIG_NAME=${JOB[$job,name]}" \
-      "MGPU_GPU=$gpu" "OMP_NUM_THREADS=$SCHED_THREADS" "${SCHED_ARGV[@]}"
+    printf '%q ' "CUDA_VISIBLE_DEVICES=${gpus/#cpu/}" CUDA_DEVICE_ORDER=PCI_BUS_ID "MGPU_CONFIG_NAME=${JOB[$job,name]}" \
+      "MGPU_GPU=$gpus" "OMP_NUM_THREADS=$SCHED_THREADS" "${SCHED_ARGV[@]}"
     echo
   done
 }
@@ -254,6 +365,7 @@ sweep::launch() {
     return
   fi
   sweep::slots || return
+  sweep::learn_needs
   if [[ $DRY_RUN == true ]]; then
     sweep::dry_run
     return 0

@@ -1,7 +1,7 @@
 """The plain-text records ``python -m mgpu.scenario`` prints for the shell (lib/gpu.sh), one a line:
 
     gpu,<index>,<uuid>,<util|NA>,<used_mib|NA>,<total_mib|NA>,<pci_bus_id|NA>,<name>
-    mig,<parent index>,<MIG uuid>
+    mig,<parent index>,<MIG uuid>,<used_mib|NA>,<total_mib|NA>,<name|NA>
     proc,<gpu index>,<pid>,<used_mib|NA>,<user|NA>
     link,<i>,<j>,<level>
 
@@ -33,7 +33,8 @@ def _num(value: int | None) -> str:
 def gpu_lines(gpu: Gpu) -> list[str]:
     lines = [",".join(["gpu", str(gpu.index), _clean(gpu.uuid), _num(gpu.utilization_gpu), _num(gpu.memory_used_mib),
                        _num(gpu.memory_total_mib), _clean(gpu.pci_bus_id), _clean(gpu.name)])]
-    lines += [f"mig,{gpu.index},{_clean(m.uuid)}" for m in gpu.mig_devices]
+    lines += [f"mig,{gpu.index},{_clean(m.uuid)},{_num(m.memory_used_mib)},{_num(m.memory_total_mib)},{_clean(m.name)}"
+              for m in gpu.mig_devices]
     lines += [f"proc,{gpu.index},{p.pid},{_num(p.used_memory_mib)},{_clean(p.user)}" for p in gpu.processes]
     return lines
 

@@ -68,7 +68,7 @@ setup() { common_setup; }
     MGPU_FAKE_SMI_SCENARIO=$SCENARIOS/2x-a100-40gb-mig.json run --separate-stderr "$PYTHON" -m mgpu.scenario --machine
   assert_success
   assert_line --index 0 --regexp '^gpu,0,GPU-a1400a7e-[^,]+,NA,9037,40960,00000000:07:00.0,NVIDIA A100-SXM4-40GB$'
-  assert_line --index 3 "mig,0,MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f1003"
+  assert_line --index 3 "mig,0,MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f1003,NA,NA,1g.5gb" # nvidia-smi -L has no memory
   assert_line --index 4 "proc,0,5151,8998,NA"
   assert_equal "${#lines[@]}" 6
 }

@@ -36,8 +36,8 @@ max_overlap() {
     "$(printf 'starnet_s1_clip_ViT-B_32\tstarnet_s1\tclip:ViT-B/32\tsucceeded\t0')"
   assert_equal "$(summary '.configs[0].metrics.val_r1')" 0.5
   run cat logs/clip_training/summary_*.tsv
-  assert_line --index 0 $'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tmetric_name\tmetric_value\tlog\tdetail\tcommand'
-  assert_line --index 1 --regexp $'^starnet_s1_clip_ViT-B_32\t0\tsucceeded\t0\t\t0\t[0-9.]+\t0\tval_r1\t0.5\tlogs/clip_training/starnet_s1_clip_ViT-B_32_gpu0_[0-9_]+\.log\t\t$'
+  assert_line --index 0 $'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tgpu_seconds\tpeak_mem_mib\tmetric_name\tmetric_value\tlog\tdetail\tcause\tcommand'
+  assert_line --index 1 --regexp $'^starnet_s1_clip_ViT-B_32\t0\tsucceeded\t0\t\t0\t[0-9.]+\t0\t[0-9.]+\t\tval_r1\t0.5\tlogs/clip_training/starnet_s1_clip_ViT-B_32_gpu0_[0-9_]+\.log\t\t\t$'
 }
 
 @test "seed example 1: one GPU (GPU 5 of eight) runs the configs one after another" {
@@ -74,14 +74,18 @@ JSON
 @test "a busy GPU is waited for, then used once the scenario frees it; the wait is in the summary" {
   export MGPU_FAKE_GPUS
   MGPU_FAKE_GPUS=$(scenario_copy 4x-rtx4090-gpu2-busy)
-  (sleep 1.5 && set_util "$MGPU_FAKE_GPUS" 2 5) &
-  sweep --gpus 2 --max-wait 30 --image-encoders starnet_s1 --text-encoders clip:ViT-B/32
-  wait
-  assert_success
-  [[ $stderr == *"starnet_s1_clip_ViT-B_32 waits: GPU 2 is busy: utilization 95% (1 sample) > MAX_UTIL 70%; waited 0s of up to 30s (MAX_WAIT)"* ]]
+  bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 2 --max-wait 30 --image-encoders starnet_s1 \
+    --text-encoders clip:ViT-B/32 >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0
+  waits() { grep -q "starnet_s1_clip_ViT-B_32 waits: GPU 2 is busy: utilization 95% (1 sample) > MAX_UTIL 70%; waited 0s of up to 30s (MAX_WAIT)" "$WORK/err"; }
+  wait_for 30 "the job to wait for GPU 2" waits
+  sleep 1.2 # a wait of more than a second, to be recorded as such
+  set_util "$MGPU_FAKE_GPUS" 2 5
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 0
   assert_equal "$(gpus_of starnet_s1_clip_ViT-B_32)" 2
   run summary '.configs[0] | "\(.waited_seconds) \(.reason)"'
-  assert_output --regexp '^([1-3]) waited \1s: GPU 2 is busy: utilization 95%'
+  assert_output --regexp '^([1-9]) waited \1s: GPU 2 is busy: utilization 95%'
 }
 
 @test "MAX_WAIT expiry: --on-timeout run starts anyway, skip skips, fail fails" {
@@ -107,8 +111,8 @@ JSON
   assert_equal "$(summary '.configs[1] | "\(.status) \(.exit_code) \(.failure)"')" "failed 7 error"
   [[ $stderr == *"    | RuntimeError: configured to fail"* ]]
   # the table on stdout: each column as wide as its widest cell, two spaces between columns
-  assert_line --index 0 --regexp '^config {20}gpu  status     exit       retries  seconds  waited  metric {6}log$'
-  assert_line --regexp '^starnet_s2_clip_ViT-B_32  [01]    failed     7 \(error\)  0        [0-9]+\.[0-9]      0 {19}logs/clip_training/starnet_s2_'
+  assert_line --index 0 --regexp '^config {20}gpu  status     exit       retries  seconds  waited  peak  metric {6}log$'
+  assert_line --regexp '^starnet_s2_clip_ViT-B_32  [01]    failed     7 \(error\)  0        [0-9]+\.[0-9]      0       - +logs/clip_training/starnet_s2_'
 }
 
 @test "--retries: an out-of-memory failure is retried on another GPU" {
@@ -281,7 +285,7 @@ starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_
   assert_equal "$stderr" "[ERROR] --on-timeout must be run, skip or fail, got 'later'"
   sweep --gpus 0,x
   assert_failure 2
-  assert_equal "$stderr" "[ERROR] GPUS must list GPU indices like 0,1,2,3; got 'x' in '0 x'"
+  assert_equal "$stderr" "[ERROR] GPUS must list GPUs like 0,1,2,3 (indices, GPU- or MIG- UUIDs); got 'x' in '0 x'"
   sweep --frobnicate
   assert_failure 2
   run --separate-stderr bash "$ROOT/run_train_clip.sh" --preset large

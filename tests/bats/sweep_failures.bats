@@ -179,7 +179,7 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
   assert_failure 1
   assert_equal "$(summary '.configs[0] | "\(.status) \(.metrics)"')" "failed null"
   run cat logs/clip_training/summary_*.tsv
-  assert_line --index 1 --regexp $'^a_t\t0\tfailed\t7\terror\t0\t[0-9.]+\t0\t\t\t'
+  assert_line --index 1 --regexp $'^a_t\t0\tfailed\t7\terror\t0\t[0-9.]+\t0\t[0-9.]+\t\t\t\tlogs/clip_training/a_t_gpu0_[0-9_]+\.log\t\texited with status 7 \\(see its log\\)\t$'
 }
 
 @test "bad inputs that used to pass silently are errors naming the input, the value and what is allowed" {
@@ -248,23 +248,24 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
 @test "a slot held by another process: the wait names the holder, counts, and obeys --max-wait/--on-timeout" {
   mkdir -p "$MGPU_LOCK_DIR"
   : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
-  flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" sleep 30 &
-  local holder=$!
+  # -w: held() below probes the lock too; the holder ends when the test says so, leaving nothing behind
+  flock -w 10 "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
   held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
   wait_for 10 "the test's holder to take the lock" held
   MGPU_POLL_MS=200 sweep --gpus 0 --max-wait 1 --on-timeout skip --image-encoders a --text-encoders t
-  kill "$holder" 2>/dev/null || true
+  : >"$WORK/release"
+  wait
   assert_failure 1
   assert [ ! -e "$FAKE_TRAIN_RECORD" ]
-  [[ $stderr == *"a_t waits: GPU 0 slot 0 is held by pid "*"sleep 30"* ]]
+  [[ $stderr == *"a_t waits: GPU 0 slot 0 is held by pid "*"until [[ -e"* ]]
   assert_equal "$(summary '.configs[0] | "\(.status) \(.waited_seconds)"')" "skipped 1"
-  assert_regex "$(summary '.configs[0].reason')" '^gave up after 1s \(MAX_WAIT\): GPU 0 slot 0 is held by pid [0-9]+: (flock|sleep)'
+  assert_regex "$(summary '.configs[0].reason')" '^gave up after 1s \(MAX_WAIT\): GPU 0 slot 0 is held by pid [0-9]+: (flock|bash)'
 }
 
 @test "a held slot freed mid-wait is taken, and the wait is recorded" {
   mkdir -p "$MGPU_LOCK_DIR"
   : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
-  flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
+  flock -w 10 "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
   held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
   wait_for 10 "the test's holder to take the lock" held
   MGPU_POLL_MS=200 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 --max-wait 60 --image-encoders a --text-encoders t \

@@ -125,9 +125,9 @@ def test_records_of_mig_processes_and_unknown_memory():
     done = cli(str(SCENARIOS / "2x-a100-40gb-mig.json"))
     assert done.returncode == 0 and done.stdout.splitlines() == [
         "gpu,0,GPU-a1400a7e-3b1d-4f6a-9c2e-0d8b7a6f0000,NA,9037,40960,00000000:07:00.0,NVIDIA A100-SXM4-40GB",
-        "mig,0,MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f3001",
-        "mig,0,MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f2002",
-        "mig,0,MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f1003",
+        "mig,0,MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f3001,9011,19968,3g.20gb",
+        "mig,0,MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f2002,13,9856,2g.10gb",
+        "mig,0,MIG-5c1e0a7e-9b1d-5f6a-8c2e-0d8b7a6f1003,13,4864,1g.5gb",
         "proc,0,5151,8998,carol",
         "gpu,1,GPU-a1401a7e-3b1d-4f6a-9c2e-0d8b7a6f0001,0,4,40960,00000000:0F:00.0,NVIDIA A100-SXM4-40GB",
         "link,0,1,NV12",
