@@ -48,3 +48,23 @@ def versions() -> dict[str, str]:
 def mgpu_on_path() -> None:
     """Make `import mgpu` find this repository's package (for the --compare checks)."""
     sys.path.insert(0, str(ROOT / "py"))
+
+
+def open_clip_train_function(module: str, name: str):
+    """One top-level function of open_clip_train (e.g. train.get_clip_metrics), compiled from the
+    installed file's own source with numpy and torch in scope: the module itself imports the whole of
+    open_clip (and torchvision) for its other functions."""
+    import ast
+
+    import numpy
+    import torch
+
+    spec = importlib.util.find_spec("open_clip_train")
+    if spec is None or spec.origin is None:
+        raise SystemExit("open_clip_train (part of open_clip_torch) is not installed: see tools/golden/README.md")
+    path = Path(spec.origin).parent / f"{module}.py"
+    tree = ast.parse(path.read_text(), str(path))
+    (node,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    namespace = {"np": numpy, "torch": torch}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace[name]
