@@ -82,7 +82,7 @@ def test_retrieval_metrics_on_known_rankings():
     eye = torch.eye(4)
     perfect = retrieval_metrics(eye, eye)
     assert perfect["image_to_text_R@1"] == 1 and perfect["text_to_image_median_rank"] == 1
-    shifted = retrieval_metrics(eye, eye.roll(1, dims=0))  # every true match scores 0, another scores 1
+    shifted = retrieval_metrics(eye, eye + 2 * eye.roll(1, dims=0))  # every true match scores 1, another 2, no ties
     assert shifted["image_to_text_R@1"] == 0 and shifted["image_to_text_mean_rank"] == 2
     assert shifted["image_to_text_R@5"] == 1 and 0 < shifted["mean_recall"] < 1
     with pytest.raises(ValueError, match="differ in shape"):

@@ -49,6 +49,42 @@ def test_bad_input_is_named():
         collate_fn([sample(1), {**sample(1), "image": torch.zeros(3, 4, 4)}])
 
 
+def test_a_sample_without_boxes_next_to_one_with_phrases():
+    # the (0, m) box_phrases of a zero-box sample used to crash the reshape
+    s = lambda k: {"image": torch.zeros(3, 4, 4), "tokens": torch.tensor([1, 2]),  # noqa: E731
+                   "boxes": torch.zeros(k, 4), "box_phrases": torch.ones(k, 3, dtype=torch.long)}
+    batch = collate_fn([s(0), s(2)])
+    assert batch["box_phrases"].shape == (2, 2, 3) and batch["box_phrases"][0].sum() == 0
+    assert batch["box_phrases"][1].tolist() == [[1, 1, 1], [1, 1, 1]] and batch["num_boxes"].tolist() == [0, 2]
+    empty = {**s(0), "box_phrases": []}  # from JSON
+    assert collate_fn([empty, s(1)])["box_phrases"].shape == (2, 1, 3)
+    assert collate_fn([s(0), s(0)])["box_phrases"].shape == (2, 0, 3)
+
+
+def test_boxes_and_box_phrases_may_be_left_out_of_some_samples():
+    with_phrases = sample(2, phrase_len=3)
+    without = sample(1)
+    batch = collate_fn([without, with_phrases, {k: v for k, v in sample(0).items() if k != "boxes"}])
+    assert batch["num_boxes"].tolist() == [1, 2, 0]
+    assert batch["box_phrases"].shape == (3, 2, 3) and batch["box_phrases"][0].sum() == 0
+
+
+def test_a_key_in_only_some_samples_is_an_error_naming_it():
+    extra = {**sample(1, index=1), "depth": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"sample 0 of the batch has no 'depth', sample 1 has: every sample needs "
+                                         r"the same keys \(only boxes and box_phrases may be left out\)"):
+        collate_fn([sample(1), extra])
+    lacking = {k: v for k, v in sample(1, index=2).items() if k != "caption"}
+    with pytest.raises(ValueError, match=r"sample 2 of the batch has no 'caption', sample 0 has"):
+        collate_fn([sample(1), sample(1), lacking])
+
+
+def test_box_phrases_must_have_a_row_per_box():
+    with pytest.raises(ValueError, match=r"sample 1: box_phrases must have shape \(k, m\) with k = 2, its number "
+                                         r"of boxes; got \(3, 4\)"):
+        collate_fn([sample(1, phrase_len=4), {**sample(2), "box_phrases": torch.ones(3, 4)}])
+
+
 def test_works_in_a_dataloader_with_workers():
     data = [sample(i % 3, index=i) for i in range(6)]
     loader = torch.utils.data.DataLoader(data, batch_size=3, collate_fn=collate_fn, num_workers=2)

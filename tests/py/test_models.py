@@ -103,7 +103,8 @@ def test_every_parameter_gets_a_gradient():
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(UnknownEncoder, match="unknown image encoder 'resnet50'; known: starnet_s050, "):
         image_encoder("resnet50")
-    with pytest.raises(UnknownEncoder, match=r"known: clip:ViT-B/32, clip:tiny, bert-base-chinese, bert:tiny-chinese"):
+    with pytest.raises(UnknownEncoder, match=r"known: clip:ViT-B/32, clip:ViT-B/32-gelu, clip:tiny, clip:tiny-gelu, "
+                                             r"bert-base-chinese, bert:tiny-chinese"):
         text_encoder("clip:ViT-L/14")
 
 
@@ -111,5 +112,48 @@ def test_python_m_mgpu_models_lists_every_encoder():
     done = subprocess.run([sys.executable, "-m", "mgpu.models", "--json"], capture_output=True, text=True,
                           cwd=ROOT / "py", check=True, timeout=120)
     table = {r["name"]: r for r in json.loads(done.stdout)}
-    assert set(table) == set(PUBLISHED_M) | {"clip:ViT-B/32", "clip:tiny", "bert-base-chinese", "bert:tiny-chinese"}
-    assert table["clip:ViT-B/32"]["parameters"] == 63_165_952 and table["starnet_s1"]["out_dim"] == 192
+    assert set(table) == set(PUBLISHED_M) | {"clip:ViT-B/32", "clip:ViT-B/32-gelu", "clip:tiny", "clip:tiny-gelu",
+                                             "bert-base-chinese", "bert:tiny-chinese"}
+    assert table["clip:ViT-B/32"]["parameters"] == table["clip:ViT-B/32-gelu"]["parameters"] == 63_165_952
+    assert table["starnet_s1"]["out_dim"] == 192
+
+
+@pytest.mark.parametrize("name,ids", [
+    ("clip:tiny", clip_tokens([4, 9, 77])),
+    ("clip:tiny-gelu", clip_tokens([5, 12, 30])),
+    ("bert:tiny-chinese", torch.tensor([[101, 2769, 4263, 102, 0, 0], [101, 1920, 6, 7, 8, 102]])),
+])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(name, ids):
+    """Recomputing each block in the backward pass changes memory, not results (BERT's dropout included:
+    the RNG state is replayed)."""
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        tower = text_encoder(name).train()
+        tower.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        loss = tower(ids).pow(2).mean()
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in tower.named_parameters()}
+
+    loss, grads = run(False)
+    loss_ckpt, grads_ckpt = run(True)
+    assert abs(loss - loss_ckpt) <= 1e-6
+    assert max((grads[n] - grads_ckpt[n]).abs().max().item() for n in grads) <= 1e-6
+
+
+def test_grad_checkpointing_recomputes_blocks_only_while_training(monkeypatch):
+    from mgpu.models import text
+
+    calls = []
+    real = text.checkpoint
+    monkeypatch.setattr(text, "checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
+    tower = text_encoder("clip:tiny")
+    tower.set_grad_checkpointing()
+    tower.train()(clip_tokens([4]))
+    assert len(calls) == 2 and all(k == {"use_reentrant": False} for k in calls)  # one per block
+    with torch.no_grad():
+        tower(clip_tokens([4]))
+    tower.eval()(clip_tokens([4]))
+    tower.set_grad_checkpointing(False)
+    tower.train()(clip_tokens([4]))
+    assert len(calls) == 2

@@ -69,7 +69,8 @@ def test_missing_keys_are_reported_and_a_wrong_encoder_is_an_error(tmp_path):
 
 
 def test_unreadable_and_missing_files(tmp_path):
-    with pytest.raises(CheckpointError, match="no model.safetensors, pytorch_model.bin"):
+    with pytest.raises(CheckpointError, match="no open_clip_model.safetensors, open_clip_pytorch_model.bin, "
+                                              "model.safetensors or pytorch_model.bin in it"):
         load_pretrained(text_encoder("bert:tiny-chinese"), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="safetensors"):

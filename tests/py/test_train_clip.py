@@ -82,7 +82,10 @@ def test_ddp_over_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_
         if key.endswith("attn.in_proj_bias"):  # the key bias has a zero gradient (softmax ignores a shift):
             width = a[key].shape[0] // 3       # Adam divides rounding noise by its own size, so skip it
             a[key], b[key] = a[key][:width], b[key][:width]
-        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5), key
+        # Adam (eps 1e-6) turns a gradient element near eps (what is left of a sum that nearly cancels)
+        # into an update whose size depends on the summation order, so allow 10% of lr; a real fault
+        # (other data, no all-reduce) moves parameters by about lr (1e-3)
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-4), key
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m2["world_size"] == 2 and m2["global_batch"] == 16 and m1["world_size"] == 1

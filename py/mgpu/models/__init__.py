@@ -21,9 +21,14 @@ IMAGE_ENCODERS: dict[str, Callable[[], nn.Module]] = {
     name: (lambda name=name: starnet(name)) for name in STARNET_SPECS
 }
 
+# CLIP text towers: "clip:ViT-B/32" has OpenAI's QuickGELU (OpenAI's weights, open_clip's "-quickgelu"
+# ones: LAION-400M, MetaCLIP); "-gelu" names have GELU (open_clip's own ViT-B-32: LAION-2B, DataComp).
+# The name is what checkpoints record, so the activation travels with them.
 TEXT_ENCODERS: dict[str, Callable[[], nn.Module]] = {
     "clip:ViT-B/32": lambda: ClipTextTower(ClipTextSpec(width=512, layers=12, heads=8)),
+    "clip:ViT-B/32-gelu": lambda: ClipTextTower(ClipTextSpec(width=512, layers=12, heads=8, activation="gelu")),
     "clip:tiny": lambda: ClipTextTower(ClipTextSpec(width=128, layers=2, heads=2)),
+    "clip:tiny-gelu": lambda: ClipTextTower(ClipTextSpec(width=128, layers=2, heads=2, activation="gelu")),
     "bert-base-chinese": lambda: BertTower(BertSpec(hidden=768, layers=12, heads=12, intermediate=3072)),
     "bert:tiny-chinese": lambda: BertTower(BertSpec(hidden=128, layers=2, heads=2, intermediate=512)),
 }

@@ -1,14 +1,22 @@
 """Text towers: OpenAI CLIP's text transformer and BERT, with module names that follow the published
 checkpoints (OpenAI/open_clip ``transformer.resblocks.N``; Hugging Face ``encoder.layer.N``), so their
 weights map onto these modules key for key.
+
+The CLIP tower's MLP activation is part of its definition (``ClipTextSpec.activation``): QuickGELU for
+OpenAI's weights (and open_clip's ``-quickgelu`` ones), GELU for open_clip's own ``ViT-B-32`` (LAION-2B,
+DataComp); the encoder names say which (``clip:ViT-B/32``, ``clip:ViT-B/32-gelu``). Both towers can
+recompute their blocks in the backward pass instead of keeping activations
+(``set_grad_checkpointing``): same outputs and gradients, less memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class QuickGELU(nn.Module):
@@ -16,6 +24,9 @@ class QuickGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
 @dataclass(frozen=True)
@@ -26,19 +37,33 @@ class ClipTextSpec:
     context: int = 77
     vocab: int = 49408
     dropout: float = 0.0
+    activation: str = "quick_gelu"  # the MLP's: "quick_gelu" (OpenAI's weights) or "gelu" (open_clip's own)
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"CLIP text activation {self.activation!r}: must be one of {', '.join(ACTIVATIONS)}")
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor, recompute: bool) -> torch.Tensor:
+    """x through each block; with recompute, each block's activations are recomputed in the backward
+    pass instead of kept (torch.utils.checkpoint, non-reentrant: the RNG state is replayed, so dropout
+    draws the same masks and outputs and gradients are those of the plain run)."""
+    for block in blocks:
+        x = checkpoint(block, x, mask, use_reentrant=False) if recompute else block(x, mask)
+    return x
 
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, activation: str = "quick_gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
-        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("gelu", ACTIVATIONS[activation]())  # the name OpenAI's checkpoints use, whichever it is
         self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,14 +73,15 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, dropout: float):
+    def __init__(self, width: int, layers: int, heads: int, dropout: float, activation: str = "quick_gelu"):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, dropout) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, dropout, activation)
+                                       for _ in range(layers))
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for block in self.resblocks:
-            x = block(x, mask)
-        return x
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        return _run_blocks(self.resblocks, x, mask, recompute)
 
 
 class ClipTextTower(nn.Module):
@@ -68,12 +94,16 @@ class ClipTextTower(nn.Module):
         self.out_dim = spec.width
         self.token_embedding = nn.Embedding(spec.vocab, spec.width)
         self.positional_embedding = nn.Parameter(torch.empty(spec.context, spec.width))
-        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.dropout)
+        self.transformer = Transformer(spec.width, spec.layers, spec.heads, spec.dropout, spec.activation)
         self.ln_final = nn.LayerNorm(spec.width)
         self.register_buffer("causal_mask", torch.full((spec.context, spec.context), float("-inf")).triu(1),
                              persistent=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass while training (less memory, same gradients)."""
+        self.transformer.grad_checkpointing = enable
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[1]
@@ -176,7 +206,12 @@ class BertTower(nn.Module):
         self.encoder.layer = nn.ModuleList(BertLayer(spec) for _ in range(spec.layers))
         self.pooler = nn.Module()
         self.pooler.dense = nn.Linear(spec.hidden, spec.hidden)
+        self.grad_checkpointing = False
         self.apply(self._init)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer in the backward pass while training (less memory, same gradients)."""
+        self.grad_checkpointing = enable
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -190,6 +225,6 @@ class BertTower(nn.Module):
             raise ValueError(f"text of {ids.shape[1]} tokens is longer than BERT's {self.spec.max_positions} positions")
         pad_mask = (ids != 0)[:, None, None, :]  # True = attend
         x = self.embeddings(ids)
-        for layer in self.encoder.layer:
-            x = layer(x, pad_mask)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        x = _run_blocks(self.encoder.layer, x, pad_mask, recompute)
         return torch.tanh(self.pooler.dense(x[:, 0]))
