@@ -165,3 +165,12 @@ def test_too_little_data_for_the_streams_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"9 samples in 2 shard\(s\) make 2 for each of 4 streams \(2 process\(es\) x "
                                         r"2 worker\(s\)\), fewer than one batch of 4"):
         TarStream(str(tmp_path), 32).plan(2, 0, 2, 4)
+
+
+def test_a_resume_past_a_streams_first_reading_goes_on_with_its_second(tmp_path):
+    make_shards(tmp_path, [10], bad={3: "no-caption", 7: "no-image"})  # 8 usable samples for 5 batches of 2
+    stream = TarStream(str(tmp_path), 32, seed=0, buffer=4, tokenizer=tokens)
+    stream.plan(1, 0, 0, 2)
+    straight = epoch_batches(stream, 0)
+    assert len(straight) == 5 and len({k for batch in straight for k in batch}) == 8
+    assert epoch_batches(stream, 0, skip=8) == straight[4:]

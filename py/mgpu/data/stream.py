@@ -137,7 +137,7 @@ class TarStream(torch.utils.data.IterableDataset):
         pieces, skipped, emitted = self._pieces(slot), [], 0
         for round_ in range(1 << 30):
             rng = random.Random(f"{self.seed}/{self.epoch}/{slot}/{round_}")
-            usable = good = 0
+            usable = tried = good = 0
             for record in self._shuffled(self._records(pieces), rng):
                 if record.problem() is None:
                     usable += 1
@@ -146,6 +146,7 @@ class TarStream(torch.utils.data.IterableDataset):
                         continue
                 elif to_skip:
                     continue
+                tried += 1
                 sample, problem = read_sample(record, self.image_size, self.boxes)
                 if problem:
                     skipped.append((f"{record.shard}:{record.key}", problem))
@@ -156,6 +157,6 @@ class TarStream(torch.utils.data.IterableDataset):
                 yield add_tokens(sample, self.tokenizer)
                 if budget == 0:
                     return
-            if usable == 0 or (good == 0 and not to_skip):
+            if usable == 0 or (tried and not good):  # a round that only skipped goes on to the next
                 raise DataError(f"--data {self.spec}: none of the samples of stream {slot} can be read"
                                 + (f"; the first: {skipped[0][0]} ({skipped[0][1]})" if skipped else ""))
