@@ -12,15 +12,18 @@ thread (one DataLoader worker's core):
 - mgpu:      ``mgpu.data.images.decode``: JPEG draft (reduced-scale decode) + uint8 antialiased bicubic in torch
 - no-draft:  ``decode(..., reduced=False)``: the torch resize alone, to show what each step brings
 
-and prints images/s, the ratio to ``bare``, and how far mgpu's tensors are from ``before``'s (max and mean
+and prints images per CPU-second of this process (one worker core's throughput, not disturbed by other jobs on
+the machine), the ratio to ``bare``, and how far mgpu's tensors are from ``before``'s (max and mean
 absolute difference in grey levels of 255, PSNR), beside JPEG's own error at quality 90 for scale. ``--loader-workers N`` also runs the whole dataset path
-(CaptionFile in a DataLoader with N workers) and prints images/s per worker. Asserts nothing.
+(CaptionFile in a DataLoader with N workers) and prints images per CPU-second of all its processes, and images
+per wall-second. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import sys
 import tempfile
@@ -96,19 +99,28 @@ READERS = {
 }
 
 
-def rate(reader, files: list[Path], size: int, seconds: float, rounds: int) -> float:
-    """Median images/s of `rounds` timed passes (each at least `seconds` long) over files."""
-    for path in files[:4]:
-        reader(path, size)  # warm the page cache and the code paths
-    results = []
-    for _ in range(rounds):
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for path in files:
-                reader(path, size)
-            n += len(files)
-        results.append(n / (time.perf_counter() - start))
-    return statistics.median(results)
+def cpu_rate(reader, files: list[Path], size: int, seconds: float) -> float:
+    """Images per CPU-second of this process in one pass of at least `seconds` CPU seconds: what one worker core
+    delivers, however busy the rest of the machine is."""
+    n, start = 0, time.process_time()
+    while time.process_time() - start < seconds:
+        for path in files:
+            reader(path, size)
+        n += len(files)
+    return n / (time.process_time() - start)
+
+
+def rates(files: list[Path], size: int, seconds: float, rounds: int) -> tuple[dict[str, float], float, float]:
+    """Each reader's median rate over `rounds` rounds; in each round every reader runs once, one after the other,
+    so all meet the same conditions; and the median over rounds of mgpu/bare and mgpu/before."""
+    for reader in READERS.values():
+        for path in files[:4]:
+            reader(path, size)  # warm the page cache and the code paths
+    per_round = [{name: cpu_rate(reader, files, size, seconds) for name, reader in READERS.items()}
+                 for _ in range(rounds)]
+    median = {name: statistics.median(r[name] for r in per_round) for name in READERS}
+    return (median, statistics.median(r["mgpu"] / r["bare"] for r in per_round),
+            statistics.median(r["mgpu"] / r["before"] for r in per_round))
 
 
 def difference(pairs, size: int) -> tuple[float, float, float]:
@@ -122,8 +134,9 @@ def difference(pairs, size: int) -> tuple[float, float, float]:
     return worst, total / n, 10 * math.log10(255 ** 2 / mse) if mse else math.inf
 
 
-def loader_rate(files: list[Path], size: int, workers: int, seconds: float) -> float:
-    """Images/s per worker of the whole dataset path: CaptionFile (tokenizer-free) in a DataLoader."""
+def loader_rate(files: list[Path], size: int, workers: int, seconds: float, one_core: float) -> tuple[float, float]:
+    """The whole dataset path, CaptionFile (tokenizer-free) in a DataLoader with `workers` workers: (images per
+    CPU-second of the workers and the main process together, images per wall-second)."""
     from mgpu.collate import collate_fn
     from mgpu.data.captions import CaptionFile
 
@@ -137,15 +150,16 @@ def loader_rate(files: list[Path], size: int, workers: int, seconds: float) -> f
             sample["tokens"] = torch.ones(1, dtype=torch.long)
         return collate_fn(batch)
 
-    loader = torch.utils.data.DataLoader(data, batch_size=16, num_workers=workers, collate_fn=collate,
-                                         persistent_workers=workers > 0)
-    for _ in loader:  # start the workers, warm the cache
-        break
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for batch in loader:
-            n += batch["image"].shape[0]
-    return n / (time.perf_counter() - start) / max(workers, 1)
+    # one long epoch (the files over and over, about `seconds` of CPU for each worker at one core's rate), so
+    # the workers start once; they end with it, and their CPU time then reaches RUSAGE_CHILDREN
+    order = list(range(len(files))) * max(1, round(seconds * max(workers, 1) * one_core / len(files)))
+    loader = torch.utils.data.DataLoader(data, batch_size=16, num_workers=workers, collate_fn=collate, sampler=order)
+    cpu = lambda: sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime  # noqa: E731
+                      for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    n, wall, used = 0, time.perf_counter(), cpu()
+    for batch in loader:
+        n += batch["image"].shape[0]
+    return n / (cpu() - used), n / (time.perf_counter() - wall)
 
 
 def main() -> None:
@@ -153,8 +167,8 @@ def main() -> None:
     p.add_argument("--sizes", default="640x480,1024x768", help="JPEG sizes WxH, comma-separated (default: %(default)s)")
     p.add_argument("--count", type=int, default=48, help="files of each size (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=224, help="the model's input side in pixels (default: %(default)s)")
-    p.add_argument("--seconds", type=float, default=1.5, help="length of one timed pass (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=3, help="timed passes per figure; the median is shown (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=1.0, help="CPU seconds of one timed pass (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds; medians are shown (default: %(default)s)")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="also time CaptionFile in a DataLoader with this many workers (0: skip; default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the drawn images (default: %(default)s)")
@@ -165,24 +179,27 @@ def main() -> None:
 
     print(f"$ {' '.join(['python', *sys.argv])}")
     print(f"Pillow {pillow}, torch {torch.__version__}, one process, one torch thread; {args.count} JPEGs of each "
-          f"size (quality 90) -> {args.image_size} px; images/s is the median of {args.rounds} passes")
+          f"size (quality 90) -> {args.image_size} px; images per CPU-second (one worker core): medians of "
+          f"{args.rounds} rounds, each reader once a round")
     with tempfile.TemporaryDirectory(prefix="mgpu-bench-data.") as tmp:
         files = make_files(Path(tmp), sizes, args.count, args.seed)
         print(f"{'file':>10}  {'KB':>4}  {'bits/px':>7}  " + "  ".join(f"{name:>9}" for name in READERS)
               + f"  {'mgpu/bare':>9}  {'mgpu/before':>11}  {'max diff':>8}  {'mean diff':>9}  {'PSNR dB':>7}")
         for (w, h), group in files.items():
             size_kb = statistics.mean(f.stat().st_size for f in group) / 1024
-            rates = {name: rate(reader, group, args.image_size, args.seconds, args.rounds) for name, reader in READERS.items()}
+            speed, vs_bare, vs_before = rates(group, args.image_size, args.seconds, args.rounds)
             mgpu = READERS["mgpu"]
             worst, mean, psnr = difference([(mgpu, f, before, f) for f in group], args.image_size)
             jpeg = difference([(before, f, before, f.with_suffix(".png")) for f in group[:8]], args.image_size)[2]
             print(f"{w:>4}x{h:<5}  {size_kb:>4.0f}  {size_kb * 8192 / (w * h):>7.2f}  "
-                  + "  ".join(f"{rates[name]:>9.1f}" for name in READERS)
-                  + f"  {rates['mgpu'] / rates['bare']:>8.2f}x  {rates['mgpu'] / rates['before']:>10.2f}x"
+                  + "  ".join(f"{speed[name]:>9.1f}" for name in READERS)
+                  + f"  {vs_bare:>8.2f}x  {vs_before:>10.2f}x"
                   + f"  {worst:>8.1f}  {mean:>9.3f}  {psnr:>7.1f}  {jpeg:>10.1f}")
             if args.loader_workers:
-                per = loader_rate(group, args.image_size, args.loader_workers, args.seconds * args.rounds)
-                print(f"{'':>10}  CaptionFile in a DataLoader, {args.loader_workers} worker(s): {per:.1f} images/s per worker")
+                per_cpu, per_wall = loader_rate(group, args.image_size, args.loader_workers, args.seconds * args.rounds,
+                                                speed["mgpu"])
+                print(f"{'':>10}  CaptionFile in a DataLoader, {args.loader_workers} worker(s): {per_cpu:.1f} images "
+                      f"per CPU-second (all processes), {per_wall:.1f} images/s wall")
     print("max/mean diff, PSNR: mgpu's tensors against before's (Pillow's full decode and resize), grey levels of 255;\n"
           "JPEG PSNR: before's tensors of the JPEG against the same of the lossless original: JPEG's own error")
 

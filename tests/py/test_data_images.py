@@ -38,19 +38,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1 / (a - b).pow(2).mean().item())
 
 
-@pytest.mark.parametrize("size, out", [((640, 480), 224), ((1024, 768), 224), ((640, 480), 64)])
-def test_reduced_jpeg_decode_is_within_jpegs_own_error_of_pillows_full_path(size, out):
+@pytest.mark.parametrize("size, out", [((640, 480), 224), ((1024, 768), 224), ((640, 480), 64), ((1024, 768), 64)])
+def test_reduced_jpeg_decoding_stays_within_the_stated_tolerance_of_pillows_full_path(size, out):
     original = scene(*size)
     jpeg = encoded(original, "JPEG", quality=90)
     fast, dims = images.decode(io.BytesIO(jpeg), out)
     reference = images.reference(io.BytesIO(jpeg), out)
-    lossless = images.reference(io.BytesIO(encoded(original, "PNG")), out)
     assert fast.shape == (3, out, out) and fast.dtype == torch.float32 and dims == size
     assert 0 <= fast.min() and fast.max() <= 1
-    # the tolerance: mean difference under 1.5 grey levels, and closer to Pillow's full path than JPEG
-    # quality 90 itself is to the lossless original (both measured after the resize)
-    assert (fast - reference).abs().mean().item() * 255 < 1.5
-    assert psnr(fast, reference) > psnr(reference, lossless)
+    # the tolerance (docs/data.md): a mean difference under 1.5 grey levels and a PSNR above 40 dB
+    assert (fast - reference).abs().mean().item() * 255 < 1.5 and psnr(fast, reference) > 40
+    if out == 224:  # the trainer's size: closer to Pillow's full path than JPEG q90 is to the lossless original
+        lossless = images.reference(io.BytesIO(encoded(original, "PNG")), out)
+        assert psnr(fast, reference) > psnr(reference, lossless)
 
 
 @pytest.mark.parametrize("size, out", [((48, 40), 224), ((640, 480), 224), ((33, 17), 32), ((300, 200), 64)])
