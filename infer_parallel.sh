@@ -29,7 +29,7 @@ image's result: its image embedding is NaN and it is left out of the metrics.
                         .csv/.tsv/.jsonl file or .tar shards (every row)
   --batch-size N        per process (default 256)
   --workers N           DataLoader workers per process (default: auto, the usable cores / processes, at most 8)
-  --amp off|bf16        bf16 autocast on the GPU (default off)
+  --amp off|bf16        bf16 autocast (default off)
   --max-bad-images F    the merge fails when more than this fraction of the rows has an unreadable image
                         (default 0.01); rows.csv names them. To accept them, run again with --resume and
                         a higher value: only the merge runs again
