@@ -19,6 +19,54 @@ setup() {
 
 rows() { "$PYTHON" -c 'import numpy, sys; print(numpy.load(sys.argv[1]).shape[0])' "$1"; }
 
+# caption_csv DIR N [ROW=text|missing|fifo]... — DIR/data.csv of N small JPEGs; the named rows (0-based) get a
+# text file named .jpg, no file, or a named pipe (reading it blocks until someone writes: a shard stopped mid-way)
+caption_csv() {
+  "$PYTHON" - "$@" <<'PY'
+import os, sys
+from pathlib import Path
+from PIL import Image
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+bad = dict(a.split("=") for a in sys.argv[3:])
+(out / "images").mkdir(parents=True, exist_ok=True)
+rows = ["filepath,title"]
+for i in range(n):
+    path, kind = out / "images" / f"{i:02d}.jpg", bad.get(str(i))
+    if kind == "text":
+        path.write_text("not an image\n")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind != "missing":
+        Image.new("RGB", (48, 40), (i * 9 % 256, 255 - i * 5 % 256, 90)).save(path)
+    rows.append(f'images/{i:02d}.jpg,"picture number {i}"')
+(out / "data.csv").write_text("\n".join(rows) + "\n")
+PY
+}
+
+# descendants PID — every process below PID, each before its own children (pgrep -P: ours only)
+descendants() {
+  local pid
+  for pid in $(pgrep -P "$1"); do
+    echo "$pid"
+    descendants "$pid"
+  done
+}
+
+# wait_for_line FILE_GLOB REGEX SECONDS — until a file matching the glob has a line matching REGEX; fails
+# loudly (with what the files hold) after SECONDS
+wait_for_line() {
+  local deadline=$((SECONDS + $3)) file
+  while ((SECONDS < deadline)); do
+    for file in $1; do
+      [[ -f $file ]] && grep -qE -- "$2" "$file" && return 0
+    done
+    sleep 0.1
+  done
+  echo "timed out after $3 s waiting for /$2/ in $1:" >&2
+  for file in $1; do [[ -f $file ]] && cat "$file" >&2; done
+  return 1
+}
+
 @test "no GPU: --cpu-procs 3 shards, merges every row once, in order" {
   run --separate-stderr bash "$ROOT/infer_parallel.sh" --checkpoint "$CKPT/model.pt" --out res --cpu-procs 3 --batch-size 4
   assert_success
@@ -44,25 +92,65 @@ rows() { "$PYTHON" -c 'import numpy, sys; print(numpy.load(sys.argv[1]).shape[0]
 }
 
 @test "a shard killed mid-way is the only one redone by --resume" {
-  bash "$ROOT/infer_parallel.sh" --checkpoint "$CKPT/model.pt" --out res --cpu-procs 2 --batch-size 1 >run1.log 2>&1 &
-  local job=$! victim="" waited=0 rc=0
-  until [[ -n $victim ]]; do
-    victim=$(pgrep -f -- '--shard 1/2' | head -1 || true)
-    sleep 0.1
-    ((++waited < 300)) || { cat run1.log; false; }
+  caption_csv data 40 30=fifo # shard 1 of 2 (rows 20-39) stops at row 30 until killed
+  bash "$ROOT/infer_parallel.sh" --checkpoint "$CKPT/model.pt" --out res --cpu-procs 2 --batch-size 1 \
+    --workers 0 --data data/data.csv >run1.log 2>&1 &
+  local job=$! victim="" pid rc=0
+  wait_for_line "res/logs/shard1_of_2_*.log" "^step 10/20 " 120 || { cat run1.log; false; }
+  for pid in $(descendants "$job"); do # the process whose command line is shard 1's
+    if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "--shard 1/2 "; then victim=$pid && break; fi
   done
-  sleep 2 # let it load and start encoding
+  [[ -n $victim ]] || { ps -o pid,ppid,args --forest >&2; false; }
   kill -KILL "$victim"
   wait "$job" || rc=$?
   assert_equal "$rc" 1
   run cat run1.log
   assert_line --partial "only the unfinished shards run again"
+  rm data/images/30.jpg && cp data/images/29.jpg data/images/30.jpg
   run --separate-stderr bash "$ROOT/infer_parallel.sh" --checkpoint "$CKPT/model.pt" --out res --cpu-procs 2 \
-    --batch-size 1 --resume
+    --batch-size 1 --workers 0 --data data/data.csv --resume
   assert_success
   [[ $stderr == *"skipping shard0_of_2: done earlier with the same configuration (--resume)"* ]]
   [[ $stderr == *"started shard1_of_2"* && $stderr != *"started shard0_of_2"* ]]
   assert_equal "$(rows res/image_embeddings.npy)" 40
+}
+
+@test "unreadable rows: never another image's result, left out of the metrics, named; too many fail the merge" {
+  caption_csv data 27 5=text 9=missing
+  run --separate-stderr bash "$ROOT/infer_parallel.sh" --checkpoint "$CKPT/model.pt" --out res --cpu-procs 2 \
+    --batch-size 4 --data data/data.csv
+  assert_failure 2
+  [[ $stderr == *"2 of 27 rows have an image that cannot be read (7.4%), more than --max-bad-images 0.01: row 5 images/05.jpg (unreadable: UnidentifiedImageError), row 9 images/09.jpg (missing)"* ]]
+  assert [ ! -e res/metrics.json ]
+  assert_equal "$(awk -F, 'NR > 1 && $4 == 0' res/rows.csv | wc -l)" 2
+  run --separate-stderr bash "$ROOT/infer_parallel.sh" --checkpoint "$CKPT/model.pt" --out res --cpu-procs 2 \
+    --batch-size 4 --data data/data.csv --max-bad-images 0.1 --resume
+  assert_success
+  [[ $stderr == *"skipping shard0_of_2"* && $stderr == *"skipping shard1_of_2"* ]] # only the merge ran again
+  assert_line --regexp "^merged 27 samples from 2 shard\(s\) \(2 left out: image unreadable\): image->text R@1"
+  assert_equal "$(jq -c '[.samples, .valid_samples, .bad_samples]' res/metrics.json)" "[27,25,2]"
+  run "$PYTHON" -c 'import numpy as np, sys; e, v = np.load("res/image_embeddings.npy"), np.load("res/valid.npy")
+print(e.shape[0], np.flatnonzero(~v).tolist(), np.isnan(e[~v]).all(), np.isfinite(e[v]).all())'
+  assert_output "27 [5, 9] True True"
+  assert_equal "$(sed -n 7p res/rows.csv)" "5,5,images/05.jpg,0,unreadable: UnidentifiedImageError"
+}
+
+@test "--workers, --amp and --max-bad-images reach mgpu.infer; bad values are named" {
+  MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-idle.json run --separate-stderr bash "$ROOT/infer_parallel.sh" \
+    --checkpoint "$CKPT/model.pt" --out res --workers 3 --amp bf16 --max-bad-images 0.2 --dry-run
+  assert_success
+  assert_line --regexp "^shard0_of_4 -> GPU 0: .* LOCAL_WORLD_SIZE=4 .* --shard 0/4 --batch-size 256 --workers 3 --amp bf16 ?$"
+  assert_line --regexp "^then: .* --merge 4 --max-bad-images 0.2 ?$"
+  local flag value message
+  while IFS='|' read -r flag value message; do
+    run --separate-stderr bash "$ROOT/infer_parallel.sh" --checkpoint "$CKPT/model.pt" --out res "$flag" "$value"
+    assert_failure 2
+    assert_equal "$stderr" "[ERROR] $message"
+  done <<'CASES'
+--workers|-1|--workers must be an integer of at least 0, got '-1'
+--amp|fp8|--amp must be off or bf16, got 'fp8'
+--max-bad-images|1.5|--max-bad-images must be a fraction from 0 to 1, got '1.5'
+CASES
 }
 
 @test "bad input: missing and corrupt checkpoints, mismatched encoders, missing flags" {

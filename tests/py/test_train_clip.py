@@ -126,6 +126,9 @@ def caption_csv(tmp_path: Path, n: int = 40, bad: dict[int, str] | None = None) 
         path = f"images/{i}.png"
         if (bad or {}).get(i) == "corrupt":
             (folder / path).write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+        elif (bad or {}).get(i) == "truncated":  # a valid header: only decoding the pixels finds it
+            png(folder / path, rgb)
+            (folder / path).write_bytes((folder / path).read_bytes()[:60])
         elif (bad or {}).get(i) != "missing":
             png(folder / path, rgb)
         rows.append(f'{path},"a {name} picture, number {i}"')
@@ -147,10 +150,20 @@ def test_csv_data_with_a_missing_and_a_corrupt_image_trains_and_counts_them(tmp_
     assert metrics["completed"] and metrics["val_samples"] == 10 and metrics["bad_images"] >= 1
 
 
-def test_too_many_bad_images_stop_the_run_with_a_clear_error(tmp_path):
+def test_too_many_bad_images_stop_the_run_before_training_with_a_clear_error(tmp_path):
     data = caption_csv(tmp_path, n=120, bad={i: "missing" for i in range(0, 120, 3)})
     res = trainer(*TINY, "--data", str(data), "--max-steps", "12", "--log-every", "4", "--output-dir", str(tmp_path / "o"))
     assert res.returncode == 2
+    assert "40 of the 120 images are missing or unreadable (33.3%), more than --max-bad-images 0.01 allows" in res.stderr
+    assert "step 1/" not in res.stdout and not (tmp_path / "o").exists()
+
+
+def test_images_found_bad_only_while_decoding_stop_the_run_while_training(tmp_path):
+    data = caption_csv(tmp_path, n=120, bad={i: "truncated" for i in range(0, 120, 3)})
+    val = caption_csv(tmp_path / "val", n=12)
+    res = trainer(*TINY, "--data", str(data), "--val-data", str(val), "--max-steps", "12", "--log-every", "4",
+                  "--output-dir", str(tmp_path / "o"))
+    assert res.returncode == 2, res.stdout + res.stderr
     assert "images read so far are missing or unreadable, more than --max-bad-images 0.01" in res.stderr
 
 
