@@ -131,7 +131,7 @@ def add_tokens(sample: dict, tokenizer: Callable[[list[str]], torch.Tensor] | No
 def blank_sample(index: int, size: int, caption: str, problem: str) -> dict:
     """What the "mark" policy returns for an image that cannot be read: a black image marked invalid."""
     return {"image": torch.zeros(3, size, size), "caption": caption, "boxes": torch.zeros(0, 4), "phrases": [],
-            "index": torch.tensor(index), "valid": torch.tensor(False), "problem": problem}
+            "skipped": [], "index": torch.tensor(index), "valid": torch.tensor(False), "problem": problem}
 
 
 ON_BAD = ("substitute", "mark", "raise")

@@ -49,7 +49,7 @@ def build_tokenizer(config, captions: list[str], state: dict | None):
     config = DataConfig.from_args(config)
     if config.text_encoder.startswith("clip"):
         if state and state.get("kind") == "clip" and not config.clip_vocab:
-            return ClipTokenizer([tuple(m) for m in state["merges"]])
+            return ClipTokenizer.from_state(state)  # the ids it was trained with (old checkpoints: old order)
         return ClipTokenizer.load(config.clip_vocab, texts=captions)
     if state and state.get("kind") == "wordpiece" and not config.bert_vocab:
         return WordPiece(list(state["vocab"]))
@@ -58,7 +58,7 @@ def build_tokenizer(config, captions: list[str], state: dict | None):
 
 def tokenizer_state(tokenizer) -> dict:
     if isinstance(tokenizer, ClipTokenizer):
-        return {"kind": "clip", "merges": [list(m) for m in tokenizer.merges]}
+        return tokenizer.state()
     return {"kind": "wordpiece", "vocab": list(tokenizer.vocab)}
 
 
