@@ -76,9 +76,10 @@ sweep::flag() {
 }
 
 # sweep::defaults — the shared settings (core.sh) and the Slurm ones, from the environment or defaults.
-# With --need-mem (jobs share GPUs by memory) JOBS_PER_GPU, unless given, is an upper bound of 8.
+# When jobs share GPUs by memory (--need-mem, or a config's need_mem), JOBS_PER_GPU, unless given, is an
+# upper bound of 8 (sweep::slots).
 sweep::defaults() {
-  [[ -z ${NEED_MEM:-} || -n ${JOBS_PER_GPU:-} ]] || JOBS_PER_GPU=8
+  SWEEP_JPG_GIVEN=${JOBS_PER_GPU:+1}
   core::defaults
   GPUS_PER_JOB=${GPUS_PER_JOB:-1} NEED_MEM=${NEED_MEM:-} ON_OOM=${ON_OOM:-retry-elsewhere}
   slurm::defaults
@@ -182,6 +183,7 @@ sweep::slots() {
   local gpu k kept=() cores rc
   gpu::_backend || return 2
   SCHED_SLOTS=() SCHED_GPUS=()
+  [[ -z $SWEEP_SHARED || -n ${SWEEP_JPG_GIVEN:-} ]] || JOBS_PER_GPU=8
   if [[ $GPU_BACKEND == cpu ]]; then
     log::warn "no GPU found (no nvidia-smi, no MGPU_FAKE_GPUS): CPU mode, $CPU_SLOTS job(s) at a time"
     for ((k = 0; k < CPU_SLOTS; k++)); do SCHED_SLOTS+=("cpu:$k"); done
@@ -227,7 +229,7 @@ sweep::slots() {
     SCHED_THREADS=$((cores / ${#SCHED_SLOTS[@]} > 0 ? cores / ${#SCHED_SLOTS[@]} : 1))
   fi
 }
-SWEEP_MAX_GPUS=1 # the most GPUs any one job of the sweep needs (sweep::resources)
+SWEEP_MAX_GPUS=1 SWEEP_SHARED="" # the most GPUs a job needs; does any job share GPUs by memory (sweep::resources)
 
 # sweep::resources JOB [LAUNCH] — the job's GPUs and memory need: its config's "gpus_per_job=N
 # need_mem=S" words (LAUNCH), else --gpus-per-job and --need-mem; 2 (logged) for a bad value.
@@ -246,6 +248,7 @@ sweep::resources() {
     return 2
   fi
   sched::set "$job" "gpus=$gpus" "need=${SWEEP_MIB:-0}"
+  [[ ${SWEEP_MIB:-0} == 0 ]] || SWEEP_SHARED=1
   ((gpus <= SWEEP_MAX_GPUS)) || SWEEP_MAX_GPUS=$gpus
 }
 
