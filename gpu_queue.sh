@@ -23,8 +23,9 @@ CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID, MGPU_GPU and MGPU_CONFIG_NAM
   --gpus 0,1,2,3  --jobs-per-gpu N  --max-util PCT  --max-wait SEC  --on-timeout run|skip|fail
   --cpu-slots N  --retries N  --resume  --order given|longest-first  --grace SEC
   --log-dir DIR (default logs/gpu_queue)  --dry-run
-  --backend local|slurm  --wait  --status  --max-parallel N  --partition P  --time T
-  --cpus-per-task N  --mem M  --account A  --qos Q  --gres G  --sbatch-arg --OPT=VALUE
+  --backend local|slurm  --wait  --status  --requeue  --signal-lead SEC  --gpus-per-job N
+  --max-parallel N  --partition P  --time T  --cpus-per-task N  --mem M  --account A  --qos Q  --gres G
+  --sbatch-arg --OPT=VALUE  (a requeued job gets MGPU_RESTART, its requeue count: it resumes itself)
 The options mean what they mean for run_train_clip.sh (see its --help).
 Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
 USAGE
