@@ -81,12 +81,15 @@ slurm_job::_alive() {
   [[ ${stat%% *} != Z ]]
 }
 
-# slurm_job::ready — can the command save now: does every process under its recording fork catch
-# SIGTERM (the trainer's handler; torchrun's and each worker's under torchrun)?
+# slurm_job::ready — can the command save now: does its process (the recording fork's child: the
+# trainer, or torchrun, which passes TERM on to its workers once it has started them) catch SIGTERM?
 slurm_job::ready() {
-  local pid n=0
-  slurm_job::tree "$SJ_PID"
-  for pid in "${SJ_TREE[@]:1}"; do
+  local stat fields pid n=0
+  for stat in /proc/[0-9]*/stat; do
+    read -r fields 2>/dev/null <"$stat" || continue
+    read -r -a fields <<<"${fields##*) }" # state ppid pgrp ...
+    [[ ${fields[1]} == "$SJ_PID" && ${fields[0]} != Z ]] || continue
+    pid=${stat#/proc/} pid=${pid%/stat}
     slurm_job::catches_term "$pid" || return 1
     n=$((n + 1))
   done
