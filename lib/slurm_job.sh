@@ -140,7 +140,8 @@ slurm_job::watch() {
   [[ -n $SJ_END ]] || return 0
   left=$((SJ_END - $1))
   ((left <= SJ_LEAD + SJ_WATCH_S)) || return 0
-  if [[ $SJ_REQUEUE != true ]]; then
+  if [[ $SJ_REQUEUE != true ]]; then # then only for a trainer, whose checkpoints tell what is at stake
+    [[ -n $SJ_OUT ]] || return 0
     slurm_job::interval
     [[ -z $SJ_INTERVAL ]] || ((left < SJ_INTERVAL)) || return 0
   fi
@@ -191,8 +192,7 @@ slurm_job::_tick() {
 }
 
 # slurm_job::run LOG ARGV... — run the command (its own process group, output appended to LOG, or this
-# shell's own output for "-") to its
-# end under the watch above. SJ_RC is its exit status, SJ_STOP what stopped it (USR1, watch, TERM, INT,
+# shell's own output for "-") to its end under the watch above. SJ_RC is its exit status, SJ_STOP what stopped it (USR1, watch, TERM, INT,
 # or "" when nothing did), SJ_CAUSE "preempted", "time limit" or "". Leaves no process of it behind.
 slurm_job::run() {
   local log=$1 timer ended rc period end
