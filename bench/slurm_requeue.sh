@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/slurm_requeue.sh — how long a preempted Slurm task is away: from `scancel --signal=USR1 --batch`
 # to its job's stop, its requeue, and its requeued run's start, on the one-node test cluster
-# (tests/slurm/cluster.sh, AuthInfo cred_expire=10: Slurm holds a requeued job that long; 120 s by
-# default on a real cluster). The job is the fake trainer (it saves 0.3 s after SIGTERM). Prints the
+# (tests/slurm/cluster.sh: AuthInfo cred_expire=10, Slurm holds a requeued job that long, 120 s by
+# default on a real cluster; a scheduler pass every 2 s, 30-60 s by default). The job is the fake trainer (it saves 0.3 s after SIGTERM). Prints the
 # figures of each round and their medians; asserts nothing.
 #   bash bench/slurm_requeue.sh [ROUNDS (3)]
 set -Eeuo pipefail
