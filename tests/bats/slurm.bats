@@ -205,6 +205,9 @@ wait_job() {
   slurm_sweep --signal-lead 0
   assert_failure 2
   assert_equal "$stderr" "[ERROR] --signal-lead must be an integer from 1 to 65535, got '0'"
+  MGPU_SLURM_WATCH_S=0 slurm_sweep
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] MGPU_SLURM_WATCH_S must be an integer from 1 to 3600, got '0'"
   slurm_sweep --gpus-per-job 2 --gres gpu:a100:1
   assert_failure 2
   assert_equal "$stderr" "[ERROR] --gpus-per-job 2 asks for 2 GPUs a task, but --gres (or SBATCH_GRES) is 'gpu:a100:1': give one of them, or a --gres with gpu:2"
