@@ -25,8 +25,9 @@ CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID, MGPU_GPU and MGPU_CONFIG_NAM
   --cpu-slots N  --retries N  --resume  --order given|longest-first  --grace SEC
   --log-dir DIR (default logs/gpu_queue)  --dry-run
   --status [LOG_DIR] [--watch [SEC]] [--json]  --compare [LOG_DIR] [--json]
-  --backend local|slurm  --wait  --max-parallel N  --partition P  --time T
-  --cpus-per-task N  --mem M  --account A  --qos Q  --gres G  --sbatch-arg --OPT=VALUE
+  --backend local|slurm  --wait  --requeue  --signal-lead SEC
+  --max-parallel N  --partition P  --time T  --cpus-per-task N  --mem M  --account A  --qos Q  --gres G
+  --sbatch-arg --OPT=VALUE  (a requeued job gets MGPU_RESTART, its requeue count: it resumes itself)
 The options mean what they mean for run_train_clip.sh (see its --help).
 Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
 USAGE

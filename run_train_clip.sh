@@ -88,11 +88,17 @@ Slurm (docs/scale-out.md):
                               one GPU a task, with the same names, logs, output folders and summary
   --wait                      follow the array to its end, then write the summary (exit as a local run)
   --status                    with --backend slurm: the newest Slurm sweep's table (pending/running included)
+  --requeue                   preemption-safe: warned before the time limit (--signal=B:USR1@LEAD) or
+                              preempted, a task checkpoints, requeues itself and resumes (--resume auto)
+  --signal-lead SEC           seconds one step plus a save need (default 60): the warning and the
+                              time-limit watch come that long before the end
+  --retries N                 on Slurm: a failed task is requeued up to N times
+  --gpus-per-job N            on Slurm: --gres=gpu:N, the trainer under torchrun in each task
   --max-parallel N            at most N tasks at once (--array=0-K%N)
   --partition P  --time T  --cpus-per-task N  --mem M  --account A  --qos Q
                               the sbatch settings (default: SBATCH_PARTITION, SBATCH_TIMELIMIT,
                               SBATCH_CPUS_PER_TASK, SBATCH_MEM_PER_NODE, SBATCH_ACCOUNT, SBATCH_QOS)
-  --gres G                    each task's resources (default SBATCH_GRES, else gpu:1)
+  --gres G                    each task's resources (default SBATCH_GRES, else gpu:GPUS_PER_JOB)
   --sbatch-arg --OPT=VALUE    any other sbatch option (repeatable)
   -h, --help                  this help
 Exit status: 0 all configs succeeded (or were done earlier, with --resume); 1 some failed, were skipped
@@ -198,7 +204,8 @@ main() {
     flags=() n=$GPUS_PER_JOB trainer=("${TRAINER[@]}")
     [[ -z ${CFG_FLAGS[i]} ]] || mapfile -t flags <<<"${CFG_FLAGS[i]}"
     [[ ! ${CFG_LAUNCH[i]} =~ gpus_per_job=([0-9]+) ]] || n=${BASH_REMATCH[1]}
-    if ((n > 1)) && [[ -z $TRAIN_CMD ]]; then # DDP over the job's GPUs; --standalone: a rendezvous port of its own
+    # DDP over the job's GPUs; --standalone: a rendezvous port of its own (on Slurm, slurm.sh runs it per task)
+    if ((n > 1)) && [[ -z $TRAIN_CMD && $MGPU_BACKEND == local ]]; then
       trainer=("${CORE_PY[@]}" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$n" -m mgpu.train_clip)
     fi
     out=$CKPT_DIR/${CFG_NAME[i]}
