@@ -68,7 +68,6 @@ slurm::validate() {
   [[ -z $SB_MAX_PARALLEL ]] || log::require_int "--max-parallel" "$SB_MAX_PARALLEL" 1 || return 2
   [[ -z $SB_CPUS ]] || log::require_int "--cpus-per-task" "$SB_CPUS" 1 || return 2
   log::require_int "--signal-lead" "$SB_LEAD" 1 65535 || return 2
-  log::require_int MGPU_SLURM_WATCH_S "${MGPU_SLURM_WATCH_S:-5}" 1 3600 || return 2 # the tasks' watch period
   log::require_int "--gpus-per-job" "$GPUS_PER_JOB" 1 64 || return 2
   slurm::_gres || return 2
   ((JOBS_PER_GPU == 1)) || problem="JOBS_PER_GPU must be 1 with --backend slurm (each task gets its GPUs from --gres), got '$JOBS_PER_GPU'"

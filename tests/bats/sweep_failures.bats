@@ -159,11 +159,11 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
 }
 
 @test "a job that ignores TERM is killed after --grace, and the summary says so" {
-  echo 'trap "" TERM; sleep 60' >"$WORK/jobs.txt"
+  echo 'trap "" TERM; echo ready; sleep 60' >"$WORK/jobs.txt"
   bash "$ROOT/gpu_queue.sh" --gpus 0 --grace 1 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
   local launcher=$! rc=0
-  log_made() { compgen -G 'logs/gpu_queue/job1_gpu0_*.log' >/dev/null; }
-  wait_for 30 "the job to start" log_made
+  ready() { grep -q '^ready$' logs/gpu_queue/job1_gpu0_*.log 2>/dev/null; }
+  wait_for 30 "the job to ignore TERM" ready
   kill -TERM "$launcher"
   wait "$launcher" || rc=$?
   assert_equal "$rc" 143
