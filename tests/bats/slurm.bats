@@ -245,15 +245,16 @@ wait_job() {
 }
 
 @test "--dry-run with --requeue, --retries and --gpus-per-job: requeue, signal and gres lines; torchrun over each task's GPUs" {
-  PYTHON=/opt/py/bin/python run --separate-stderr bash "$ROOT/run_train_clip.sh" --backend slurm --dry-run --requeue \
-    --signal-lead 300 --retries 2 --gpus-per-job 2 --image-encoders s1 --text-encoders t1 -- --epochs 1
+  # the real trainer: its parser checks the arguments first (so real encoder names)
+  run --separate-stderr bash "$ROOT/run_train_clip.sh" --backend slurm --dry-run --requeue \
+    --signal-lead 300 --retries 2 --gpus-per-job 2 --image-encoders starnet_s050 --text-encoders clip:tiny -- --epochs 1
   assert_success
   assert_line --index 0 "Plan: 1 job(s) as one Slurm job array (gpu:2 a task); the batch script:"
   assert_line "    #SBATCH --gres=gpu:2"
   assert_line "    #SBATCH --requeue"
   assert_line "    #SBATCH --signal=B:USR1@300"
   assert_line "    #SBATCH --open-mode=append"
-  assert_line "task 0 s1_t1: MGPU_CONFIG_NAME=s1_t1 env PYTHON=/opt/py/bin/python NPROC_PER_NODE=2 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 bash $(printf %q "$ROOT/train_torchrun.sh") --image-encoder s1 --text-encoder t1 --output-dir checkpoints/clip_models/s1_t1 --epochs 1 "
+  assert_line "task 0 starnet_s050_clip_tiny: MGPU_CONFIG_NAME=starnet_s050_clip_tiny env PYTHON=$(printf %q "$PYTHON") NPROC_PER_NODE=2 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300 bash $(printf %q "$ROOT/train_torchrun.sh") --image-encoder starnet_s050 --text-encoder clip:tiny --output-dir checkpoints/clip_models/starnet_s050_clip_tiny --epochs 1 "
   # --retries alone makes the tasks requeue-able, without the warning signal
   slurm_sweep --dry-run --retries 1 --image-encoders s1 --text-encoders t1
   assert_line "    #SBATCH --requeue"
