@@ -1,18 +1,9 @@
 # shellcheck shell=bash disable=SC2034  # GPU_* results are read by the callers
 # gpu:: — which GPUs exist and how busy they are; one query of all GPUs per call.
-# Source of truth: the scenario named by MGPU_FAKE_GPUS (re-read at every query), else
-# ${NVIDIA_SMI:-nvidia-smi} (wrapped in `timeout`), else CPU mode. Needs lib/log.sh and jq (scenarios).
-# Queries fill globals rather than print, so the hot paths of a sweep fork nothing they can avoid.
-#
-# Settings (environment; defaults and checks in core.sh):
-#   MAX_UTIL (70)              a GPU whose median utilization is above this is busy
-#   MAX_WAIT (300)             seconds gpu::wait_free waits
-#   MGPU_UTIL_SAMPLES (5)      utilization samples per free check when one reading is not clear
-#   MGPU_UTIL_WINDOW_MS (1000) ...spread over this window
-#   MGPU_UTIL_MARGIN (20)      a reading this far from MAX_UTIL (either side) is clear: no more samples
-#   MGPU_POLL_MS (5000)        pause between free checks while waiting
-#   MGPU_SMI_TIMEOUT (10)      seconds before a silent nvidia-smi counts as hung
-#   NVIDIA_SMI                 the nvidia-smi to run (a path or a name on PATH); "none": no NVIDIA driver
+# Source of truth: the scenario named by MGPU_FAKE_GPUS (re-read at every query; validated by Python),
+# else ${NVIDIA_SMI:-nvidia-smi} (wrapped in `timeout`; "none": no NVIDIA driver), else CPU mode. Queries
+# fill globals rather than print, so the hot paths of a sweep fork nothing they can avoid. Settings
+# (MAX_UTIL, MAX_WAIT, MGPU_UTIL_*, MGPU_POLL_MS, MGPU_SMI_TIMEOUT): their defaults and checks are core.sh's.
 
 # shellcheck source=lib/core.sh
 [[ -n ${MGPU_LIB:-} ]] || source "${BASH_SOURCE[0]%/*}/core.sh"

@@ -4,6 +4,11 @@
 #   GPU slots: at most one job per slot across every mgpu launcher on the machine (two users, or one user
 #   twice): MGPU_LOCK_DIR/gpu<N>.slot<K>.lock (default /tmp/mgpu-locks, a sticky world-writable folder).
 #   Job folders: one run of a config at a time, whichever launcher started it (<output dir>/.mgpu.lock).
+#   Memory reservations: what a GPU has free once the jobs still starting are counted (ours and other
+#   launchers'), a job's own use from the per-process list, and the admission that writes a reservation
+#   under a per-GPU lock, so two launchers never both count the same free memory (the start-up race that
+#   made task-spooler drop its free-memory check). A reservation is a file
+#   MGPU_LOCK_DIR/gpu<dev>.need.<launcher pid>.<job>: "<MiB> <job pid, or - while it is being forked>".
 # The launcher opens the lock files (no process is started for that); the job's own process takes the
 # locks (lease::lock), off the launcher's path from one job's end to the next start.
 # A lock file must be a regular file: a symbolic link could make mgpu write elsewhere, and a FIFO or a
@@ -72,4 +77,85 @@ lease::holder() {
   LEASE_HOLDER_PID=$pid LEASE_HOLDER="pid $pid"
   ((${#cmdline[@]} == 0)) || LEASE_HOLDER+=": ${cmdline[*]}"
   ((${#LEASE_HOLDER} <= 160)) || LEASE_HOLDER="${LEASE_HOLDER:0:157}..."
+}
+
+# lease::usage PGID DEV — MiB the processes of a job (its process group) use on a device, from the last
+# sample's process list (GPU_PROCS: "dev,pid,MiB" lines), into LEASE_USAGE.
+lease::usage() {
+  local dev pid used stat fields
+  LEASE_USAGE=0
+  while IFS=, read -r dev pid used; do
+    [[ $dev == "$2" && $used =~ ^[0-9]+$ && -r /proc/$pid/stat ]] || continue
+    read -r stat 2>/dev/null <"/proc/$pid/stat" || continue
+    read -r -a fields <<<"${stat##*) }" # state ppid pgrp
+    [[ ${fields[2]} != "$1" ]] || LEASE_USAGE=$((LEASE_USAGE + used))
+  done <<<"${GPU_PROCS:-}"
+}
+
+# lease::reserved DEV [SKIP] — MiB still reserved on a device by jobs that are starting: each live
+# reservation counts what its job has not yet allocated (its need minus its use now). SKIP: one
+# reservation file to leave out (the caller's own). Files of ended jobs are removed when ours.
+lease::reserved() {
+  local file need pid owner _
+  LEASE_RESERVED=0
+  for file in "${MGPU_LOCK_DIR:-/tmp/mgpu-locks}/gpu$1".need.*; do
+    [[ -f $file && $file != "${2:-}" ]] || continue
+    read -r need pid _ 2>/dev/null <"$file" || continue
+    owner=${file##*.need.} owner=${owner%%.*}
+    if [[ $pid =~ ^[0-9]+$ && -d /proc/$pid ]]; then
+      lease::usage "$pid" "$1"
+      ((need <= LEASE_USAGE)) || LEASE_RESERVED=$((LEASE_RESERVED + need - LEASE_USAGE))
+    elif [[ $pid == - && $owner =~ ^[0-9]+$ && -d /proc/$owner ]]; then
+      LEASE_RESERVED=$((LEASE_RESERVED + need)) # its job is being forked right now
+    elif [[ -O $file ]]; then
+      rm -f -- "$file" # a reservation whose job ended (killed before it could remove it)
+    fi
+  done
+}
+
+# lease::free DEV [SKIP] — MiB free on the device for a new job (total - used - reserved), into
+# LEASE_FREE; NA when the driver does not report its memory (unified memory): then nothing fits.
+lease::free() {
+  LEASE_FREE=NA
+  [[ ${GPU_MEM_TOTAL[$1]:-NA} != NA && ${GPU_MEM_USED[$1]:-NA} != NA ]] || return 0
+  lease::reserved "$1" "${2:-}"
+  LEASE_FREE=$((GPU_MEM_TOTAL[$1] - GPU_MEM_USED[$1] - LEASE_RESERVED))
+}
+
+# lease::admit JOB NEED DEV... — reserve NEED MiB (all: every MiB free, for a job never measured, which
+# runs alone) on each device for the job, each under that device's admission lock (free memory is
+# counted again inside it, other launchers' reservations included); 0 admitted (LEASE_RESERVATIONS lists
+# the files, LEASE_RESERVED_MIB what each holds), 1 not (LEASE_WHY says why; nothing is left reserved).
+lease::admit() {
+  local job=$1 need=$2 dev fd file mib dir=${MGPU_LOCK_DIR:-/tmp/mgpu-locks}
+  shift 2
+  LEASE_RESERVATIONS=() LEASE_RESERVED_MIB=() LEASE_WHY=""
+  for dev in "$@"; do
+    file=$dir/gpu$dev.need.$$.$job
+    lease::_open "$dir/gpu$dev.admit.lock" MGPU_LOCK_DIR || { LEASE_WHY="GPU $dev: its admission lock is unusable"; break; }
+    fd=$LEASE_OPEN_FD
+    if ! flock -w 10 "$fd"; then
+      exec {fd}<&-
+      LEASE_WHY="GPU $dev: its admission lock stayed taken for 10 s"
+      break
+    fi
+    lease::free "$dev" "$file"
+    mib=$need
+    [[ $need != all ]] || mib=$LEASE_FREE
+    if [[ $LEASE_FREE == NA ]]; then
+      LEASE_WHY="GPU $dev does not report its memory, so its free memory cannot be checked"
+    elif [[ $need == all ]] && ((LEASE_RESERVED > 0 || mib <= 0)); then
+      LEASE_WHY="GPU $dev is shared right now, and a config never measured runs alone"
+    elif ((LEASE_FREE < mib)); then
+      LEASE_WHY="GPU $dev has $LEASE_FREE MiB free (after ${LEASE_RESERVED} MiB reserved by starting jobs) < $need MiB needed"
+    else
+      printf '%s -\n' "$mib" 2>/dev/null >"$file" && LEASE_RESERVATIONS+=("$file") LEASE_RESERVED_MIB+=("$mib")
+    fi
+    exec {fd}<&- # the lock goes with its last descriptor
+    [[ -z $LEASE_WHY ]] || break
+  done
+  [[ -n $LEASE_WHY ]] || return 0
+  ((${#LEASE_RESERVATIONS[@]} == 0)) || rm -f -- "${LEASE_RESERVATIONS[@]}"
+  LEASE_RESERVATIONS=() LEASE_RESERVED_MIB=()
+  return 1
 }

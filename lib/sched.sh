@@ -26,6 +26,8 @@ source "$MGPU_LIB/lease.sh"
 source "$MGPU_LIB/ledger.sh"
 # shellcheck source=lib/place.sh
 source "$MGPU_LIB/place.sh"
+# shellcheck source=lib/sched_job.sh
+source "$MGPU_LIB/sched_job.sh"
 # shellcheck source=lib/sched_wait.sh
 source "$MGPU_LIB/sched_wait.sh"
 # shellcheck source=lib/sched_retry.sh
@@ -104,118 +106,7 @@ sched::mark() {
   ledger::record "$1"
 }
 
-# ---------------------------------------------------------------- launching
-
-# sched::_prepare JOB GPU — what must exist before the job's process starts: a new log file, its output
-# folder, its marker's folder, and the open lock file of its folder (SCHED_DIR_LOCK, SCHED_DIR_FD). 1 with
-# SCHED_CAUSE (the true cause, e.g. "File name too long") when the job cannot start; the log says it too.
-sched::_prepare() {
-  local job=$1 out=${JOB[$1,out]} marker=${JOB[$1,marker]} err
-  SCHED_CAUSE="" SCHED_DIR_FD="" LEDGER_LOG=""
-  if ! ledger::log_path "${JOB[$job,name]}" "$2"; then
-    SCHED_CAUSE=$LEDGER_ERROR
-    return 1
-  fi
-  if [[ -n $out && ! -d $out ]] && ! err=$(mkdir -p -- "$out" 2>&1); then
-    SCHED_CAUSE="cannot make its output folder: ${err##*: }"
-  elif [[ ! -d ${marker%/*} ]] && ! err=$(mkdir -p -- "${marker%/*}" 2>&1); then
-    SCHED_CAUSE="cannot make the folder of its completion marker: ${err##*: }"
-  else
-    SCHED_DIR_LOCK=${out:+$out/.mgpu.lock}
-    [[ -n $out ]] || SCHED_DIR_LOCK=$marker.lock
-    if lease::_open "$SCHED_DIR_LOCK" "the lock of ${JOB[$job,name]}" 2>/dev/null; then
-      SCHED_DIR_FD=$LEASE_OPEN_FD
-      return 0
-    fi
-    SCHED_CAUSE="its lock file $SCHED_DIR_LOCK is not a regular file or cannot be made"
-  fi
-  printf 'mgpu: %s could not start: %s\n' "${JOB[$job,name]}" "$SCHED_CAUSE" 2>/dev/null >>"$LEDGER_LOG"
-  return 1
-}
-
-# sched::_launch JOB — start the job on the slots of SCHED_PICK (their lease files open in LEASE_FDS,
-# its memory reserved in PLACE_RESERVATIONS).
-sched::_launch() {
-  local job=$1 slot devs=() pid visible gpus i
-  for slot in $SCHED_PICK; do devs+=("${slot%:*}"); done
-  printf -v gpus '%s,' "${devs[@]}"
-  gpus=${gpus%,} visible=$gpus
-  [[ $gpus != cpu ]] || visible=""
-  if ! sched::_prepare "$job" "$gpus"; then
-    sched::_release
-    ((${#PLACE_RESERVATIONS[@]} == 0)) || rm -f -- "${PLACE_RESERVATIONS[@]}"
-    JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]=$SCHED_CAUSE JOB[$job,gpu]=$gpus
-    JOB[$job,log]=$LEDGER_LOG
-    SCHED_ENDED+=("$job")
-    log::error "${JOB[$job,name]} could not start: $SCHED_CAUSE"
-    return 0
-  fi
-  sched::argv "$job"
-  JOB[$job,since]=$SCHED_STATE/job$job.start
-  : >"${JOB[$job,since]}" # its time is the job's start: only a metrics.json newer than it is this run's
-  # Job control on for this one fork: the job leads its own process group (its pid is the group id), so a
-  # stop reaches every process it started, and SIGINT is not ignored in it as in plain `&` jobs.
-  set -m
-  sched::_job "$job" "$visible" "$gpus" &
-  pid=$!
-  set +m
-  sched::_release
-  exec {SCHED_DIR_FD}<&-
-  for i in "${!PLACE_RESERVATIONS[@]}"; do # the job's pid: its reservation now counts its own use against it
-    printf '%s %s\n' "${PLACE_RESERVED_MIB[i]}" "$pid" 2>/dev/null >"${PLACE_RESERVATIONS[i]}"
-  done
-  JOB[$job,reservations]="${PLACE_RESERVATIONS[*]}"
-  for slot in $SCHED_PICK; do SLOT_JOB[$slot]=$job GPU_OURS_UNTIL[${GPU_PARENT[${slot%:*}]:-${slot%:*}}]=9999999999999; done
-  pids[${JOB[$job,name]}]=$pid
-  core::now_ms
-  JOB[$job,pid]=$pid JOB[$job,slots]=$SCHED_PICK JOB[$job,status]=running JOB[$job,gpu]=$gpus JOB[$job,log]=$LEDGER_LOG
-  JOB[$job,start_ms]=$CORE_NOW_MS JOB[$job,ngpus]=${#devs[@]}
-  local up=""
-  read -r up _ 2>/dev/null </proc/uptime || true
-  JOB[$job,up_start]=$up
-  local where="GPU $gpus"
-  place::worst "${devs[@]}"
-  [[ -z $PLACE_LEVEL ]] || where="GPUs $gpus ($PLACE_LEVEL)"
-  [[ $gpus != cpu ]] || where="the CPU"
-  ledger::ev start "${JOB[$job,name]}" "$gpus" "$LEDGER_LOG" "$CORE_NOW_MS"
-  ledger::event "started ${JOB[$job,name]} on $where (log $LEDGER_LOG)"
-}
-
-# sched::_job JOB VISIBLE GPUS — the job's own process: a fork of the launcher, leader of its process
-# group. It takes its slots' leases (another launcher may hold one: then it ends at once, saying which)
-# and the lock of the job's folder for the whole run (another run of it: "running elsewhere"), runs the
-# command, and writes the completion marker (on success) and its end record itself. TERM and INT are
-# trapped, not ignored: the command keeps their default, and this process outlives it to record its end.
-sched::_job() {
-  local job=$1 rc=0 end=$SCHED_STATE/job$1.end i note="" held=""
-  set +eEm
-  trap - ERR EXIT
-  trap : INT TERM
-  for i in "${!LEASE_FDS[@]}"; do
-    lease::lock "${LEASE_FDS[i]}" "${LEASE_FILES[i]}" || { rc=$? held=${LEASE_FILES[i]} && break; }
-  done
-  if ((rc == 0)); then
-    lease::lock "$SCHED_DIR_FD" "$SCHED_DIR_LOCK" || rc=$?
-    ((rc != 1)) || rc=76 # held: the folder's lock this time, not a slot's
-  fi
-  if ((rc)); then
-    note="stopped before it started"
-    ((rc != 1)) || note="slot held by $LEASE_HOLDER|${held##*/gpu}"
-    ((rc != 76)) || note="running elsewhere ($LEASE_HOLDER)"
-    printf '%s\t%s\t%s\n' "$rc" "${EPOCHREALTIME/./}" "$note" >"$end"
-    exit "$rc"
-  fi
-  ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
-  CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
-    OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >>"$LEDGER_LOG" 2>&1
-  rc=$?
-  ((rc)) || printf '%s\n' "${JOB[$job,hash]}" 2>/dev/null >"${JOB[$job,marker]}"
-  printf '%s\t%s\t\n' "$rc" "${EPOCHREALTIME/./}" 2>/dev/null >"$end"
-  ((${#PLACE_RESERVATIONS[@]} == 0)) || rm -f -- "${PLACE_RESERVATIONS[@]}"
-  exit "$rc"
-}
-
-# ---------------------------------------------------------------- filling slots
+# ---------------------------------------------------------------- filling slots and settling ends
 
 # sched::_fill — start every queued job that can start now; arm a timer when some must wait.
 sched::_fill() {
@@ -265,56 +156,6 @@ sched::_timer() {
   sleep "$CORE_SECONDS" &
   SCHED_TIMER=$!
 }
-# ---------------------------------------------------------------- ending
-
-# sched::_ended PID STATUS — a job's process ended: free its slots, then queue it again (retry) or leave
-# it to sched::_settle, which records it once the freed slots have their next jobs.
-sched::_ended() {
-  local pid=$1 rc=$2 name job slot gpu other still end=() note="" slots
-  for name in "${!pids[@]}"; do [[ ${pids[$name]} != "$pid" ]] || break; done
-  job=${SCHED_BY_NAME[$name]} slots=${JOB[$job,slots]} gpu=${JOB[$job,gpu]}
-  unset "pids[$name]"
-  core::now_ms
-  for slot in $slots; do
-    unset "SLOT_JOB[$slot]"
-    still=0
-    for other in "${SLOT_JOB[@]}"; do [[ " ${JOB[$other,slots]} " != *" ${slot%:*}:"* ]] || still=1; done
-    ((still)) || GPU_OURS_UNTIL[${GPU_PARENT[${slot%:*}]:-${slot%:*}}]=$((CORE_NOW_MS + 2000))
-  done
-  if [[ -n ${JOB[$job,reservations]} ]]; then # the job's own process removes them; not if it was killed
-    local files=()
-    read -ra files <<<"${JOB[$job,reservations]}"
-    rm -f -- "${files[@]}"
-    JOB[$job,reservations]=""
-  fi
-  # The job's own end record knows what bash may have lost (a job reaped while bash printed "Killed").
-  [[ ! -f $SCHED_STATE/job$job.end ]] || IFS=$'\t' read -r -a end <"$SCHED_STATE/job$job.end" || true
-  if ((rc == 127)) && ((${#end[@]})); then rc=${end[0]}; fi
-  note=${end[2]:-}
-  : >"$SCHED_STATE/job$job.end" # read once: a retry's record is its own
-  JOB[$job,exit]=$rc JOB[$job,ms]=$((CORE_NOW_MS - JOB[$job,start_ms])) JOB[$job,pid]=""
-  JOB[$job,gpu_ms]=$((${JOB[$job,gpu_ms]:-0} + JOB[$job,ms] * JOB[$job,ngpus]))
-  if [[ $note == "slot held by "* ]]; then
-    note=${note#slot held by }
-    slot=${note##*|} slot=${slot%.lock} slot=${slot/.slot/:}
-    sched::_held "$job" "$slot" "${note%|*}"
-    return 0
-  elif [[ $note == "running elsewhere"* ]]; then
-    JOB[$job,status]=skipped JOB[$job,reason]=$note JOB[$job,exit]=""
-    rm -f -- "${JOB[$job,log]}"
-    JOB[$job,log]=""
-  elif [[ -n $SCHED_STOP ]]; then
-    JOB[$job,status]=interrupted
-    [[ $note != "stopped before it started" ]] || JOB[$job,detail]=$note
-    sched::_stop_detail "$job" "$rc"
-  elif ((rc == 0)); then
-    JOB[$job,status]=succeeded JOB[$job,kind]=""
-  else
-    sched::_failed "$job" "$rc" "$gpu" || return 0 # 1: queued again
-  fi
-  SCHED_ENDED+=("$job")
-}
-
 # sched::_settle — the records of ended jobs: summary record, progress line, and a failed job's last log
 # lines. Kept off the path from a job's end to the next start on its GPU. The job wrote its marker
 # itself; should that have failed (a full disk), the launcher writes it.

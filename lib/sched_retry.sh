@@ -90,8 +90,8 @@ sched::_sample_usage() {
   for name in "${!pids[@]}"; do
     job=${SCHED_BY_NAME[$name]} most=0
     for slot in ${JOB[$job,slots]}; do
-      place::usage "${pids[$name]}" "${slot%:*}"
-      use=$PLACE_USAGE
+      lease::usage "${pids[$name]}" "${slot%:*}"
+      use=$LEASE_USAGE
       ((use <= most)) || most=$use
     done
     ((most <= ${JOB[$job,peak]:-0})) || JOB[$job,peak]=$most

@@ -58,8 +58,8 @@ sched::_pick() {
         continue
       fi
       if [[ $pass == prefer && -n ${JOB[$job,prefer_mem]:-} && $dev != cpu ]]; then
-        place::free "$dev" # a retry after running out of memory prefers a GPU with room for its peak
-        if [[ $PLACE_FREE == NA ]] || ((PLACE_FREE < JOB[$job,prefer_mem])); then continue; fi
+        lease::free "$dev" # a retry after running out of memory prefers a GPU with room for its peak
+        if [[ $LEASE_FREE == NA ]] || ((LEASE_FREE < JOB[$job,prefer_mem])); then continue; fi
       fi
       cand+=("$slot")
     done
@@ -96,15 +96,15 @@ sched::_slot_ready() {
   elif [[ -n ${SLOT_NEXT_CHECK[$slot]:-} ]] && ((now < SLOT_NEXT_CHECK[$slot])); then
     SCHED_WHY_NOW=${SCHED_WHY[slot$slot]}
   elif [[ $need != 0 && $dev != cpu ]]; then
-    place::free "$dev"
+    lease::free "$dev"
     SCHED_WHY_MEM=1
-    if [[ $PLACE_FREE == NA ]]; then
+    if [[ $LEASE_FREE == NA ]]; then
       SCHED_WHY_NOW="GPU $dev does not report its memory, so its free memory cannot be checked"
     elif [[ $need == all ]]; then
-      ! sched::_ours_on "$dev" && ((PLACE_RESERVED == 0)) ||
+      ! sched::_ours_on "$dev" && ((LEASE_RESERVED == 0)) ||
         SCHED_WHY_NOW="GPU $dev is shared, and this config was never measured (--need-mem auto): it runs alone"
-    elif ((PLACE_FREE < need)); then
-      SCHED_WHY_NOW="GPU $dev has $PLACE_FREE MiB free (net of ${PLACE_RESERVED} MiB reserved by starting jobs) < $need MiB needed"
+    elif ((LEASE_FREE < need)); then
+      SCHED_WHY_NOW="GPU $dev has $LEASE_FREE MiB free (net of ${LEASE_RESERVED} MiB reserved by starting jobs) < $need MiB needed"
     fi
   fi
   [[ -z $SCHED_WHY_NOW ]]
@@ -134,12 +134,12 @@ sched::_take() {
       return 1
     fi
   done
-  PLACE_RESERVATIONS=() PLACE_RESERVED_MIB=()
+  LEASE_RESERVATIONS=() LEASE_RESERVED_MIB=()
   if [[ ${JOB[$job,need]:-0} != 0 && ${1%:*} != cpu ]]; then
     local devs=()
     for slot in "$@"; do devs+=("${slot%:*}"); done
-    if ! place::admit "$job" "${JOB[$job,need]}" "${devs[@]}"; then
-      sched::_blocked "$1" "$PLACE_WHY" mem
+    if ! lease::admit "$job" "${JOB[$job,need]}" "${devs[@]}"; then
+      sched::_blocked "$1" "$LEASE_WHY" mem
       sched::_release
       return 1
     fi
@@ -223,7 +223,7 @@ sched::_expired() {
   if [[ $ON_TIMEOUT == run ]]; then
     JOB[$job,reason]="started after ${waited}s (MAX_WAIT) although ${SCHED_BLOCK_WHY}"
     log::warn "${JOB[$job,name]}: still blocked after MAX_WAIT ${MAX_WAIT}s ($SCHED_BLOCK_WHY); starting it there anyway (--on-timeout run)"
-    SCHED_PICK=$SCHED_BLOCKED LEASE_FDS=() LEASE_FILES=() PLACE_RESERVATIONS=()
+    SCHED_PICK=$SCHED_BLOCKED LEASE_FDS=() LEASE_FILES=() LEASE_RESERVATIONS=()
     return 0
   fi
   JOB[$job,status]=$([[ $ON_TIMEOUT == skip ]] && echo skipped || echo failed)

@@ -6,7 +6,6 @@
 # saves and requeues itself when warned (--signal=B:USR1@LEAD) or preempted, with --retries N when it
 # fails; a requeued trainer continues with --resume auto. Needs core.sh, sched.sh (the queue and the job
 # records), ledger.sh. The task side is libexec/slurm_task.sh (with lib/slurm_job.sh).
-#
 # A submission writes LOG_DIR/slurm_<YYYYmmdd_HHMMSS>/:
 #   task<i>.meta     the task's name, image encoder, text encoder, output dir, marker, hash, LOG_DIR
 #                    (as given: tasks run in the folder the sweep was submitted from), requeue
