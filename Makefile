@@ -22,10 +22,13 @@ help:
 	@echo "make test   set up, then shellcheck + bats + pytest"
 	@echo "make clean  remove .venv and test leftovers"
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
-	@echo "[INFO] creating $(VENV) with the Python dependencies (torch pinned by constraints.txt)"
+# mgpu itself is installed editable (`pip install -e .`): after `source .venv/bin/activate`,
+# `python -m mgpu.train_clip` and the console scripts (mgpu-check-gpus, ...) work from any folder, and
+# edits under py/ take effect without reinstalling.
+$(STAMP): pyproject.toml requirements.txt requirements-dev.txt constraints.txt
+	@echo "[INFO] creating $(VENV) with the Python dependencies (torch pinned by constraints.txt) and mgpu (editable)"
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-dev.txt \
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-dev.txt -e . \
 		2> >(grep -v "is neither a file nor a directory" >&2)
 	touch $@
 
@@ -62,4 +65,4 @@ test-py:
 	$(PYTHON) -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache py/mgpu.egg-info
