@@ -19,6 +19,7 @@ SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.git \) -prune -o -type
 
 help:
 	@echo "make demo   set up, then show mgpu on a rehearsal server (no GPU needed)"
+	@echo "            (DEMO_TRAIN_ARGS=\"--max-steps 20\": extra trainer arguments, a shorter training)"
 	@echo "make test   set up, then shellcheck + bats + pytest"
 	@echo "make clean  remove .venv and test leftovers"
 
@@ -40,8 +41,10 @@ deps-demo: deps
 deps-test: deps
 	@bash tools/ensure-tools.sh jq bats bats-support bats-assert shellcheck slurmctld slurmd slurm-client munge
 
+# DEMO_TRAIN_ARGS: extra arguments for the demo's training runs, e.g. "--max-steps 20" (words split at spaces).
+DEMO_TRAIN_ARGS ?=
 demo: deps-demo
-	@bash tools/demo.sh "$(PYTHON)"
+	@bash tools/demo.sh "$(PYTHON)" $(DEMO_TRAIN_ARGS)
 
 # All three suites run; the target fails if any of them failed.
 test: deps-test
