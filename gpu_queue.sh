@@ -23,7 +23,8 @@ CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID, MGPU_GPU and MGPU_CONFIG_NAM
   --gpus 0,1,2,3  --jobs-per-gpu N  --max-util PCT  --max-wait SEC  --on-timeout run|skip|fail
   --cpu-slots N  --retries N  --resume  --order given|longest-first  --grace SEC
   --log-dir DIR (default logs/gpu_queue)  --dry-run
-  --backend local|slurm  --wait  --status  --max-parallel N  --partition P  --time T
+  --status [LOG_DIR] [--watch [SEC]] [--json]  --compare [LOG_DIR] [--json]
+  --backend local|slurm  --wait  --max-parallel N  --partition P  --time T
   --cpus-per-task N  --mem M  --account A  --qos Q  --gres G  --sbatch-arg --OPT=VALUE
 The options mean what they mean for run_train_clip.sh (see its --help).
 Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
@@ -45,9 +46,9 @@ main() {
   ((${#SWEEP_REST[@]} == 0)) || DIE_STATUS=2 die "gpu_queue.sh takes no arguments after --"
   sweep::defaults
   sweep::validate
-  if [[ $SB_STATUS == true ]]; then # --status reads what a sweep wrote; no jobs file needed
-    sweep::launch
-    exit 0
+  if [[ -n $SWEEP_REPORT ]]; then # --status / --compare read what sweeps wrote
+    sweep::report
+    exit
   fi
   [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
   [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
@@ -59,7 +60,9 @@ main() {
     n=$((n + 1))
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
     sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c "$line"
+    sched::set "$SCHED_NEW" "command=$line"
   done <"$input"
+  LEDGER_COMMANDS=1
   ((SCHED_N)) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
   sweep::launch
 }

@@ -33,10 +33,17 @@ Configurations (image encoder x text encoder, or a config file):
   --image-encoders A,B        IMAGE_ENCODERS (default: starnet_s1,starnet_s2,starnet_s3)
   --text-encoders A,B         TEXT_ENCODERS (default: clip:ViT-B/32,bert-base-chinese)
   --config-file FILE          CONFIG_FILE: {"image_encoders": [...], "text_encoders": [...], "args": {...}}
-                              or {"defaults": {...}, "configs": [{"name"?, "image_encoder", "text_encoder", ...}]}
+                              or {"defaults": {...}, "configs": [{"name"?, "image_encoder", "text_encoder", ...}]}.
+                              Any key may hold a list (the configs are the cross product, named by the keys
+                              that vary: starnet_s1_clip_ViT-B_32_lr3e-4_bs64) or a range such as
+                              {"log_uniform": [1e-5, 1e-3]} (random search: --sample)
+  --sample N --seed S         N random points of the config file's grid or ranges, the same for the same seed
+                              (default seed 0)
   --train-cmd CMD             the trainer (default: $PYTHON -m mgpu.train_clip); words split at spaces
   --preset demo               starnet_s050 x (clip:tiny, bert:tiny-chinese), the trainer's --preset demo:
                               about a minute a config on a CPU
+Every configuration's trainer arguments are checked by the trainer's own parser before anything starts
+(a typo, an unknown encoder or a bad value stops --dry-run and the run, naming the config and JSON path).
 GPUs:
   --gpus 0,1,2,3              GPUS
   --jobs-per-gpu N            JOBS_PER_GPU (default 1)
@@ -56,11 +63,18 @@ Runs:
   --log-dir DIR               LOG_DIR (default logs/clip_training)
   --ckpt-dir DIR              CKPT_DIR (default checkpoints/clip_models)
   --dry-run                   print the plan and the exact commands; launch nothing
+From another terminal:
+  --status [LOG_DIR]          the live table of the newest sweep in LOG_DIR: queued, waiting (for what),
+                              running (GPU, elapsed, step/total, loss, ETA from the job's log), done, failed
+  --watch [SEC]               with --status: redraw every SEC seconds (default 2) until the sweep ends
+  --compare [LOG_DIR]         one table across every summary in LOG_DIR: config, the hyper-parameters that
+                              vary, status, seconds, key metric; best first
+  --json                      with --status or --compare: JSON on stdout, for scripts
 Slurm (docs/scale-out.md):
   --backend local|slurm       MGPU_BACKEND (default local); slurm submits the configs as one job array,
                               one GPU a task, with the same names, logs, output folders and summary
   --wait                      follow the array to its end, then write the summary (exit as a local run)
-  --status                    print the newest Slurm sweep's table in LOG_DIR (pending/running included)
+  --status                    with --backend slurm: the newest Slurm sweep's table (pending/running included)
   --max-parallel N            at most N tasks at once (--array=0-K%N)
   --partition P  --time T  --cpus-per-task N  --mem M  --account A  --qos Q
                               the sbatch settings (default: SBATCH_PARTITION, SBATCH_TIMELIMIT,
@@ -77,9 +91,11 @@ USAGE
 own_arg() {
   SWEEP_SHIFT=0
   case $1 in
-    --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir | --preset)
+    --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir | --preset | --sample | --seed)
       (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
       case $1 in
+        --sample) SAMPLE=$2 ;;
+        --seed) SAMPLE_SEED=$2 ;;
         --image-encoders) IMAGE_ENCODERS=("$2") ENCODERS_GIVEN+=image ;;
         --text-encoders) TEXT_ENCODERS=("$2") ENCODERS_GIVEN+=text ;;
         --preset) PRESET=$2 ;;
@@ -111,9 +127,26 @@ trainer() {
       [[ $ENCODERS_GIVEN == *image* ]] || IMAGE_ENCODERS=(starnet_s050)
       [[ $ENCODERS_GIVEN == *text* ]] || TEXT_ENCODERS=(clip:tiny bert:tiny-chinese)
       TRAINER+=(--preset demo)
+      PRESET_ARGS=(--preset demo)
       ;;
     *) DIE_STATUS=2 die "--preset $PRESET: allowed: demo" ;;
   esac
+}
+
+# configs — CFG_* from the config file or the two lists (lib/grid.sh), with --sample; the trainer's own
+# parser checks every configuration's arguments when the trainer is mgpu's.
+configs() {
+  local opts=()
+  [[ -z $SAMPLE ]] || opts+=(--sample "$SAMPLE" --seed "${SAMPLE_SEED:-0}")
+  [[ -z $SAMPLE_SEED || -n $SAMPLE ]] || DIE_STATUS=2 die "--seed chooses the random points of --sample N; give --sample too"
+  [[ -n $TRAIN_CMD ]] || opts+=(--check-trainer)
+  opts+=(-- "${SWEEP_REST[@]}" "${PRESET_ARGS[@]}")
+  if [[ -n $CONFIG_FILE ]]; then
+    grid::from_file "$CONFIG_FILE" "${opts[@]}" || exit 2
+  else
+    [[ -z $SAMPLE ]] || DIE_STATUS=2 die "--sample draws from a config file's lists and ranges: give --config-file"
+    grid::from_lists "${opts[@]}" || exit 2
+  fi
 }
 
 # check_rest — arguments after -- reach every run, so they must not set what the launcher sets per config.
@@ -129,7 +162,7 @@ check_rest() {
 }
 
 main() {
-  TRAIN_CMD=${TRAIN_CMD:-} PRESET="" ENCODERS_GIVEN=""
+  TRAIN_CMD=${TRAIN_CMD:-} PRESET="" ENCODERS_GIVEN="" SAMPLE="" SAMPLE_SEED="" PRESET_ARGS=()
   sweep::parse "$@"
   if [[ -n $SWEEP_HELP ]]; then usage && exit 0; fi
   sweep::defaults
@@ -139,15 +172,11 @@ main() {
   [[ -n $CKPT_DIR ]] || DIE_STATUS=2 die "CKPT_DIR must not be empty"
   check_rest
   trainer
-  if [[ $SB_STATUS == true ]]; then # --status reads what a sweep wrote; no configs needed
-    sweep::launch
-    exit 0
+  if [[ -n $SWEEP_REPORT ]]; then # --status / --compare read what sweeps wrote
+    sweep::report
+    exit
   fi
-  if [[ -n $CONFIG_FILE ]]; then
-    grid::from_file "$CONFIG_FILE" || exit 2
-  else
-    grid::from_lists || exit 2
-  fi
+  configs
   [[ $DRY_RUN == true ]] || mkdir -p -- "$LOG_DIR" "$CKPT_DIR"
   sched::init
   local i flags out
@@ -158,6 +187,7 @@ main() {
     sched::add "${CFG_NAME[i]}" "${CFG_IMAGE[i]}" "${CFG_TEXT[i]}" "$out" "$out/.mgpu_done" -- \
       "${TRAINER[@]}" --image-encoder "${CFG_IMAGE[i]}" --text-encoder "${CFG_TEXT[i]}" --output-dir "$out" \
       "${flags[@]}" "${SWEEP_REST[@]}"
+    sched::set "$SCHED_NEW" "params=${CFG_PARAMS[i]}"
   done
   log::info "outputs in $CKPT_DIR"
   sweep::launch

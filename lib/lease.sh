@@ -57,7 +57,7 @@ lease::lock() {
 # cannot be read, so then it says so. Only called when a lock is found held, never on the launch path.
 lease::holder() {
   local path pattern="" c pid cmdline=() i
-  LEASE_HOLDER="another user's process (not readable here)" LEASE_HOLDER_PID=""
+  LEASE_HOLDER="a process that just ended, or another user's (not readable here)" LEASE_HOLDER_PID=""
   path=$(readlink -f -- "$1" 2>/dev/null) || return 0
   for ((i = 0; i < ${#path}; i++)); do # find's -lname takes a pattern: quote its special characters
     c=${path:i:1}

@@ -10,13 +10,36 @@ LEDGER_DONE=0 LEDGER_RAN=0 LEDGER_RAN_MS=0 LEDGER_FAILED=0
 declare -a LEDGER_JSON=() LEDGER_ROW=() LEDGER_TSV=()
 # The summary's columns: the table people read, and the .tsv with numbers and words in separate columns.
 LEDGER_HEADER=$'config\tgpu\tstatus\texit\tretries\tseconds\twaited\tmetric\tlog'
-LEDGER_TSV_HEADER=$'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tmetric_name\tmetric_value\tlog\tdetail'
+LEDGER_TSV_HEADER=$'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tmetric_name\tmetric_value\tlog\tdetail\tcommand'
+LEDGER_COMMANDS="" # gpu_queue.sh: the table shows each job's command too (job2 says nothing)
 
 ledger::begin() {
   printf -v LEDGER_STARTED '%(%Y-%m-%dT%H:%M:%S%z)T' -1
   printf -v LEDGER_TS '%(%Y%m%d_%H%M%S)T' -1
   core::now_ms
   LEDGER_STARTED_MS=$CORE_NOW_MS
+}
+
+# ledger::ev KIND FIELD... — one line of the sweep's event file (tab-separated; tabs and newlines in a
+# field become spaces), read by `--status` from another terminal (python -m mgpu.status). An append, no
+# child process; a write that fails (LOG_DIR gone) is not the sweep's failure.
+ledger::ev() {
+  [[ -n $LEDGER_EVENTS ]] || return 0
+  local line=$1 field
+  shift
+  for field in "$@"; do line+=$'\t'${field//[$'\t\n\r']/ }; done
+  printf '%s\n' "$line" 2>/dev/null >>"$LEDGER_EVENTS" || true
+}
+LEDGER_EVENTS=""
+
+# ledger::events_begin — start LOG_DIR/sweep_<ts>_<pid>.events: the launcher, then every job as it stands.
+ledger::events_begin() {
+  local job
+  LEDGER_EVENTS=$LOG_DIR/sweep_${LEDGER_TS}_$$.events
+  ledger::ev sweep "$LEDGER_STARTED_MS" "$$" "${HOSTNAME:-}"
+  for ((job = 0; job < SCHED_N; job++)); do
+    ledger::ev job "${JOB[$job,name]}" "${JOB[$job,status]}" "${JOB[$job,params]}" "${JOB[$job,out]}" "${JOB[$job,reason]}"
+  done
 }
 
 # ledger::event TEXT — one progress line: counts, elapsed, and an ETA from the jobs finished so far.
@@ -46,14 +69,15 @@ ledger::mark_done() {
   { [[ -d ${marker%/*} ]] || mkdir -p "${marker%/*}"; } 2>/dev/null && printf '%s\n' "${JOB[$1,hash]}" 2>/dev/null >"$marker"
 }
 
-# ledger::log_path NAME GPU — LEDGER_LOG: a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log,
-# never reused. A removed LOG_DIR is made again. 1 with LEDGER_ERROR (the system's words) when the file
+# ledger::log_path NAME GPU — LEDGER_LOG: a new log file LOG_DIR/<name>_gpu<id>_<YYYYmmdd_HHMMSS>.log
+# (<name>_cpu_<...>.log without a GPU), never reused. A removed LOG_DIR is made again. 1 with LEDGER_ERROR (the system's words) when the file
 # cannot be made.
 ledger::log_path() {
   local - base n=1 path ts err # `local -`: the noclobber set below ends with this function
   printf -v ts '%(%Y%m%d_%H%M%S)T' -1
   [[ -d $LOG_DIR ]] || { mkdir -p -- "$LOG_DIR" 2>/dev/null && log::warn "LOG_DIR $LOG_DIR was gone; made it again"; }
   base=$LOG_DIR/$1_gpu$2_$ts
+  [[ $2 != cpu ]] || base=$LOG_DIR/$1_cpu_$ts
   path=$base.log
   set -C # noclobber: creating the file fails if it exists, so no two jobs ever share a log
   while :; do
@@ -137,7 +161,7 @@ ledger::record() {
     metrics=$LEDGER_METRICS
   fi
   for key in name:name image_encoder:image text_encoder:text status:status failure:kind detail:detail \
-    log:log output_dir:out reason:reason config_hash:hash; do
+    log:log output_dir:out reason:reason config_hash:hash command:command; do
     ledger::_str "${JOB[$job,${key#*:}]}"
     out+=("\"${key%%:*}\": $LEDGER_STR")
   done
@@ -148,17 +172,20 @@ ledger::record() {
   [[ $gpu =~ ^[0-9]+$|^null$ ]] || { ledger::_str "$gpu" && gpu=$LEDGER_STR; }
   printf -v fields '%s, ' "${out[@]}"
   printf -v seconds '%d.%d' $((JOB[$job,ms] / 1000)) $((JOB[$job,ms] % 1000 / 100))
-  printf -v 'LEDGER_JSON[job]' '{%s, "gpu": %s, "exit_code": %s, "retries": %d, "seconds": %s, "waited_seconds": %d, "failed_attempts": [%s], "metrics": %s}' \
-    "${fields%, }" "$gpu" "${exit:-null}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$fails" "$metrics"
+  printf -v 'LEDGER_JSON[job]' '{%s, "gpu": %s, "exit_code": %s, "retries": %d, "seconds": %s, "waited_seconds": %d, "failed_attempts": [%s], "params": %s, "metrics": %s}' \
+    "${fields%, }" "$gpu" "${exit:-null}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$fails" \
+    "${JOB[$job,params]:-"{}"}" "$metrics"
   local shown=${exit:--} metric=""
   [[ -z ${JOB[$job,kind]} ]] || shown="$shown (${JOB[$job,kind]})"
   [[ -z $LEDGER_METRIC_NAME ]] || metric="$LEDGER_METRIC_NAME=$LEDGER_METRIC_VALUE"
   [[ -z ${JOB[$job,detail]} ]] || status="$status (${JOB[$job,detail]})"
+  local command=${JOB[$job,command]//[$'\t\n\r']/ }
   printf -v 'LEDGER_ROW[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" "${JOB[$job,gpu]:--}" \
     "$status" "$shown" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$metric" "${JOB[$job,log]:--}"
-  printf -v 'LEDGER_TSV[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" "${JOB[$job,gpu]}" \
+  [[ -z $LEDGER_COMMANDS ]] || LEDGER_ROW[job]+=$'\t'${command:0:60}
+  printf -v 'LEDGER_TSV[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" "${JOB[$job,gpu]}" \
     "${JOB[$job,status]}" "$exit" "${JOB[$job,kind]}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" \
-    "$LEDGER_METRIC_NAME" "$LEDGER_METRIC_VALUE" "${JOB[$job,log]}" "${JOB[$job,detail]}"
+    "$LEDGER_METRIC_NAME" "$LEDGER_METRIC_VALUE" "${JOB[$job,log]}" "${JOB[$job,detail]}" "$command"
 }
 
 # ledger::_metrics FILE — LEDGER_METRICS (compact JSON), LEDGER_METRIC_NAME and LEDGER_METRIC_VALUE (the
@@ -216,6 +243,6 @@ ledger::finish() {
     json="(not written)"
   fi
   log::status ""
-  ledger::_table "$LEDGER_HEADER" "${LEDGER_ROW[@]}"
+  ledger::_table "$LEDGER_HEADER${LEDGER_COMMANDS:+$'\t'command}" "${LEDGER_ROW[@]}"
   log::info "summary: ${n[succeeded]} succeeded, ${n[failed]} failed, ${n[skipped]} skipped, ${n[interrupted]} interrupted; $json"
 }

@@ -6,7 +6,8 @@
 # A job's record is JOB[<i>,<field>], created by sched::add and changed only here (sched::set is the one
 # door for the Slurm backend). Fields: name image text out marker hash (given); status (queued running
 # succeeded failed skipped interrupted) exit kind (failure kind) detail retries gpu log pid start_ms ms
-# waited reason ready_at avoid fails wait_since next_note since (a file whose time is the job's start).
+# waited reason ready_at avoid fails wait_since next_note since (a file whose time is the job's start)
+# params (the varying hyper-parameters, compact JSON) command (the job's line, for gpu_queue.sh).
 # The running jobs are the `pids` table (config name -> pid), which the wait loop and the stop path read.
 # Each job is a fork of the launcher that runs the command, then records its own end (exit status, and
 # the completion marker when it succeeded): work that finishes after the launcher died is never redone.
@@ -61,7 +62,7 @@ sched::new() {
   local i=$SCHED_N field
   SCHED_N=$((i + 1)) SCHED_NEW=$i SCHED_BY_NAME[$1]=$i
   JOB[$i,name]=$1 JOB[$i,image]=$2 JOB[$i,text]=$3 JOB[$i,out]=$4 JOB[$i,marker]=$5
-  for field in hash exit kind detail gpu log pid slot since reason avoid fails wait_since; do JOB[$i,$field]=""; done
+  for field in hash exit kind detail gpu log pid slot since reason avoid fails wait_since tried_since params command; do JOB[$i,$field]=""; done
   JOB[$i,status]=queued JOB[$i,retries]=0 JOB[$i,waited]=0 JOB[$i,ready_at]=0 JOB[$i,ms]=0 JOB[$i,start_ms]=0
 }
 
@@ -161,6 +162,7 @@ sched::_launch() {
   GPU_OURS_UNTIL[$gpu]=9999999999999
   local where="GPU $gpu"
   [[ $gpu != cpu ]] || where="the CPU"
+  ledger::ev start "${JOB[$job,name]}" "$gpu" "$LEDGER_LOG" "$CORE_NOW_MS"
   ledger::event "started ${JOB[$job,name]} on $where (log $LEDGER_LOG)"
 }
 
@@ -272,6 +274,7 @@ sched::_ended() {
       JOB[$job,avoid]=$gpu JOB[$job,status]=queued
       JOB[$job,ready_at]=$((CORE_NOW_MS + MGPU_RETRY_BACKOFF_MS * (1 << (JOB[$job,retries] - 1))))
       SCHED_QUEUE=("$job" "${SCHED_QUEUE[@]}")
+      ledger::ev retry "$name" "${JOB[$job,retries]}" "${JOB[$job,kind]}"
       ledger::event "retrying $name (${JOB[$job,kind]}, exit $rc on GPU $gpu; retry ${JOB[$job,retries]} of $RETRIES, preferring another GPU)"
       return 0
     fi
@@ -292,6 +295,8 @@ sched::_settle() {
     fi
     printf -v took '%d.%03d' $((JOB[$job,ms] / 1000)) $((JOB[$job,ms] % 1000))
     ledger::record "$job"
+    ledger::ev end "${JOB[$job,name]}" "${JOB[$job,status]}" "${JOB[$job,exit]}" "${JOB[$job,kind]}" \
+      "${JOB[$job,detail]:-${JOB[$job,reason]}}" "${JOB[$job,ms]}"
     if [[ ${JOB[$job,status]} == skipped ]]; then
       ledger::event "skipped ${JOB[$job,name]}: ${JOB[$job,reason]}"
     else
@@ -308,6 +313,7 @@ sched::_settle() {
 sched::run() {
   SCHED_RUNNING=1
   sched::hash_jobs
+  ledger::events_begin
   trap 'SCHED_STOP=${SCHED_STOP:-INT}' INT
   trap 'SCHED_STOP=${SCHED_STOP:-TERM}' TERM
   while ((${#SCHED_QUEUE[@]} || ${#pids[@]})) && [[ -z $SCHED_STOP ]]; do
@@ -329,7 +335,10 @@ sched::run() {
 # sched::finish — every job still queued is recorded as never started; the summary; SCHED_EXIT.
 sched::finish() {
   local job bad=0
-  for job in "${SCHED_QUEUE[@]}"; do sched::mark "$job" interrupted "never started"; done
+  for job in "${SCHED_QUEUE[@]}"; do
+    sched::mark "$job" interrupted "never started"
+    ledger::ev end "${JOB[$job,name]}" interrupted "" "" "never started" 0
+  done
   SCHED_QUEUE=()
   ledger::finish
   for ((job = 0; job < SCHED_N; job++)); do
@@ -340,6 +349,8 @@ sched::finish() {
     TERM) SCHED_EXIT=143 ;;
     *) SCHED_EXIT=$bad ;;
   esac
+  core::now_ms
+  ledger::ev finish "$CORE_NOW_MS" "$SCHED_EXIT"
 }
 
 # An exit of the launcher itself (an error, or an entry script's `exit` before or after the sweep) still

@@ -50,6 +50,16 @@ sched::_pick() {
       elif [[ -n ${SLOT_NEXT_CHECK[$s]:-} ]] && ((now < SLOT_NEXT_CHECK[$s])); then
         sched::_blocked "$s" "${SCHED_WHY[slot$s]}"
       elif lease::open "$gpu" "${SCHED_SLOTS[s]#*:}"; then
+        # A slot found held before is locked here first (a child process), so a job is not sent to it in vain.
+        if [[ -n ${SCHED_WHY[slot$s]:-} ]] && ! lease::lock "$LEASE_FD" "$LEASE_FILE"; then
+          exec {LEASE_FD}<&-
+          LEASE_FD=""
+          # a holder that ended between the two looks leaves no name: keep the one seen before
+          [[ -z $LEASE_HOLDER_PID ]] || SCHED_WHY[slot$s]="GPU $gpu slot ${SCHED_SLOTS[s]#*:} is held by $LEASE_HOLDER"
+          SLOT_NEXT_CHECK[$s]=$((now + MGPU_POLL_MS))
+          sched::_blocked "$s" "${SCHED_WHY[slot$s]}"
+          continue
+        fi
         SCHED_PICK=$s SCHED_LEASE_FILE=$LEASE_FILE
         return 0
       else
@@ -65,6 +75,8 @@ sched::_pick() {
 sched::_held() {
   local job=$1 s=$2
   core::now_ms
+  log::info "${JOB[$job,name]} did not start: GPU ${SCHED_SLOTS[s]%%:*} slot ${SCHED_SLOTS[s]#*:} is held by $3"
+  JOB[$job,wait_since]=${JOB[$job,tried_since]:-$CORE_NOW_MS}
   SCHED_WHY[slot$s]="GPU ${SCHED_SLOTS[s]%%:*} slot ${SCHED_SLOTS[s]#*:} is held by $3"
   SLOT_NEXT_CHECK[$s]=$((CORE_NOW_MS + MGPU_POLL_MS))
   JOB[$job,status]=queued JOB[$job,gpu]="" JOB[$job,ms]=0
@@ -90,16 +102,20 @@ sched::_waits() {
   waited=$((now - JOB[$job,wait_since]))
   ((waited < MAX_WAIT * 1000)) || return 0
   if ((waited >= JOB[$job,next_note])); then
+    ledger::ev wait "${JOB[$job,name]}" "$now" "$SCHED_BLOCK_WHY"
     log::info "${JOB[$job,name]} waits: $SCHED_BLOCK_WHY; waited $((waited / 1000))s of up to ${MAX_WAIT}s (MAX_WAIT)"
     JOB[$job,next_note]=$((waited + 30000))
   fi
   return 1
 }
 
-# sched::_started_after_wait JOB NOW_MS — a job that waited records how long and for what.
+# sched::_started_after_wait JOB NOW_MS — a job that waited records how long and for what (the clock is
+# kept in tried_since: should its slot turn out held, the wait goes on from where it was).
 sched::_started_after_wait() {
+  JOB[$1,tried_since]=""
   [[ -n ${JOB[$1,wait_since]} ]] || return 0
   JOB[$1,waited]=$((($2 - JOB[$1,wait_since]) / 1000))
+  JOB[$1,tried_since]=${JOB[$1,wait_since]}
   JOB[$1,reason]="waited ${JOB[$1,waited]}s: ${JOB[$1,reason]}"
   JOB[$1,wait_since]=""
 }
@@ -120,6 +136,7 @@ sched::_expired() {
   JOB[$job,status]=$([[ $ON_TIMEOUT == skip ]] && echo skipped || echo failed)
   JOB[$job,reason]="gave up after ${waited}s (MAX_WAIT): $SCHED_BLOCK_WHY"
   ledger::record "$job"
+  ledger::ev end "${JOB[$job,name]}" "${JOB[$job,status]}" "" "" "${JOB[$job,reason]}" 0
   ledger::event "${JOB[$job,status]} ${JOB[$job,name]}: ${JOB[$job,reason]} (--on-timeout $ON_TIMEOUT)"
   return 1
 }

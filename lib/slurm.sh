@@ -52,7 +52,7 @@ slurm::validate() {
   local pair var value arg problem=""
   [[ $MGPU_BACKEND =~ ^(local|slurm)$ ]] || { log::error "--backend must be local or slurm, got '$MGPU_BACKEND'"; return 2; }
   if [[ $MGPU_BACKEND == local ]]; then
-    [[ $SB_WAIT == false && $SB_STATUS == false ]] || { log::error "--wait and --status follow a Slurm sweep: add --backend slurm"; return 2; }
+    [[ $SB_WAIT == false ]] || { log::error "--wait follows a Slurm sweep: add --backend slurm"; return 2; }
     return 0
   fi
   [[ -z $SB_MAX_PARALLEL ]] || log::require_int "--max-parallel" "$SB_MAX_PARALLEL" 1 || return 2

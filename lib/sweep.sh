@@ -41,6 +41,16 @@ sweep::flag() {
   case $1 in
     --resume) RESUME=true SWEEP_SHIFT=1 ;;
     --dry-run) DRY_RUN=true SWEEP_SHIFT=1 ;;
+    --json) SWEEP_JSON=true SWEEP_SHIFT=1 ;;
+    --status | --compare | --watch) # each takes an optional value: LOG_DIR, or the seconds between redraws
+      SWEEP_SHIFT=1
+      [[ $1 == --watch ]] && SWEEP_WATCH=2 || SWEEP_REPORT=${1#--}
+      [[ $1 != --status ]] || SB_STATUS=true # a Slurm sweep's status, with --backend slurm
+      if (($# >= 2)) && [[ $2 != -* ]]; then
+        [[ $1 == --watch ]] && SWEEP_WATCH=$2 || LOG_DIR=$2
+        SWEEP_SHIFT=2
+      fi
+      ;;
     --gpus | --max-util | --max-wait | --jobs-per-gpu | --log-dir | --retries | --on-timeout | --cpu-slots | \
       --grace | --use-multi-config | --order)
       (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
@@ -68,6 +78,23 @@ sweep::defaults() {
   slurm::defaults
 }
 
+# sweep::report — --status (the live table of the newest local sweep in LOG_DIR; --watch redraws it) or
+# --compare (one table across LOG_DIR's summaries), through python -m mgpu.status; --json for scripts.
+# A Slurm sweep's status is slurm.sh's. Returns the exit status.
+sweep::report() {
+  local opts=()
+  if [[ $SWEEP_REPORT == status && $MGPU_BACKEND == slurm ]]; then
+    slurm::launch
+    return
+  fi
+  [[ $SWEEP_REPORT != compare ]] || opts+=(--compare)
+  [[ -z $SWEEP_WATCH ]] || opts+=(--watch "$SWEEP_WATCH")
+  [[ $SWEEP_JSON != true ]] || opts+=(--json)
+  core::py_env
+  "${CORE_PY[@]}" -m mgpu.status "$LOG_DIR" "${opts[@]}"
+}
+SWEEP_REPORT="" SWEEP_WATCH="" SWEEP_JSON=false
+
 # sweep::split_list NAME [WHAT] — an array given as one string ("0,1" from the environment or a flag)
 # split at commas, spaces, tabs and newlines into its items.
 sweep::split_list() {
@@ -91,6 +118,8 @@ sweep::validate() {
   [[ $ORDER =~ ^(given|longest-first)$ ]] || problem="--order must be given or longest-first, got '$ORDER'"
   [[ $USE_MULTI_CONFIG =~ ^(true|false)$ ]] || problem="USE_MULTI_CONFIG must be true or false, got '$USE_MULTI_CONFIG'"
   [[ -n $LOG_DIR ]] || problem="LOG_DIR must not be empty"
+  [[ -z $SWEEP_WATCH || $SWEEP_WATCH =~ ^[0-9]+(\.[0-9]+)?$ ]] || problem="--watch takes the seconds between redraws, like 2 or 0.5, got '$SWEEP_WATCH'"
+  [[ -z $SWEEP_WATCH || -n $SWEEP_REPORT ]] || problem="--watch redraws --status: give --status too"
   [[ -z $problem ]] || { log::error "$problem"; return 2; }
   local given="${GPUS[*]}" gpu
   sweep::split_list GPUS

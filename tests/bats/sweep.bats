@@ -36,8 +36,8 @@ max_overlap() {
     "$(printf 'starnet_s1_clip_ViT-B_32\tstarnet_s1\tclip:ViT-B/32\tsucceeded\t0')"
   assert_equal "$(summary '.configs[0].metrics.val_r1')" 0.5
   run cat logs/clip_training/summary_*.tsv
-  assert_line --index 0 $'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tmetric_name\tmetric_value\tlog\tdetail'
-  assert_line --index 1 --regexp $'^starnet_s1_clip_ViT-B_32\t0\tsucceeded\t0\t\t0\t[0-9.]+\t0\tval_r1\t0.5\tlogs/clip_training/starnet_s1_clip_ViT-B_32_gpu0_[0-9_]+\.log\t$'
+  assert_line --index 0 $'config\tgpu\tstatus\texit_code\tfailure\tretries\tseconds\twaited_seconds\tmetric_name\tmetric_value\tlog\tdetail\tcommand'
+  assert_line --index 1 --regexp $'^starnet_s1_clip_ViT-B_32\t0\tsucceeded\t0\t\t0\t[0-9.]+\t0\tval_r1\t0.5\tlogs/clip_training/starnet_s1_clip_ViT-B_32_gpu0_[0-9_]+\.log\t\t$'
 }
 
 @test "seed example 1: one GPU (GPU 5 of eight) runs the configs one after another" {
@@ -202,11 +202,11 @@ JSON
   echo '{"configs": [{"name": "x", "image_encoder": "a", "text_encoder": "b"}, {"name": "x", "image_encoder": "c", "text_encoder": "d"}]}' >"$WORK/dup.json"
   sweep --config-file "$WORK/dup.json"
   assert_failure 2
-  [[ $stderr == *"two configurations are both named 'x' ($WORK/dup.json: .configs[0] and $WORK/dup.json: .configs[1])"* ]]
-  echo '{"configs": [{"image_encoder": "a", "text_encoder": "b", "lr": [1]}]}' >"$WORK/bad.json"
+  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/dup.json: two configurations are both named 'x' (.configs[0] and .configs[1]): give them different names"
+  echo '{"configs": [{"image_encoder": "a", "text_encoder": "b", "lr": {"fast": 1}}]}' >"$WORK/bad.json"
   sweep --config-file "$WORK/bad.json"
   assert_failure 2
-  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/bad.json: .configs[0].lr: must be a string, number, true, false or null, got array"
+  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/bad.json: .configs[0].lr: must be a value, a list of values, or a range like {\"log_uniform\": [1e-5, 1e-3]} (one of log_uniform, uniform, int_uniform), got {\"fast\": 1}"
   echo '{"image_encoders": ["a"],' >"$WORK/broken.json"
   sweep --config-file "$WORK/broken.json"
   assert_failure 2
@@ -223,6 +223,8 @@ JSON
   run awk -F'\t' '$2 == "start" { print "[" $3 "]", ($6 >= 1) }' "$FAKE_TRAIN_RECORD"
   assert_output $'[] 1\n[] 1'
   assert_equal "$(summary '.configs[0].gpu')" cpu
+  run ls logs/clip_training # logs say where they ran: the CPU, not a "GPU cpu"
+  assert_line --regexp '^a_t_cpu_[0-9]{8}_[0-9]{6}\.log$'
 }
 
 @test "gpu_queue.sh runs a jobs file and standard input with the same engine" {
@@ -353,4 +355,58 @@ starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_
   assert_failure 1
   assert_equal "$(jq -r '.configs[0] | "\(.status) \(.exit_code) \(.failure) \(.retries) \(.failed_attempts | join("; "))"' logs/gpu_queue/summary_*.json)" \
     "failed 137 signal KILL 1 signal KILL on GPU 0; signal KILL on GPU 1"
+}
+
+@test "hyper-parameter grids: any key may hold a list; names come from the keys that vary; params in the summary" {
+  cat >"$WORK/grid.json" <<'JSON'
+{"image_encoders": ["starnet_s1"], "text_encoders": ["clip:ViT-B/32"],
+ "args": {"lr": [1e-3, 3e-4], "batch_size": [32, 64], "epochs": 2}}
+JSON
+  sweep --gpus 0,1 --config-file "$WORK/grid.json"
+  assert_success
+  assert_equal "$(summary '[.configs[].name] | join(" ")')" \
+    "starnet_s1_clip_ViT-B_32_lr1e-3_bs32 starnet_s1_clip_ViT-B_32_lr1e-3_bs64 starnet_s1_clip_ViT-B_32_lr3e-4_bs32 starnet_s1_clip_ViT-B_32_lr3e-4_bs64"
+  assert_equal "$(summary '.configs[3].params | tojson')" '{"lr":0.0003,"batch_size":64}'
+  run cut -f1,7 "$FAKE_TRAIN_RECORD"
+  assert_line --partial "starnet_s1_clip_ViT-B_32_lr3e-4_bs64	--image-encoder starnet_s1 --text-encoder clip:ViT-B/32 --output-dir checkpoints/clip_models/starnet_s1_clip_ViT-B_32_lr3e-4_bs64 --lr 0.0003 --batch-size 64 --epochs 2"
+  # a list of configurations may vary too, and so may the encoders
+  echo '{"defaults": {"lr": [0.1, 0.2]}, "configs": [{"name": "small", "image_encoder": ["a", "b"], "text_encoder": "t"}]}' >"$WORK/list.json"
+  sweep --dry-run --gpus 0 --config-file "$WORK/list.json"
+  assert_success
+  assert_equal "$(grep -o '^[^ ]* ->' <<<"$output" | tr '\n' ' ')" "small_lr0.1_a -> small_lr0.1_b -> small_lr0.2_a -> small_lr0.2_b -> "
+}
+
+@test "random search: --sample N --seed S draws the same points for the same seed; ranges need --sample" {
+  echo '{"image_encoders": ["a"], "text_encoders": ["t"], "args": {"lr": {"log_uniform": [1e-5, 1e-3]}, "batch_size": [32, 64, 128]}}' >"$WORK/search.json"
+  sweep --dry-run --gpus 0 --config-file "$WORK/search.json"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/search.json: .args.lr: is a range: give --sample N (random search) to draw values from it"
+  sweep --dry-run --gpus 0 --config-file "$WORK/search.json" --sample 5 --seed 3
+  assert_success
+  local first=$output
+  assert_equal "$(grep -c ' -> GPU 0: ' <<<"$output")" 5
+  assert_regex "$output" 'a_t_lr[0-9.]+e-[3-5]_bs(32|64|128) -> GPU 0: .* --lr [0-9.e-]+ --batch-size (32|64|128) '
+  sweep --dry-run --gpus 0 --config-file "$WORK/search.json" --sample 5 --seed 3
+  assert_equal "$output" "$first"
+  sweep --dry-run --gpus 0 --config-file "$WORK/search.json" --sample 5 --seed 4
+  assert_not_equal "$output" "$first"
+  sweep --dry-run --gpus 0 --sample 2
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --sample draws from a config file's lists and ranges: give --config-file"
+}
+
+@test "the trainer's arguments are checked before anything launches: a typo, an unknown encoder, a bad value" {
+  TRAIN=() # the real trainer's parser checks; nothing runs
+  echo '{"image_encoders": ["starnet_s050"], "text_encoders": ["clip:tiny"], "args": {"lr": [1e-3, 3e-4], "batch_sise": 64}}' >"$WORK/typo.json"
+  sweep --dry-run --gpus 0 --config-file "$WORK/typo.json"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/typo.json: starnet_s050_clip_tiny_lr1e-3 (.args.batch_sise): the trainer refuses it: unrecognized arguments: --batch-sise 64"
+  echo '{"configs": [{"image_encoder": "starnet_s050", "text_encoder": "clip:huge"}]}' >"$WORK/enc.json"
+  sweep --config-file "$WORK/enc.json"
+  assert_failure 2
+  assert_regex "$stderr" "^\[ERROR\] CONFIG_FILE: $WORK/enc.json: starnet_s050_clip_huge \(\.configs\[0\]\.text_encoder\): the trainer refuses it: argument --text-encoder: unknown text encoder 'clip:huge'"
+  sweep --gpus 0 --image-encoders starnet_s050 --text-encoders clip:tiny -- --lr fast
+  assert_failure 2
+  assert_regex "$stderr" "starnet_s050_clip_tiny \(trainer arguments after --\): the trainer refuses it: argument --lr(/--learning-rate)?: 'fast' is not a number"
+  assert [ ! -e logs ]
 }

@@ -264,13 +264,19 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
 @test "a held slot freed mid-wait is taken, and the wait is recorded" {
   mkdir -p "$MGPU_LOCK_DIR"
   : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
-  flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" sleep 1.5 &
+  flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
   held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
   wait_for 10 "the test's holder to take the lock" held
-  MGPU_POLL_MS=200 sweep --gpus 0 --max-wait 30 --image-encoders a --text-encoders t
-  wait
-  assert_success
-  assert_regex "$(summary '.configs[0] | "\(.waited_seconds) \(.reason)"')" '^[1-3] waited [1-3]s: GPU 0 slot 0 is held by pid'
+  MGPU_POLL_MS=200 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 --max-wait 60 --image-encoders a --text-encoders t \
+    >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0
+  waits() { grep -q "a_t waits: GPU 0 slot 0 is held by pid" "$WORK/err"; }
+  wait_for 30 "the sweep to wait for the held slot" waits
+  sleep 1 # a wait of at least a second, to be recorded as such
+  : >"$WORK/release"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 0
+  assert_regex "$(summary '.configs[0] | "\(.waited_seconds) \(.reason)"')" '^([1-9][0-9]*) waited \1s: GPU 0 slot 0 is held by pid'
 }
 
 @test "no temporary folder is left behind: a run, --dry-run, an early error, a Slurm dry run" {
