@@ -19,13 +19,17 @@ SHELL_FILES = $(shell find . \( -path ./.venv -o -path ./.git \) -prune -o -type
 
 help:
 	@echo "make demo   set up, then show mgpu on a rehearsal server (no GPU needed)"
+	@echo "            (DEMO_TRAIN_ARGS=\"--max-steps 20\": extra trainer arguments, a shorter training)"
 	@echo "make test   set up, then shellcheck + bats + pytest"
 	@echo "make clean  remove .venv and test leftovers"
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
-	@echo "[INFO] creating $(VENV) with the Python dependencies (torch pinned by constraints.txt)"
+# mgpu itself is installed editable (`pip install -e .`): after `source .venv/bin/activate`,
+# `python -m mgpu.train_clip` and the console scripts (mgpu-check-gpus, ...) work from any folder, and
+# edits under py/ take effect without reinstalling.
+$(STAMP): pyproject.toml requirements.txt requirements-dev.txt constraints.txt
+	@echo "[INFO] creating $(VENV) with the Python dependencies (torch pinned by constraints.txt) and mgpu (editable)"
 	$(BOOTSTRAP_PYTHON) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-dev.txt \
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -r requirements-dev.txt -e . \
 		2> >(grep -v "is neither a file nor a directory" >&2)
 	touch $@
 
@@ -37,8 +41,10 @@ deps-demo: deps
 deps-test: deps
 	@bash tools/ensure-tools.sh jq bats bats-support bats-assert shellcheck slurmctld slurmd slurm-client munge
 
+# DEMO_TRAIN_ARGS: extra arguments for the demo's training runs, e.g. "--max-steps 20" (words split at spaces).
+DEMO_TRAIN_ARGS ?=
 demo: deps-demo
-	@bash tools/demo.sh "$(PYTHON)"
+	@bash tools/demo.sh "$(PYTHON)" $(DEMO_TRAIN_ARGS)
 
 # All three suites run; the target fails if any of them failed.
 test: deps-test
@@ -62,4 +68,4 @@ test-py:
 	$(PYTHON) -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache py/mgpu.egg-info
