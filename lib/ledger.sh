@@ -252,7 +252,7 @@ ledger::_table() {
 # ledger::finish — write LOG_DIR/summary_<ts>.json and .tsv and print the table. Every job of the sweep
 # is in it: those that never started say so.
 ledger::finish() {
-  local json=$LOG_DIR/summary_$LEDGER_TS.json tsv=$LOG_DIR/summary_$LEDGER_TS.tsv job finished configs
+  local - base=$LOG_DIR/summary_$LEDGER_TS k=1 json tsv job finished configs
   local -A n=([succeeded]=0 [failed]=0 [skipped]=0 [interrupted]=0)
   LEDGER_FINISHED=1
   for ((job = 0; job < SCHED_N; job++)); do
@@ -263,6 +263,13 @@ ledger::finish() {
   configs=""
   ((${#LEDGER_JSON[@]} == 0)) || printf -v configs '  %s,\n' "${LEDGER_JSON[@]}"
   [[ -d $LOG_DIR ]] || mkdir -p -- "$LOG_DIR" 2>/dev/null || true
+  json=$base.json
+  set -C # two sweeps of one LOG_DIR ending in the same second: the second gets summary_<time>_2
+  while [[ -d $LOG_DIR ]] && ! { : >"$json"; } 2>/dev/null && [[ -e $json ]]; do
+    k=$((k + 1)) json=${base}_$k.json
+  done
+  set +C
+  tsv=${json%.json}.tsv
   if ! { printf '{"started": "%s", "finished": "%s", "succeeded": %d, "failed": %d, "skipped": %d, "interrupted": %d,\n "configs": [\n%s\n]}\n' \
     "$LEDGER_STARTED" "$finished" "${n[succeeded]}" "${n[failed]}" "${n[skipped]}" "${n[interrupted]}" \
     "${configs%,$'\n'}" >"$json" && printf '%s\n' "$LEDGER_TSV_HEADER" "${LEDGER_TSV[@]}" >"$tsv"; } 2>/dev/null; then
