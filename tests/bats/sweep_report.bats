@@ -94,7 +94,7 @@ SH
   assert_success
   report --train-cmd "$BATS_TEST_TMPDIR/metric-trainer" --gpus 0 --image-encoders b --text-encoders t
   assert_success
-  assert_equal "$(ls logs/clip_training/summary_*.json | wc -l)" 2 # two sweeps in one second: two summaries
+  assert_equal "$(find logs/clip_training -name "summary_*.json" | wc -l)" 2 # two sweeps in one second: two summaries
   report --compare
   assert_success
   assert_line --index 0 --regexp '^config +lr +status +seconds +image_to_text_R@1$'
