@@ -103,7 +103,7 @@ def test_the_legacy_launcher_flags_are_accepted():
 def test_presets_set_defaults_that_flags_still_override():
     args = train_clip.parse_args(["--preset", "demo", "--batch-size", "32"])
     assert args.image_encoder == "starnet_s050" and args.image_size == 32 and args.batch_size == 32
-    assert args.output_dir == str(Path("checkpoints/clip/starnet_s050_clip_tiny"))
+    assert args.output_dir == str(Path("checkpoints/clip_models/starnet_s050_clip_tiny"))  # as run_train_clip.sh
     assert train_clip.parse_args(["--use-region-loss"]).loss_region == 0.5
 
 
