@@ -116,7 +116,6 @@ def test_two_ranks_warn_once_per_job_and_keep_a_random_state_each(tmp_path):
               "-m", "mgpu.train_clip", *TINY, "--max-steps", "2", "--sync-bn", "--output-dir", str(tmp_path / "o"))
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("[WARNING] --sync-bn: SyncBatchNorm needs CUDA") == 1
-    assert res.stdout.count("no CLIP BPE vocabulary") == 1
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert len(read_checkpoint(tmp_path / "o" / "checkpoint_2.pt")["rng_ranks"]) == 2  # one random state a rank
