@@ -49,13 +49,13 @@ class LockError(ValueError):
 def tower_blocks(tower: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """(the tower's blocks in order, what follows the last block): StarNet's stage blocks (down-sampling
     included, as timm groups them) and final norm; CLIP text's residual blocks and ln_final; BERT's layers
-    and pooler."""
+    and pooler (when it has one)."""
     if hasattr(tower, "stages") and hasattr(tower, "norm"):
         return [block for stage in tower.stages for block in stage], [tower.norm]
     if hasattr(tower, "transformer") and hasattr(tower.transformer, "resblocks"):
         return list(tower.transformer.resblocks), [tower.ln_final]
     if hasattr(tower, "encoder") and hasattr(tower.encoder, "layer"):
-        return list(tower.encoder.layer), [tower.pooler]
+        return list(tower.encoder.layer), [m for m in (getattr(tower, "pooler", None),) if m is not None]
     raise LockError(f"{type(tower).__name__} has no blocks mgpu knows how to unlock")
 
 

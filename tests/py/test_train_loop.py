@@ -146,3 +146,18 @@ def test_sigterm_to_every_rank_stops_both_at_one_step_with_one_checkpoint(tmp_pa
     assert out.count("stopped by signal 15 at step") == 1, out
     saved = list((tmp_path / "o").glob("checkpoint_*.pt"))
     assert len(saved) == 1 and read_checkpoint(saved[0])["step"] >= 2
+
+
+def test_locking_counts_blocks_per_tower_and_refuses_more_than_there_are():
+    from mgpu.clip import CLIP, LockError
+    from mgpu.models import image_encoder, text_encoder
+
+    model = CLIP(image_encoder("starnet_s050"), text_encoder("bert:tiny-chinese"), 16)
+    trainable, total = model.lock_text_tower(unlocked=1)
+    names = {n for n, p in model.text.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("encoder.layer.1.", "pooler.")) for n in names)
+    assert trainable == sum(p.numel() for p in model.text.parameters() if p.requires_grad) < total
+    trainable, total = model.lock_image_tower()
+    assert trainable == 0 and all(p.requires_grad for p in model.image_projection.parameters())
+    with pytest.raises(LockError, match="11 blocks to leave unlocked, but StarNet has 10"):
+        model.lock_image_tower(unlocked=11)  # s050: 4 stages of 1, 1, 3, 1 blocks, each after a down-sampling
