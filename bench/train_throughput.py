@@ -47,8 +47,8 @@ def bare_loop(args, device: torch.device) -> float:
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
-            img, txt, scale = model(images, tokens)
-        loss = clip_loss(img.float(), txt.float(), scale.float())
+            out = model(images, tokens)
+        loss = clip_loss(out.image.float(), out.text.float(), out.scale.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,9 @@
-"""Checkpoints that load anywhere (the save_model of seed 000, made safe).
+"""Checkpoints that load anywhere: a save_model that works for wrapped models (DataParallel, DDP, compiled), made safe.
 
 - ``save_model`` / ``save_checkpoint`` unwrap DataParallel, DDP and torch.compile first, so the keys
-  never carry ``module.`` or ``_orig_mod.``, and write atomically: a temporary file in the same folder,
-  fsync, rename, fsync of the folder. A crash mid-save leaves the previous checkpoint intact.
+  never carry ``module.`` or ``_orig_mod.``, and write atomically (``files.atomic_write``): a crash
+  mid-save leaves the previous checkpoint intact.
+- The random state is saved per rank (each rank's own CUDA generator) and restored per rank.
 - ``load_model`` accepts plain or wrapped state dicts (prefixes stripped), loads with
   ``weights_only=True`` and ``map_location="cpu"`` (no pickle code runs; no rank allocates on GPU 0),
   into a wrapped or plain model, and reports missing and unexpected keys.
@@ -16,14 +17,15 @@ import logging
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from .files import atomic_write
 
 log = logging.getLogger("mgpu.checkpoint")
 
@@ -60,28 +62,6 @@ def clean_state_dict(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is as readable as any file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_model(model: nn.Module, path: str | os.PathLike, config: dict | None = None) -> Path:
     """The weights, unwrapped: they load into a plain, DataParallel or DDP model alike; with config (how
     to rebuild the model, e.g. for mgpu.infer) when given."""
@@ -89,39 +69,57 @@ def save_model(model: nn.Module, path: str | os.PathLike, config: dict | None = 
     state = {"model": unwrap(model).state_dict()}
     if config is not None:
         state["config"] = dict(config)
-    _atomic_save(state, path)
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(cuda_devices: Sequence[int] = ()) -> dict[str, Any]:
+    """This process's random state: Python, NumPy, torch's CPU generator and, for each CUDA device this
+    process uses (its own under DDP, all of them under DataParallel), that device's generator."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *[int(v) if isinstance(v, (int, np.integer))
                                                                             else float(v) for v in np_state[2:]])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda_devices:
+        state["cuda"] = [torch.cuda.get_rng_state(index) for index in cuda_devices]
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], cuda_devices: Sequence[int] = ()) -> None:
+    """Restore what rng_state saved. The saved CUDA states go, in order, to the devices this process uses
+    now: a run saved with more GPUs than it resumes with restores what fits, never an IndexError."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    for index, saved in zip(cuda_devices, state.get("cuda") or []):
+        torch.cuda.set_rng_state(saved, index)
+
+
+def rank_rng_state(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The random state rank saved (checkpoints keep one per rank); rank 0's when the checkpoint was
+    written by fewer processes, or before per-rank states existed."""
+    per_rank = state.get("rng_ranks") or [state["rng"]]
+    if rank >= len(per_rank):
+        log.warning("the checkpoint holds the random state of %d process(es); rank %d continues from rank 0's",
+                    len(per_rank), rank)
+        return per_rank[0]
+    return per_rank[rank]
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, step: int, epoch: int, optimizer=None,
-                    scheduler=None, scaler=None, config: dict | None = None) -> Path:
-    """Everything a run needs to continue exactly: weights, optimizer, scheduler, scaler, counters, RNG."""
+                    scheduler=None, scaler=None, config: dict | None = None,
+                    rng: list[dict[str, Any]] | None = None) -> Path:
+    """Everything a run needs to continue exactly: weights, optimizer, scheduler, scaler, counters, RNG.
+    rng: every rank's rng_state() in rank order (distributed.all_gather_state); default: this process's."""
     path = Path(path)
-    state = {"model": unwrap(model).state_dict(), "step": step, "epoch": epoch, "rng": rng_state(),
-             "config": dict(config or {})}
+    per_rank = list(rng) if rng else [rng_state()]
+    state = {"model": unwrap(model).state_dict(), "step": step, "epoch": epoch, "rng": per_rank[0],
+             "rng_ranks": per_rank, "config": dict(config or {})}
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None:
             state[name] = obj.state_dict()
-    _atomic_save(state, path)
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import distributed
+from .bn import restore_modes
 from .clip import LOGIT_SCALE_MAX
 from .metrics import retrieval_metrics
 
@@ -53,8 +54,10 @@ def val_loss(image_features: torch.Tensor, text_features: torch.Tensor, scale: f
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, batch_size: int, autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Retrieval metrics and val_loss of model (an unwrapped CLIP) on loader (this rank's shard)."""
-    was_training = model.training
+    """Retrieval metrics and val_loss of model (an unwrapped CLIP) on loader (this rank's shard). Every
+    module gets its own mode back afterwards: BatchNorm layers kept in eval mode during training
+    (--freeze-bn, a locked tower) stay so."""
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     images, texts, indices = [], [], []
     try:
@@ -68,7 +71,7 @@ def evaluate(model, loader, device: torch.device, batch_size: int, autocast=cont
         text_features = gather_varlen(torch.cat(texts) if texts else empty)
         order = gather_varlen(torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long, device=device))
     finally:
-        model.train(was_training)
+        restore_modes(model, modes)
     if order.unique().numel() != order.numel():
         raise RuntimeError("evaluation counted a sample twice: the validation loader must not pad or repeat")
     sort = order.argsort()

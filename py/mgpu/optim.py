@@ -1,5 +1,5 @@
-"""Optimisation for the CLIP trainer: AdamW with open_clip's parameter groups, warmup then cosine, and the
-train mode that can keep BatchNorm statistics frozen."""
+"""Optimisation for the CLIP trainer: AdamW with open_clip's parameter groups (frozen parameters left
+out), and warmup then cosine."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ import torch
 from torch import nn
 
 
-def optimizer_for(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings' positions and the logit scale (as open_clip)."""
+def optimizer_for(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases, norms, embeddings' positions and the
+    logit scale (as open_clip). fused (CUDA): one kernel, and a GradScaler's inf check stays on the GPU
+    (no host sync per step)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "positional" in name else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_scale" in name or "positional" in name else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=fused or None)
 
 
 def schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -25,11 +29,3 @@ def schedule(optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.Lam
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()

@@ -2,7 +2,8 @@
 launcher's log files), each with the step, the numbers given, samples/s and the ETA.
 
     progress = Progress(total=1000, start=0, enabled=is_rank0)
-    progress.update(step, samples=64, loss=0.7)   # once per step
+    progress.update(step, samples=64)              # once per step; a line every `every` steps
+    progress.update(step, samples=64, loss=0.7)    # values to show (the trainer reads them on due steps only)
     progress.close()
 """
 
@@ -38,17 +39,23 @@ class Progress:
         """Samples per second since the start of this run (resumed steps not counted)."""
         return self.samples / max(time.perf_counter() - self.t0, 1e-9)
 
+    def due(self, step: int) -> bool:
+        """Whether step gets a report: every `every` steps, and the last."""
+        return step % self.every == 0 or step == self.total
+
     def update(self, step: int, samples: int, **values: float) -> None:
-        """step: the number of steps done (1-based); samples: how many this step processed (all ranks)."""
+        """step: the number of steps done (1-based); samples: how many this step processed (all ranks);
+        values: numbers to show (with the bar: whenever given; as lines: on due steps)."""
         self.samples += samples
         if not self.enabled:
             return
         shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(f"{shown} samples/s {self.rate():.0f}", refresh=False)
+            if values:
+                self.bar.set_postfix_str(f"{shown} samples/s {self.rate():.0f}", refresh=False)
             return
-        if step % self.every and step != self.total:
+        if not self.due(step):
             return
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(step - self.start, 1) * (self.total - step)

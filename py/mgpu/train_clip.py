@@ -8,7 +8,8 @@
 One code path for every mode. Under DDP: DistributedSampler with set_epoch, features all-gathered with
 gradient (negatives span the global batch), logging, TensorBoard and checkpoints on rank 0, evaluation
 exact (no padded duplicates). --batch-size is per process under DDP, and the whole batch (split over
-the GPUs) under DataParallel, as the seed describes.
+the GPUs) under DataParallel; --accum-steps K makes each optimizer step K micro-batches whose negatives
+span all K (exact, see mgpu.step).
 
 Checkpoints are ``<output-dir>/checkpoint_<step>.pt`` (everything needed to continue exactly) and, at the
 end, ``<output-dir>/model.pt`` (the unwrapped weights); ``<output-dir>/metrics.json`` holds the results.
@@ -16,45 +17,43 @@ end, ``<output-dir>/model.pt`` (the unwrapped weights); ``<output-dir>/metrics.j
 boundary with a checkpoint, leaving the schedule of --epochs / --max-steps unchanged; ``--resume auto``
 continues from the newest checkpoint, to the same weights a straight run reaches.
 
+The module reads top to bottom as the loop (``train``), the small helpers it calls, and ``main``. The set-up
+is mgpu.train_setup, one step is mgpu.step, the one host sync per check is mgpu.monitor.
+
 Exit codes: 0 done (or stopped on purpose by --stop-after), 2 bad input, 1 a failure during training,
-143 stopped by a signal (after saving).
+143 stopped by SIGTERM (138 by SIGUSR1), after saving.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections import deque
-from pathlib import Path
+import warnings
+from collections.abc import Iterator
 
-import torch
 import torch.distributed as dist
-from torch import nn
 
 from . import distributed
-from .checkpoint import CheckpointError, load_model, prune_checkpoints, read_checkpoint, resume_source, \
-    save_checkpoint, save_model, set_rng_state
-from .clip import CLIP, clip_loss, region_loss
+from .bn import set_train_mode
+from .checkpoint import CheckpointError, prune_checkpoints, rng_state, save_checkpoint, save_model
 from .data.captions import DataError
-from .data.loading import build_data, build_loaders, tokenizer_state
+from .data.checks import too_many_bad
 from .evaluate import evaluate
-from .models import image_encoder, text_encoder
-from .models.pretrained import load_pretrained
-from .optim import optimizer_for, schedule, set_train_mode
+from .files import write_json
+from .monitor import Checked, Monitor
 from .progress import Progress, format_eta
+from .step import train_step
 from .tensorboard import ScalarWriter
 from .train_params import parse_args
+from .train_setup import Run, TrainError, describe, setup
+
+__all__ = ["main", "parse_args", "train", "TrainError", "TrainingFailed"]
 
 log = logging.getLogger("mgpu.train_clip")
-
-
-class TrainError(RuntimeError):
-    """A problem with the inputs found after parsing (data, checkpoint, device); exit code 2."""
 
 
 class TrainingFailed(RuntimeError):
@@ -67,243 +66,230 @@ class Stopped(Exception):
         self.code = code
 
 
-# ---- the model ---------------------------------------------------------------------------------------------------
-
-def build_model(args) -> CLIP:
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    model = CLIP(image_encoder(args.image_encoder), text_encoder(args.text_encoder), args.embed_dim)
-    for tower, path in ((model.visual, args.image_pretrained), (model.text, args.text_pretrained)):
-        if path:
-            try:
-                report = load_pretrained(tower, path)
-            except (CheckpointError, OSError) as exc:
-                raise TrainError(str(exc)) from None
-            if report.text_projection is not None and report.text_projection.shape == model.text_projection.weight.shape:
-                with torch.no_grad():
-                    model.text_projection.weight.copy_(report.text_projection)
-    return model
-
-
-# ---- the run -------------------------------------------------------------------------------------------------
-
-def _check_compatible(args, config: dict, path: Path) -> None:
-    for key in ("image_encoder", "text_encoder", "embed_dim"):
-        if key in config and config[key] != getattr(args, key):
-            raise TrainError(f"--resume {path}: it was trained with --{key.replace('_', '-')} {config[key]}, "
-                             f"this run has {getattr(args, key)}")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def train(args) -> int:
     started = time.perf_counter()
-    device, dp_gpus = distributed.setup(args)
-    rank, world = distributed.rank(), distributed.world_size()
-    main_rank = rank == 0
-    logging.getLogger("mgpu").setLevel(logging.INFO if main_rank else logging.WARNING)
-    if args.amp == "fp16" and device.type != "cuda":
-        raise TrainError("--amp fp16: needs a CUDA device (a GradScaler on GPU); on the CPU use --amp bf16 or off")
-    output = Path(args.output_dir)
-    resume = resume_source(args.resume, args.output_dir)
-    state = read_checkpoint(resume) if resume else None
-    if state is not None:
-        _check_compatible(args, state.get("config", {}), resume)
-    train_set, val_set, tokenizer = build_data(args, (state or {}).get("config", {}).get("tokenizer"))
-    model = build_model(args).to(device)
-    if args.loss_region and args.data != "synthetic" and not args.box_file:
-        raise TrainError(f"--loss-region {args.loss_region}: the data has no boxes; give --box-file")
-    loader_batch = args.batch_size
-    global_batch = args.batch_size * world
-    lr = args.lr * world if args.lr_scale == "linear" else args.lr
-    train_loader, val_loader, sampler, steps_per_epoch = build_loaders(args, train_set, val_set, loader_batch, device)
-    total = args.max_steps or args.epochs * steps_per_epoch
-    optimizer = optimizer_for(model, lr, args.weight_decay)
-    scheduler = schedule(optimizer, args.warmup, total)
-    scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
-    step = 0
-    if state is not None:
-        load_model(model, state)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d of %d", resume, step, total)
-    wrapped: nn.Module = model
-    if world > 1 and args.sync_bn:
-        if device.type == "cuda":  # the new layers keep the same Parameter objects: the optimizer still holds them
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log.warning("--sync-bn: SyncBatchNorm needs CUDA; on the CPU (gloo) BatchNorm statistics stay per rank")
-    if world > 1:
-        # gradients live in DDP's all-reduce buckets: no second copy of them in memory
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                      gradient_as_bucket_view=True)
-    elif dp_gpus > 1:
-        wrapped = nn.DataParallel(model)
-    distributed.announce(device, dp_gpus)
-    log.info("%s x %s: %d steps (%d a epoch of %d samples), global batch %d%s, lr %.3g%s, output %s",
-             args.image_encoder, args.text_encoder, total, steps_per_epoch, len(train_set), global_batch,
-             f" ({args.batch_size} x {world} processes)" if world > 1 else "", lr,
-             f" ({args.lr:g} x {world}, --lr-scale linear)" if lr != args.lr else "", output)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)) \
-        if args.amp != "off" else contextlib.nullcontext
-    writer = ScalarWriter(output / "tb") if args.tb and main_rank else None
-    config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    config["tokenizer"] = tokenizer_state(tokenizer)
-
-    stop_signal = {"code": 0}
-    def on_signal(signum, _frame):
-        stop_signal["code"] = 128 + signum
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, on_signal)
-
-    def checkpoint() -> None:
-        """Rank 0 writes; every rank waits for it, so none runs ahead or exits before the file exists."""
-        if main_rank:
-            save_checkpoint(output / f"checkpoint_{step}.pt", model, step=step, epoch=step // steps_per_epoch,
-                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, config=config)
-            prune_checkpoints(output, args.keep_checkpoints)
-        if world > 1:
-            dist.barrier()
-
-    progress = Progress(total, step, enabled=main_rank, every=args.log_every)
-    recent: deque[torch.Tensor] = deque(maxlen=50)
-    bad, seen, warned = 0, 0, 0
-    results: dict[str, float] = {}
-    eval_seconds = 0.0
-    stop_at = min(total, step + args.stop_after) if args.stop_after else total
-    run_start_step = step
-    set_train_mode(wrapped, args.freeze_bn)
-    loop_start = time.perf_counter()
+    run = setup(args)
+    distributed.announce(run.device, run.dp_gpus)
+    log.info(describe(run))
+    monitor, clock, results = Monitor(run.device), Clock(), {}
+    monitor.install_signal_handlers()
+    progress = Progress(run.total, run.step, enabled=run.main, every=args.log_every)
+    writer = ScalarWriter(run.output / "tb") if args.tb and run.main else None
+    first_step = run.step
+    set_train_mode(run.stepper.wrapped, args.freeze_bn)
     try:
-        while step < stop_at:
-            epoch = step // steps_per_epoch
-            sampler.set_epoch(epoch, (step - epoch * steps_per_epoch) * loader_batch)
-            for batch in train_loader:
-                for path, reason in (item for skipped in batch.get("skipped", []) for item in skipped):
-                    bad += 1
-                    if warned < 10:
-                        warned += 1
-                        log.warning("skipped image %s (%s)%s", path, reason, "; further ones are counted" if warned == 10 else "")
-                seen += batch["image"].shape[0] + sum(len(s) for s in batch.get("skipped", []))
-                images = batch["image"].to(device, non_blocking=True)
-                tokens = batch["tokens"].to(device, non_blocking=True)
-                extra = ()
-                if args.loss_region and "box_phrases" in batch:
-                    extra = tuple(batch[k].to(device, non_blocking=True) for k in ("boxes", "box_mask", "box_phrases"))
-                with autocast():
-                    out = wrapped(images, tokens, *extra)
-                loss = clip_loss(out[0].float(), out[1].float(), out[2].float())
-                if extra:
-                    loss = loss + args.loss_region * region_loss(out[3], out[4], extra[2], extra[1], out[2].float())
-                if not torch.isfinite(loss):
-                    raise TrainingFailed(f"loss is {loss.item()} at step {step + 1}: lower --lr "
-                                     f"({lr:g}), add --grad-clip, or use --amp bf16 instead of fp16")
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                else:
-                    loss.backward()
-                if args.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                recent.append(loss.detach())
-                logging_step = step % progress.every == 0 or step == stop_at
-                progress.update(step, global_batch, loss=recent[-1].item() if logging_step or progress.bar else 0.0)
-                if logging_step:
-                    bad_all, seen_all = distributed.all_sum([bad, seen], device)
-                    if bad_all > args.max_bad_images * seen_all and seen_all >= 100:
-                        raise TrainError(f"{bad_all:.0f} of {seen_all:.0f} images read so far are missing or unreadable, "
-                                         f"more than --max-bad-images {args.max_bad_images}: check --data {args.data}")
-                    if writer:
-                        writer.add_scalars({"train/loss": recent[-1].item(), "train/lr": scheduler.get_last_lr()[0],
-                                            "train/logit_scale": model.logit_scale.exp().item(),
-                                            "train/samples_per_second": progress.rate()}, step)
-                if args.eval_every and step % args.eval_every == 0 and step < total:
-                    t0 = time.perf_counter()
-                    results = evaluate(model, val_loader, device, global_batch, autocast)
-                    eval_seconds += time.perf_counter() - t0
-                    progress.write(f"eval at step {step}: image->text R@1 {results['image_to_text_R@1']:.3f}, "
-                                   f"text->image R@1 {results['text_to_image_R@1']:.3f}, val_loss {results['val_loss']:.4f}")
-                    if writer:
-                        writer.add_scalars({f"val/{k}": v for k, v in results.items()}, step)
-                if args.save_every and step % args.save_every == 0 and step < stop_at:
-                    checkpoint()
-                code = int(distributed.all_sum([stop_signal["code"]], device)[0]) if world > 1 else stop_signal["code"]
-                if code:
-                    checkpoint()
-                    progress.close()
-                    log.warning("stopped by signal %d at step %d of %d; checkpoint saved: resume with --resume auto",
-                                code - 128, step, total)
-                    raise Stopped(143 if code == 128 + signal.SIGTERM else code)
-                if step >= stop_at:
-                    break
-        train_seconds = time.perf_counter() - loop_start - eval_seconds
+        for batches in step_batches(run):
+            out = train_step(run.stepper, batches)
+            run.step += 1
+            monitor.add(run.step, out.loss, out.skipped, out.images_read)
+            checked = monitor.check() if is_check_step(run, progress) else None
+            if checked:
+                act_on(run, checked)
+            progress.update(run.step, run.global_batch, **({"loss": checked.loss} if checked else {}))
+            if checked and writer and progress.due(run.step):
+                writer.add_scalars(train_scalars(run, checked, progress), run.step)
+            if checked and checked.stop_signal:
+                stop(run, progress, checked.stop_signal)
+            if should_evaluate(run):
+                with clock.evaluating():
+                    results = evaluate_now(run, progress, writer)
+            if should_save(run):
+                save(run)
         progress.close()
-        if world > 1:
-            distributed.check_replicas(model, device)
-        completed = step >= total
-        checkpoint()
+        train_seconds = clock.elapsed() - clock.eval_seconds
+        if run.world > 1:
+            distributed.check_replicas(run.model, run.device)
+        completed = run.step >= run.total
+        save(run)
         if completed:
-            t0 = time.perf_counter()
-            results = evaluate(model, val_loader, device, global_batch, autocast)
-            eval_seconds += time.perf_counter() - t0
-            if main_rank:
-                save_model(model, output / "model.pt", config)
-        if main_rank:
-            metrics = {"key_metric": "image_to_text_R@1", **results,
-                       "train_loss": torch.stack(list(recent)).mean().item() if recent else None,
-                       "samples_per_second": global_batch * (step - run_start_step) / max(train_seconds, 1e-9),
-                       "steps": step, "total_steps": total, "epochs": step / steps_per_epoch,
-                       "wall_seconds": time.perf_counter() - started, "eval_seconds": eval_seconds,
-                       "world_size": world, "dp_gpus": dp_gpus, "global_batch": global_batch, "lr": lr,
-                       "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
-                       "bad_images": bad, "completed": completed, "device": str(device)}
-            output.mkdir(parents=True, exist_ok=True)
-            _write_json(output / "metrics.json", metrics)
+            with clock.evaluating():
+                results = evaluate(run.model, run.val_loader, run.device, run.global_batch, run.autocast)
+            if run.main:
+                save_model(run.model, run.output / "model.pt", run.config)
+        if run.main:
+            metrics = write_metrics(run, results, monitor, completed, first_step, train_seconds,
+                                    time.perf_counter() - started, clock.eval_seconds)
             if writer:
-                writer.add_scalars({f"val/{k}": v for k, v in results.items()}, step)
-            if completed:
-                log.info("done in %s: image->text R@1 %.3f, text->image R@1 %.3f, val_loss %.4f, %.0f samples/s; %s",
-                         format_eta(metrics["wall_seconds"]), results["image_to_text_R@1"],
-                         results["text_to_image_R@1"], results["val_loss"], metrics["samples_per_second"],
-                         output / "metrics.json")
-            else:
-                log.info("stopped after step %d of %d (--stop-after %d); continue with --resume auto",
-                         step, total, args.stop_after)
+                writer.add_scalars({f"val/{k}": v for k, v in results.items()}, run.step)
+            say_done(run, metrics, completed)
         return 0
     finally:
         if writer:
             writer.close()
 
 
+# ---- what the loop calls -------------------------------------------------------------------------------------------
+
+def step_batches(run: Run) -> Iterator[list[dict]]:
+    """The micro-batches of each remaining step, --accum-steps at a time; each epoch's sampler starts
+    where the resumed step left it (the sampler offset counts samples per process)."""
+    k = run.args.accum_steps
+    while run.step < run.stop_at:
+        epoch = run.step // run.steps_per_epoch
+        run.sampler.set_epoch(epoch, (run.step - epoch * run.steps_per_epoch) * run.samples_per_step)
+        group: list[dict] = []
+        for batch in run.train_loader:
+            group.append(batch)
+            if len(group) < k:
+                continue
+            yield group
+            group = []
+            if run.step >= run.stop_at or run.step % run.steps_per_epoch == 0:
+                break
+
+
+def is_check_step(run: Run, progress: Progress) -> bool:
+    """Steps that read the device (monitor.check): every --check-every, every progress line, before a
+    save or an evaluation, and the last."""
+    s, a = run.step, run.args
+    return (s % a.check_every == 0 or progress.due(s) or s >= run.stop_at or should_evaluate(run)
+            or bool(a.save_every and s % a.save_every == 0))
+
+
+def act_on(run: Run, checked: Checked) -> None:
+    """Fail on a non-finite loss or too many bad images; every rank decides the same at the same step."""
+    if checked.nonfinite_step:
+        raise TrainingFailed(f"loss is {checked.nonfinite_value} at step {checked.nonfinite_step}: lower --lr "
+                             f"({run.lr:g}), add --grad-clip, or use --amp bf16 instead of fp16")
+    bad, read = checked.bad_images, checked.images_read
+    epoch_images = getattr(run.train_loader.dataset, "__len__", lambda: None)()  # a stream has no length
+    if too_many_bad(bad, read, run.args.max_bad_images, epoch_images):
+        raise TrainError(f"{bad} of {read} images read so far are missing or unreadable, "
+                         f"more than --max-bad-images {run.args.max_bad_images}: check --data {run.args.data}")
+
+
+def train_scalars(run: Run, checked: Checked, progress: Progress) -> dict[str, float]:
+    return {"train/loss": checked.loss, "train/lr": run.stepper.scheduler.get_last_lr()[0],
+            "train/logit_scale": run.model.logit_scale.exp().item(), "train/samples_per_second": progress.rate()}
+
+
+def should_evaluate(run: Run) -> bool:
+    every = run.args.eval_every
+    return bool(every and run.step % every == 0 and run.step < run.total)
+
+
+def should_save(run: Run) -> bool:
+    every = run.args.save_every
+    return bool(every and run.step % every == 0 and run.step < run.stop_at)
+
+
+def evaluate_now(run: Run, progress: Progress, writer: ScalarWriter | None) -> dict[str, float]:
+    results = evaluate(run.model, run.val_loader, run.device, run.global_batch, run.autocast)
+    progress.write(f"eval at step {run.step}: image->text R@1 {results['image_to_text_R@1']:.3f}, "
+                   f"text->image R@1 {results['text_to_image_R@1']:.3f}, val_loss {results['val_loss']:.4f}")
+    if writer:
+        writer.add_scalars({f"val/{k}": v for k, v in results.items()}, run.step)
+    return results
+
+
+def save(run: Run) -> None:
+    """Every rank's random state goes to rank 0, which writes; every rank waits for the file, so none
+    runs ahead or exits before it exists."""
+    rng = distributed.all_gather_state(rng_state(run.cuda_devices))
+    if run.main:
+        s = run.stepper
+        save_checkpoint(run.output / f"checkpoint_{run.step}.pt", run.model, step=run.step,
+                        epoch=run.step // run.steps_per_epoch, optimizer=s.optimizer, scheduler=s.scheduler,
+                        scaler=s.scaler if s.scaler.is_enabled() else None, config=run.config, rng=rng)
+        prune_checkpoints(run.output, run.args.keep_checkpoints)
+    if run.world > 1:
+        dist.barrier()
+
+
+def stop(run: Run, progress: Progress, signum: int) -> None:
+    save(run)
+    progress.close()
+    log.warning("stopped by signal %d at step %d of %d; checkpoint saved: resume with --resume auto",
+                signum, run.step, run.total)
+    raise Stopped(128 + signum)
+
+
+def write_metrics(run: Run, results: dict, monitor: Monitor, completed: bool, first_step: int, train_seconds: float,
+                  wall_seconds: float, eval_seconds: float) -> dict:
+    """<output-dir>/metrics.json: the results and how the run went (run_train_clip.sh reads key_metric)."""
+    a = run.args
+    metrics = {"key_metric": "image_to_text_R@1", **results, "train_loss": monitor.train_loss(),
+               "samples_per_second": run.global_batch * (run.step - first_step) / max(train_seconds, 1e-9),
+               "steps": run.step, "total_steps": run.total, "epochs": run.step / run.steps_per_epoch,
+               "wall_seconds": wall_seconds, "eval_seconds": eval_seconds, "world_size": run.world,
+               "dp_gpus": run.dp_gpus, "global_batch": run.global_batch, "batch_size": a.batch_size,
+               "accum_steps": a.accum_steps, "lr": run.lr, "image_encoder": a.image_encoder,
+               "text_encoder": a.text_encoder, "bad_images": monitor.bad, "completed": completed,
+               "device": str(run.device)}
+    write_json(run.output / "metrics.json", metrics)
+    return metrics
+
+
+def say_done(run: Run, metrics: dict, completed: bool) -> None:
+    if completed:
+        log.info("done in %s: image->text R@1 %.3f, text->image R@1 %.3f, val_loss %.4f, %.0f samples/s; %s",
+                 format_eta(metrics["wall_seconds"]), metrics["image_to_text_R@1"], metrics["text_to_image_R@1"],
+                 metrics["val_loss"], metrics["samples_per_second"], run.output / "metrics.json")
+    else:
+        log.info("stopped after step %d of %d (--stop-after %d); continue with --resume auto",
+                 run.step, run.total, run.args.stop_after)
+
+
+class Clock:
+    """Wall time since the loop began, and how much of it went to evaluation."""
+
+    def __init__(self):
+        self.t0, self.eval_seconds = time.perf_counter(), 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_seconds += time.perf_counter() - start
+
+
+# ---- the command -----------------------------------------------------------------------------------------------------
+
 class _Formatter(logging.Formatter):
-    """Information as plain lines (the seed's "Using 2 GPUs for training"); warnings and errors tagged."""
+    """Information as plain lines ("Using 2 GPUs for training"); warnings and errors tagged."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
         return text if record.levelno <= logging.INFO else f"[{record.levelname}] {text}"
 
 
+class _OncePerJob(logging.Filter):
+    """On ranks other than 0: errors, and the warnings only that rank can give (a skipped image); the
+    rest (information, and warnings every rank would repeat) comes from rank 0 alone."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.rank == 0 or record.levelno >= logging.ERROR:
+            return True
+        if getattr(record, "per_rank", False):
+            record.msg = f"rank {self.rank}: {record.msg}"
+            return True
+        return False
+
+
+def _early_rank(args) -> int:
+    """The rank before the process group exists (launchers set RANK; --rank by hand)."""
+    return int(os.environ.get("RANK", args.rank if args.rank is not None else 0))
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = _early_rank(args)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_Formatter())
+    handler.addFilter(_OncePerJob(rank))
     logging.basicConfig(handlers=[handler], force=True)
     logging.getLogger("mgpu").setLevel(logging.INFO)
-    args = parse_args(argv)
+    if rank:
+        warnings.simplefilter("ignore")  # Python warnings are the same on every rank: rank 0 shows them
     try:
         code = train(args)
         if distributed.is_on():
@@ -311,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             # a gloo group torn down under a peer that still works can abort that rank at exit (SIGABRT).
             dist.barrier()
         return code
-    except Stopped as stop:
-        return stop.code
+    except Stopped as stop_:
+        return 143 if stop_.code == 128 + signal.SIGTERM else stop_.code
     except (TrainError, distributed.SetupError, CheckpointError, DataError) as exc:
         print(f"mgpu.train_clip: error: {exc}", file=sys.stderr)
         return 2

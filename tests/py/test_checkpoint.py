@@ -11,7 +11,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mgpu.checkpoint import (CheckpointError, clean_state_dict, latest_checkpoint, load_model, prune_checkpoints,
-                             read_checkpoint, resume_source, save_checkpoint, save_model, set_rng_state, unwrap)
+                             rank_rng_state, read_checkpoint, resume_source, rng_state, save_checkpoint, save_model,
+                             set_rng_state, unwrap)
 
 
 class Sneaky:
@@ -147,3 +148,46 @@ def test_resume_source_names_the_file_or_finds_the_newest(tmp_path, caplog):
     assert resume_source(str(tmp_path / "checkpoint_4.pt"), "elsewhere") == tmp_path / "checkpoint_4.pt"
     with pytest.raises(CheckpointError, match=r"--resume .*/gone.pt: no such checkpoint file"):
         resume_source(str(tmp_path / "gone.pt"), tmp_path)
+
+
+@pytest.fixture
+def fake_cuda_generators(monkeypatch):
+    """Three GPUs' generators as one-byte states (10, 11, 12); set_rng_state records (state, device)."""
+    states = {i: torch.tensor([10 + i], dtype=torch.uint8) for i in range(3)}
+    restored = []
+
+    def get(device=0):
+        return states[device].clone()
+
+    def put(state, device=0):
+        if device >= 1:  # as torch on a machine with one visible GPU: any other index is an error
+            raise IndexError(f"no CUDA device {device}")
+        restored.append((int(state[0]), device))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", put)
+    return restored
+
+
+def test_each_process_saves_the_generators_of_its_own_gpus_and_restores_what_fits(fake_cuda_generators):
+    assert "cuda" not in rng_state()  # a CPU process has none
+    dp = rng_state([0, 1, 2])  # DataParallel over 3 GPUs: all three are this process's
+    assert [int(t[0]) for t in dp["cuda"]] == [10, 11, 12]
+    set_rng_state(dp, [0])  # resumed where one GPU is visible (a sweep's job): no IndexError
+    assert fake_cuda_generators == [(10, 0)]
+    rank2 = rng_state([2])  # DDP rank 2 on cuda:2 saves cuda:2's state ...
+    fake_cuda_generators.clear()
+    set_rng_state(rank2, [0])  # ... and restores it on whichever GPU rank 2 has now
+    assert fake_cuda_generators == [(12, 0)]
+
+
+def test_checkpoints_keep_one_random_state_per_rank(tmp_path, fake_cuda_generators, caplog):
+    per_rank = [rng_state([0]), rng_state([1])]
+    path = save_checkpoint(tmp_path / "checkpoint_1.pt", net(), step=1, epoch=0, rng=per_rank)
+    state = read_checkpoint(path)
+    assert len(state["rng_ranks"]) == 2 and torch.equal(state["rng"]["cuda"][0], per_rank[0]["cuda"][0])
+    assert int(rank_rng_state(state, 1)["cuda"][0][0]) == 11  # rank 1 continues with its own generator
+    with caplog.at_level("WARNING", logger="mgpu"):
+        assert int(rank_rng_state(state, 3)["cuda"][0][0]) == 10
+    assert "random state of 2 process(es); rank 3 continues from rank 0's" in caplog.text
+    old = {k: v for k, v in state.items() if k != "rng_ranks"}  # written before per-rank states existed
+    assert int(rank_rng_state(old, 1)["cuda"][0][0]) == 10

@@ -70,12 +70,13 @@ def test_model_scale_starts_at_1_over_0_07_and_is_clamped_at_100():
     model = CLIP(image_encoder("starnet_s050"), text_encoder("clip:tiny"), embed_dim=32).eval()
     tokens = torch.zeros(2, 77, dtype=torch.long)
     tokens[:, 0], tokens[:, 3] = 49406, 49407
-    img, txt, scale = model(torch.randn(2, 3, 64, 64), tokens)
+    img, txt, scale, regions, phrases = model(torch.randn(2, 3, 64, 64), tokens)
+    assert regions is None and phrases is None  # no boxes given
     assert img.shape == txt.shape == (2, 32)
     assert torch.allclose(img.norm(dim=-1), torch.ones(2)) and scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert model(torch.randn(2, 3, 64, 64), tokens)[2].item() == pytest.approx(math.exp(LOGIT_SCALE_MAX))
+    assert model(torch.randn(2, 3, 64, 64), tokens).scale.item() == pytest.approx(math.exp(LOGIT_SCALE_MAX))
 
 
 def test_retrieval_metrics_on_known_rankings():

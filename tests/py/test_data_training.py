@@ -40,7 +40,7 @@ def test_a_run_resumed_mid_epoch_on_tar_shards_reaches_the_weights_of_a_straight
     straight = trainer("-m", "mgpu.train_clip", *TINY, *data, "--output-dir", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stdout + straight.stderr
     # 39 training samples, 2 streams (1 process x 2 workers): 19 each, 4 batches of 4 each; 8 steps an epoch
-    assert "11 steps (8 a epoch of 32 samples)" in straight.stdout
+    assert "11 steps (8 per epoch of 32 samples)" in straight.stdout
     first = trainer("-m", "mgpu.train_clip", *TINY, *data, "--stop-after", "5", "--output-dir", str(tmp_path / "split"))
     assert first.returncode == 0, first.stdout + first.stderr
     second = trainer("-m", "mgpu.train_clip", *TINY, *data, "--resume", "auto", "--output-dir", str(tmp_path / "split"))
@@ -62,7 +62,7 @@ def test_two_gloo_ranks_on_uneven_shards_make_the_same_steps_and_finish(tmp_path
     assert run.returncode == 0, run.stdout + run.stderr
     assert "Using 2 CPU processes for training (DDP, one process each, backend gloo)" in run.stdout
     # 37 training samples, 2 streams (2 processes x 1 worker): 18 each, 4 batches of 4 on each rank
-    assert "8 steps (4 a epoch of 16 samples), global batch 8 (4 x 2 processes)" in run.stdout
+    assert "8 steps (4 per epoch of 16 samples), global batch 8 (4 x 2 processes)" in run.stdout
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["completed"] and metrics["world_size"] == 2 and metrics["val_samples"] == 9
 

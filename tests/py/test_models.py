@@ -81,13 +81,35 @@ def test_clip_text_refuses_text_longer_than_its_context():
         text_encoder("clip:tiny")(torch.ones(1, 78, dtype=torch.long))
 
 
-def test_bert_ignores_padding():
+@pytest.mark.parametrize("pooling", ["pooler", "mean", "cls"])
+def test_bert_ignores_padding(pooling):
+    from mgpu.models.text import BertSpec, BertTower
+
     torch.manual_seed(0)
-    bert = text_encoder("bert:tiny-chinese").eval()
+    bert = BertTower(BertSpec(hidden=32, layers=2, heads=2, intermediate=64, pooling=pooling)).eval()
     ids = torch.tensor([[101, 2769, 4263, 102, 0, 0], [101, 1920, 102, 0, 0, 0]])
     out = bert(ids)
-    assert out.shape == (2, 128) and out.abs().max() <= 1  # tanh pooler
+    assert out.shape == (2, 32)
+    assert (out.abs().max() <= 1) == (pooling == "pooler")  # tanh pooler; the hidden states are unbounded
     assert torch.allclose(bert(ids[:, :4])[0], out[0], atol=1e-5)  # fewer pads, same feature
+    assert hasattr(bert, "pooler") == (pooling == "pooler")
+
+
+def test_bert_tiny_chinese_is_made_to_train_from_scratch():
+    """Mean pooling over the real tokens, PyTorch's initialisation, no dropout (docs/training.md)."""
+    from mgpu.models.text import BertSpec
+
+    torch.manual_seed(0)
+    bert = text_encoder("bert:tiny-chinese")
+    assert (bert.spec.pooling, bert.spec.init, bert.spec.dropout) == ("mean", "torch", 0.0)
+    ids = torch.tensor([[101, 2769, 4263, 102, 0, 0]])
+    hidden = bert.embeddings(ids)
+    for layer in bert.encoder.layer:
+        hidden = layer(hidden, (ids != 0)[:, None, None, :])
+    assert torch.allclose(bert(ids)[0], hidden[0, :4].mean(0), atol=1e-6)
+    assert bert.embeddings.word_embeddings.weight.std() > 0.5  # N(0, 1), not BERT's std 0.02
+    with pytest.raises(ValueError, match="pooling 'max': allowed pooler, mean, cls"):
+        BertSpec(hidden=8, layers=1, heads=1, intermediate=8, pooling="max")
 
 
 def test_every_parameter_gets_a_gradient():

@@ -5,15 +5,23 @@ stride-2 conv + BN, then blocks. A block: 7x7 depthwise conv + BN; two 1x1 convs
 outputs are multiplied after ReLU6 on the first (the "star" operation); a 1x1 conv + BN back to dim; a
 7x7 depthwise conv; drop-path and the residual. Head: BN, global average pool, then (for ImageNet) a
 linear classifier.
+
+``set_grad_checkpointing()`` keeps only each block's input during the forward pass and recomputes the
+block in the backward pass (activation checkpointing): less memory for about one more forward. The
+recomputation leaves BatchNorm running statistics alone, so they match a run without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..bn import running_stats_kept
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,12 @@ class StarNet(nn.Module):
         self.norm = nn.BatchNorm2d(channels)
         self.out_dim = channels
         self.head = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
+        self.grad_checkpointing = False
         self.apply(self._init)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's blocks in the backward pass instead of keeping their activations."""
+        self.grad_checkpointing = enable
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -109,7 +122,15 @@ class StarNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_map(self, images: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.stem(images)))
+        x = self.stem(images)
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.norm(self.stages(x))
+        for stage in self.stages:
+            for block in stage:
+                # the recomputation replays the RNG (drop-path masks) and keeps BatchNorm statistics as they are
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda block=block: (contextlib.nullcontext(), running_stats_kept(block)))
+        return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_map(images).mean(dim=(2, 3)))

@@ -124,6 +124,20 @@ class BertSpec:
     max_positions: int = 512
     type_vocab: int = 2
     dropout: float = 0.1
+    # "pooler": Hugging Face's BertModel pooler_output (dense + tanh over [CLS]), right for pretrained
+    # weights; "mean": the mean of the hidden states of the non-padding tokens (open_clip's mean pooler),
+    # which learns far faster from scratch (docs/training.md); "cls": the [CLS] hidden state (Chinese-CLIP).
+    pooling: str = "pooler"
+    init: str = "bert"  # "bert": normal, std 0.02 (Hugging Face); "torch": PyTorch's own (better from scratch)
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"BertSpec pooling {self.pooling!r}: allowed {', '.join(POOLINGS)}")
+        if self.init not in ("bert", "torch"):
+            raise ValueError(f"BertSpec init {self.init!r}: allowed bert, torch")
+
+
+POOLINGS = ("pooler", "mean", "cls")
 
 
 class BertEmbeddings(nn.Module):
@@ -194,8 +208,8 @@ class BertLayer(nn.Module):
 
 
 class BertTower(nn.Module):
-    """BERT: token ids (B, n), padding id 0 -> the pooled [CLS] feature (B, hidden), as BertModel's
-    pooler_output (dense + tanh over the first token)."""
+    """BERT: token ids (B, n), padding id 0 -> one feature (B, hidden): by default BertModel's pooler_output
+    (dense + tanh over the first token); with spec.pooling "mean" or "cls", no pooler (see BertSpec)."""
 
     def __init__(self, spec: BertSpec):
         super().__init__()
@@ -204,10 +218,12 @@ class BertTower(nn.Module):
         self.embeddings = BertEmbeddings(spec)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(BertLayer(spec) for _ in range(spec.layers))
-        self.pooler = nn.Module()
-        self.pooler.dense = nn.Linear(spec.hidden, spec.hidden)
+        if spec.pooling == "pooler":
+            self.pooler = nn.Module()
+            self.pooler.dense = nn.Linear(spec.hidden, spec.hidden)
         self.grad_checkpointing = False
-        self.apply(self._init)
+        if spec.init == "bert":
+            self.apply(self._init)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each layer in the backward pass while training (less memory, same gradients)."""
@@ -227,4 +243,9 @@ class BertTower(nn.Module):
         x = self.embeddings(ids)
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         x = _run_blocks(self.encoder.layer, x, pad_mask, recompute)
+        if self.spec.pooling == "mean":
+            keep = (ids != 0).unsqueeze(-1).to(x.dtype)
+            return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+        if self.spec.pooling == "cls":
+            return x[:, 0]
         return torch.tanh(self.pooler.dense(x[:, 0]))
