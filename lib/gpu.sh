@@ -225,12 +225,12 @@ gpu::_extras() {
 gpu::_smi_procs() {
   local smi=${NVIDIA_SMI:-nvidia-smi} out uuid pid used index uid
   local -A by_uuid=()
-  while IFS=, read -r index uid _; do by_uuid[$uid]=$index; done <<<"$GPU_LINES"
+  while IFS=, read -r index uid _; do [[ -z $uid ]] || by_uuid[$uid]=$index; done <<<"$GPU_LINES"
   out=$(timeout -k 2 "${MGPU_SMI_TIMEOUT:-10}" "$smi" --query-compute-apps=gpu_uuid,pid,used_memory \
     --format=csv,noheader,nounits 2>/dev/null) || return 0
   while IFS=, read -r uuid pid used; do
     uuid=${uuid//[[:space:]]/} pid=${pid//[[:space:]]/} used=${used//[[:space:]]/}
-    [[ -n ${by_uuid[$uuid]:-} && $pid =~ ^[0-9]+$ ]] || continue
+    [[ -n $uuid && -n ${by_uuid[$uuid]:-} && $pid =~ ^[0-9]+$ ]] || continue # no process: one empty line
     [[ $used =~ ^[0-9]+$ ]] || used=NA
     GPU_PROCS+=${by_uuid[$uuid]},$pid,$used$'\n'
   done <<<"$out"

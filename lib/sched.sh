@@ -185,6 +185,7 @@ sched::_settle() {
 # SCHED_EXIT set: 0 every job succeeded (or was done earlier), 1 some did not, 130/143 interrupted.
 sched::run() {
   SCHED_RUNNING=1
+  GPU_WANT_PROCS=1 # nvidia-smi's per-process list too: each job's memory (its peak, reservations)
   sched::hash_jobs
   ledger::events_begin
   trap 'SCHED_STOP=${SCHED_STOP:-INT}' INT

@@ -113,6 +113,16 @@ JSON
   assert [ "$(jq -r '.configs[].peak_mem_mib' "$WORK"/la/summary_*.json | sort -n | head -1)" -ge 18750 ]
 }
 
+@test "through nvidia-smi (no scenario for the launcher): each job's peak memory from the per-process list" {
+  # the launcher reads the driver as on a real server (the fake nvidia-smi answers from the scenario the
+  # fake trainers write their memory to); a real H200 showed the summary's peak_mem_mib null before this
+  export FAKE_TRAIN_SCENARIO=$MGPU_FAKE_GPUS MGPU_FAKE_SMI_SCENARIO=$MGPU_FAKE_GPUS NVIDIA_SMI=$ROOT/tests/fakes/nvidia-smi
+  MGPU_FAKE_GPUS="" FAKE_TRAIN_SLEEP=0.8 FAKE_TRAIN_MEM_MIB=20000 sweep --gpus 0,1 --image-encoders a,b --text-encoders t
+  assert_success
+  [[ $stderr == *"summary: 2 succeeded"* ]] # the launcher lived on when the list was empty again
+  assert_equal "$(summary '[.configs[].peak_mem_mib] | map(. != null and . >= 15000 and . <= 20000) | all')" true
+}
+
 @test "--need-mem auto learns each config's peak from earlier summaries; a config never measured runs alone" {
   FAKE_TRAIN_SLEEP=0.8 FAKE_TRAIN_MEM_MIB=20000 sweep --gpus 0 --need-mem auto --image-encoders a,b --text-encoders t
   assert_success
