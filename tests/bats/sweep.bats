@@ -250,7 +250,7 @@ JSON
 
 @test "each job has its own process group, led by its recording process, with Ctrl-C (SIGINT) not ignored" {
   local line='read -r -a f </proc/$$/stat; read -r -a l </proc/$PPID/stat; m=$(awk "/^SigIgn/ { print \$2 }" /proc/$$/status); echo "parent=$PPID group=${f[4]} parent_group=${l[4]} launcher_group=${l[3]} int_ignored=$(( (0x$m >> 1) & 1 ))"'
-  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 - <<<"$line"$'\n'"$line"
+  run --separate-stderr sigint_default bash "$ROOT/gpu_queue.sh" --gpus 0,1 - <<<"$line"$'\n'"$line"
   assert_success
   local log
   for log in logs/gpu_queue/job*.log; do

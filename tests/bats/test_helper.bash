@@ -75,3 +75,10 @@ children_of() {
   done
   return 0
 }
+
+# sigint_default CMD... — run CMD with SIGINT at its default disposition. A suite started in the background
+# (`make test &`, nohup, a CI runner) inherits SIGINT ignored, and a shell cannot un-ignore a signal it
+# started with; this puts the disposition a terminal gives back before CMD starts.
+sigint_default() {
+  "$PYTHON" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+}
