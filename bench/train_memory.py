@@ -111,6 +111,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--amp", choices=("off", "bf16"), default="off")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (bench/gpu_check.sh reads them)")
     p.add_argument("--only", choices=tuple(CONFIGS), help=argparse.SUPPRESS)  # the child's configuration
     args = p.parse_args()
     if args.only:
@@ -132,6 +133,9 @@ def main() -> int:
               f"{r['cpu_seconds_per_step']:6.2f} CPU s a step ({r['cpu_seconds_per_step'] / plain['cpu_seconds_per_step']:.2f}x), "
               f"peak +{r['peak_bytes'] / 2**20:7.1f} MiB, activations kept {r['activation_bytes'] / 2**20:7.1f} MiB "
               f"({r['activation_bytes'] / plain['activation_bytes']:.2f}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "batch_size": args.batch_size, "amp": args.amp,
+                                               "configurations": rows}, indent=2) + "\n")
     return 0
 
 

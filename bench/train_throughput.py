@@ -6,9 +6,12 @@ no loss.item()), and peak memory. Prints its figures; asserts nothing.
     python bench/train_throughput.py --image-encoder starnet_s1 --text-encoder clip:ViT-B/32 \\
         --image-size 224 --batch-size 128 --amp bf16 --steps 100      # the GPU figure of issue #4
 
-Efficiency = trainer samples/s / bare samples/s; the target is at least 0.9. The trainer runs twice: with
-every synthetic sample drawn once (one epoch: on a small CPU, drawing competes with the model for the
-cores), and with a 5-batch set that stays in memory after its first pass (the trainer's own overhead).
+Efficiency = trainer samples/s / bare samples/s; the target is at least 0.9. The trainer is measured twice:
+with every synthetic sample drawn once by --workers loader processes (one epoch: the data pipeline
+included; on a small CPU drawing competes with the model for the cores, and on a fast GPU drawing 224 px
+images can be the limit), and with a 5-batch set the main process keeps after its first pass, in the
+steady state (a run of --steps minus a run of a quarter of them: start-up and warm-up cancel): the
+trainer's own overhead against the bare loop.
 """
 
 from __future__ import annotations
@@ -74,23 +77,43 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--amp", choices=("off", "bf16"), default="off")
+    p.add_argument("--device", help="default: cuda when there is one, else cpu")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--tokens", type=int, default=16, help="bare loop: text length (the synthetic captions' ~12-20)")
+    p.add_argument("--memory-workers", type=int, default=0,
+                   help="loader processes of the data-in-memory run (each keeps its own copy of the 5 batches)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE (bench/gpu_check.sh reads them)")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rates = {}
-    # every sample drawn once (one epoch), and the synthetic set held in memory after its first pass
-    for label, train_size in (("one epoch", args.batch_size * args.steps), ("data in memory", args.batch_size * 5)):
+    if args.steps < 2:
+        p.error(f"--steps {args.steps}: at least 2 (the steady state is a run of --steps minus a shorter one)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def trainer_seconds(steps: int, train_size: int, workers: int) -> float:
+        """The trainer's training seconds (evaluation and set-up excluded) for `steps` steps."""
         with tempfile.TemporaryDirectory() as out:
             argv = ["--image-encoder", args.image_encoder, "--text-encoder", args.text_encoder,
                     "--image-size", str(args.image_size), "--embed-dim", str(args.embed_dim),
-                    "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--amp", args.amp,
-                    "--workers", str(args.workers), "--train-size", str(train_size),
-                    "--val-size", str(args.batch_size), "--warmup", "10", "--no-tb", "--output-dir", out]
+                    "--batch-size", str(args.batch_size), "--max-steps", str(steps), "--amp", args.amp,
+                    "--workers", str(workers), "--train-size", str(train_size),
+                    "--val-size", str(args.batch_size), "--warmup", "10", "--no-tb", "--output-dir", out,
+                    *(["--device", args.device] if args.device else [])]
             if train_clip.main(argv) != 0:
-                return 1
-            rates[label] = json.loads((Path(out) / "metrics.json").read_text())["samples_per_second"]
+                raise SystemExit(1)
+            rate = json.loads((Path(out) / "metrics.json").read_text())["samples_per_second"]
+        return steps * args.batch_size / rate
+
+    rates = {}
+    # 1. every sample drawn once (one epoch), by --workers loader processes: the data pipeline included
+    rates["one epoch"] = args.steps * args.batch_size / trainer_seconds(args.steps, args.batch_size * args.steps,
+                                                                        args.workers)
+    # 2. the trainer's own overhead: a 5-batch set that the main process keeps after its first pass
+    #    (--workers 0: worker processes would each draw and keep their own copy), in the steady state:
+    #    a run of `steps` minus a run of steps/4, so start-up, the first draws and warm-up cancel out
+    short = max(args.steps // 4, 1)
+    seconds = trainer_seconds(args.steps, args.batch_size * 5, args.memory_workers) \
+        - trainer_seconds(short, args.batch_size * 5, args.memory_workers)
+    rates["data in memory"] = (args.steps - short) * args.batch_size / max(seconds, 1e-9)
     trainer_memory = peak_memory(device)
+    trainer_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bare = bare_loop(args, device)
@@ -100,6 +123,14 @@ def main() -> int:
         print(f"trainer, {label:15}: {rate:8.1f} samples/s, efficiency {rate / bare:.3f} (target >= 0.9)")
     print(f"bare loop               : {bare:8.1f} samples/s (one fixed batch, {args.tokens} tokens)")
     print(f"peak memory             : trainer {trainer_memory}; bare loop {peak_memory(device)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": str(device), "batch_size": args.batch_size, "amp": args.amp, "steps": args.steps,
+            "trainer_samples_per_second": rates, "bare_samples_per_second": bare,
+            "efficiency": {label: rate / bare for label, rate in rates.items()},
+            "trainer_peak_mib": trainer_peak / 2**20 if trainer_peak is not None else None,
+            "bare_peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        }, indent=2) + "\n")
     return 0
 
 

@@ -102,6 +102,7 @@ ADAPTED = {
 }
 # README command -> why it cannot run in this test.
 NOT_RUN = {
+    "bash bench/gpu_check.sh": "needs an NVIDIA GPU; tests/bats/gpu_check.bats runs it with --smoke (and --dry-run)",
     "make test": "the suite this test is part of (CI runs it: bash .ci/run)",
     "sbatch train_slurm.sbatch --epochs 10": "needs a Slurm cluster; tests/bats/slurm.bats submits it to the "
                                              "one-node Slurm of tests/slurm/cluster.sh",
