@@ -46,12 +46,15 @@ DEMO_TRAIN_ARGS ?=
 demo: deps-demo
 	@bash tools/demo.sh "$(PYTHON)" $(DEMO_TRAIN_ARGS)
 
-# All three suites run; the target fails if any of them failed.
+# All three suites run; the target fails if any of them failed. pytest runs beside bats (most bats tests
+# wait on processes, most pytest tests compute): its output follows bats'.
 test: deps-test
-	@status=0; \
+	@status=0; pylog=$$(mktemp); \
 	$(MAKE) --no-print-directory lint || status=1; \
+	$(MAKE) --no-print-directory test-py >"$$pylog" 2>&1 & py=$$!; \
 	$(MAKE) --no-print-directory test-bats || status=1; \
-	$(MAKE) --no-print-directory test-py || status=1; \
+	wait $$py || status=1; \
+	cat "$$pylog"; rm -f "$$pylog"; \
 	exit $$status
 
 lint:

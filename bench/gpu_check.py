@@ -45,7 +45,7 @@ def _differences(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str])
     if sorted(a) != sorted(b):
         return [f"GPU indices differ: {names[0]} {sorted(a)}, {names[1]} {sorted(b)}"]
     for i in sorted(a):
-        for key in ("uuid", "name", "memory_total_mib", "pids"):
+        for key in ("uuid", "name", "memory_total_mib"):
             if a[i][key] != b[i][key]:
                 out.append(f"GPU {i} {key}: {names[0]} {a[i][key]!r}, {names[1]} {b[i][key]!r}")
         used = (a[i]["memory_used_mib"], b[i]["memory_used_mib"])
@@ -111,9 +111,13 @@ def sources() -> dict:
         names = ("NVML", "nvidia-smi")
     a, b = _gpu_fields(first), _gpu_fields(second)
     problems = _differences(a, b, names)
+    # processes come and go between the two reads on a shared machine: a difference there is a note
+    moved = [f"GPU {i}: {names[0]} {a[i]['pids']}, {names[1]} {b[i]['pids']}" for i in sorted(a)
+             if i in b and a[i]["pids"] != b[i]["pids"]]
     figures = {"gpus": len(first.gpus), "names": sorted({g.name for g in first.gpus}),
                "memory_total_mib": [g.memory_total_mib for g in first.gpus], "driver": second.driver_version,
-               "cuda": second.cuda_version, "sources": list(names)}
+               "cuda": second.cuda_version, "sources": list(names),
+               "processes": {str(i): a[i]["pids"] for i in sorted(a)}, "processes_changed_between_reads": moved}
     if os.environ.get(FAKE) or not first.gpus:
         figures["cuda_mapping"] = "not checked: no CUDA device (smoke mode)"
     else:
@@ -129,6 +133,12 @@ def sources() -> dict:
 
 # ---- burn -------------------------------------------------------------------------------------------------------
 
+def _replace(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def burn(seconds: float, stop_file: str | None = None) -> dict:
     """Hold GPU 0 busy until stop_file exists, `seconds` at most. Prints "busy" on stderr once it is."""
     def stopped() -> bool:
@@ -141,13 +151,13 @@ def burn(seconds: float, stop_file: str | None = None) -> dict:
         original = path.read_text()
         data = json.loads(original)
         data["gpus"][0]["utilization_gpu"] = 100
-        path.write_text(json.dumps(data))
+        _replace(path, json.dumps(data))  # a reader never sees a half-written file
         print("busy", file=sys.stderr, flush=True)
         try:
             while time.monotonic() < done and not stopped():
                 time.sleep(0.05)
         finally:
-            path.write_text(original)
+            _replace(path, original)
         return record("ok", f"scenario GPU 0 at 100 % for {time.monotonic() - start:.1f} s")
     import torch
 
@@ -176,7 +186,11 @@ def embeddings(first: str, second: str, tolerance: float) -> dict:
         x, y = np.load(Path(first) / name), np.load(Path(second) / name)
         if x.shape != y.shape:
             return record("fail", f"{name}: shapes {x.shape} and {y.shape} differ")
-        both = ~(np.isnan(x).any(1) | np.isnan(y).any(1))
+        bad_x, bad_y = np.isnan(x).any(1), np.isnan(y).any(1)
+        if (bad_x != bad_y).any():
+            row = int(np.flatnonzero(bad_x != bad_y)[0])
+            return record("fail", f"{name}: row {row} is NaN in one run only ({first if bad_x[row] else second})")
+        both = ~bad_x
         worst[name.split("_")[0]] = float(np.abs(x[both] - y[both]).max()) if both.any() else 0.0
     diff = max(worst.values())
     return record("ok" if diff <= tolerance else "fail",

@@ -27,6 +27,7 @@ USAGE
 }
 
 SMOKE=0 KEEP=0 DRY=0 ONLY="" DEST=${OUT:-}
+LIMIT=${GPU_CHECK_LIMIT:-300} # seconds one command of a step may take
 while (($#)); do
   case $1 in
     --smoke) SMOKE=1 ;;
@@ -52,14 +53,14 @@ DEST=${DEST:-$ROOT/bench/results/gpu_check_$(date +%Y%m%d_%H%M%S)}
 
 # ---- the sizes of each mode ----------------------------------------------------------------------------------------
 if ((SMOKE)); then
-  TINY=(--train-size 64 --val-size 32 --max-steps 4 --warmup 1)
+  TINY=(--train-size 64 --val-size 32 --max-steps 4 --warmup 1 --device cpu) # CPU even where CUDA exists
   SWEEP_ARGS=(-- "${TINY[@]}")
   BURN_S=3
   MODEL=(--image-encoder starnet_s050 --text-encoder clip:tiny --image-size 32 --embed-dim 64)
   THROUGHPUT=("${MODEL[@]}" --batch-size 8 --steps 8 --amp off --device cpu)
   MEMORY=("${MODEL[@]}" --batch-size 8 --steps 1 --amp off --device cpu)
-  AMP=(--amp bf16 --device cpu) AMP_NAME="bf16 (smoke: fp16 needs CUDA)"
-  SHORT=("${MODEL[@]}" --batch-size 8 --train-size 32 --val-size 16 --max-steps 3 --warmup 1)
+  AMP=(--amp bf16) AMP_NAME="bf16 (smoke: fp16 needs CUDA)"
+  SHORT=("${MODEL[@]}" --batch-size 8 --train-size 32 --val-size 16 --max-steps 3 --warmup 1 --device cpu)
   INFER_TOL=0 DDP_BENCH=()
 else
   SWEEP_ARGS=()
@@ -77,14 +78,26 @@ fi
 # ---- helpers ------------------------------------------------------------------------------------------------------
 say() { printf '%s gpu_check: %s\n' "$(date +%T)" "$*" >&2; }
 
-run_cmd() { # run_cmd LOG CMD...: print the command, run it with its output in LOG (and on stderr when it fails)
+# run_cmd LOG CMD...: print the command, run it (LIMIT seconds at most) with its output in LOG, shown on
+# stderr when it fails
+run_cmd() {
   local log=$1 rc=0
   shift
   printf '  $ %s\n' "$*" >&2
   ((DRY)) && return 0
-  "$@" >"$log" 2>&1 || rc=$?
+  timeout -k 10 "$LIMIT" "$@" >"$log" 2>&1 || rc=$?
+  ((rc != 124)) || say "stopped after ${LIMIT}s (GPU_CHECK_LIMIT): $*"
   ((rc == 0)) || { say "exit $rc: $*"; tail -n 25 "$log" | sed 's/^/    | /' >&2; }
   return "$rc"
+}
+
+# kill_tree PID: TERM a process and every descendant (found through /proc: our own children only)
+kill_tree() {
+  local child
+  local kids
+  kids=$(cat /proc/"$1"/task/*/children 2>/dev/null) || true
+  for child in $kids; do kill_tree "$child"; done
+  kill -TERM "$1" 2>/dev/null || true
 }
 
 # wait_for_line TEXT FILE PID TENTHS: 0 once FILE holds TEXT; 1 when PID ended first or after TENTHS x 0.1 s
@@ -178,26 +191,26 @@ step_gpus() {
 step_sweep() {
   local rc=0 burner figures summary waited
   local sweep=(bash "$ROOT/run_train_clip.sh" --preset demo --gpus 0 --jobs-per-gpu 2 --max-util 70 --max-wait 120
-    --log-dir "$WORK/logs" --ckpt-dir "$WORK/ckpt" "${SWEEP_ARGS[@]}")
+    --grace 10 --log-dir "$WORK/logs" --ckpt-dir "$WORK/ckpt" "${SWEEP_ARGS[@]}")
   if ((DRY)); then
     printf '  $ %s\n' "$PY bench/gpu_check.py burn 60 STOP_FILE &  # GPU 0 busy until the sweep waits, then $BURN_S s" >&2
     run_cmd /dev/null "${sweep[@]}"
     return 0
   fi
   # GPU 0 busy until the sweep has said it waits for it, then BURN_S seconds more (60 s at most)
-  "$PY" "$ROOT/bench/gpu_check.py" burn 60 "$WORK/stop_burn" >"$DEST/burn.json" 2>"$DEST/burn.log" &
+  timeout -k 5 120 "$PY" "$ROOT/bench/gpu_check.py" burn 60 "$WORK/stop_burn" >"$DEST/burn.json" 2>"$DEST/burn.log" &
   burner=$!
   wait_for_line busy "$DEST/burn.log" "$burner" 600 || say "the burner never got GPU 0 busy: $(cat "$DEST/burn.log")"
   ((SMOKE)) || sleep 2 # nvidia-smi's utilization is the busy fraction of the last ~1 s
   printf '  $ %s\n' "${sweep[*]}" >&2
-  "${sweep[@]}" >"$DEST/sweep.log" 2>&1 &
+  timeout -k 30 "$LIMIT" "${sweep[@]}" >"$DEST/sweep.log" 2>&1 &
   local pid=$!
   wait_for_line " waits: GPU 0 is busy" "$DEST/sweep.log" "$pid" 1200 && sleep "$BURN_S"
   touch "$WORK/stop_burn"
   wait "$burner" || true
   wait "$pid" || rc=$?
   ((rc == 0)) || { say "exit $rc: ${sweep[*]}"; tail -n 25 "$DEST/sweep.log" | sed 's/^/    | /' >&2; }
-  summary=$(find "$WORK/logs" -name 'summary_*.json' | head -n 1)
+  summary=$(find "$WORK/logs" -name 'summary_*.json' 2>/dev/null | head -n 1) || true
   waited=$(grep -c " waits: GPU 0 is busy" "$DEST/sweep.log" || true)
   if [[ -z $summary ]]; then
     record sweep fail "exit $rc and no summary (see $DEST/sweep.log)"
@@ -210,6 +223,8 @@ step_sweep() {
     figures=$(jq -c --argjson rc "$rc" '{exit: $rc, summary: .}' "$summary")
   if ((rc != 0)); then
     record sweep fail "run_train_clip.sh exit $rc (see $DEST/sweep.log)" "$figures"
+  elif ((!SMOKE)) && [[ $(jq -r '[.jobs[].peak_mem_mib] | map(. != null) | all' <<<"$figures") != true ]]; then
+    record sweep fail "a job's peak GPU memory was not measured (peak_mem_mib null: nvidia-smi's process list)" "$figures"
   elif ((waited == 0)); then
     record sweep fail "the sweep never waited for the busy GPU 0 (burner: $(cat "$DEST/burn.log"))" "$figures"
   else
@@ -227,10 +242,10 @@ step_throughput() {
   for name in amp grad_checkpointing compile; do
     rm -rf "$out"
     # shellcheck disable=SC2086 # the flags of each variant, split at spaces
-    if run_cmd "$DEST/train_$name.log" timeout 240 "$PY" -m mgpu.train_clip "${SHORT[@]}" ${extra[$name]} --no-tb \
+    if run_cmd "$DEST/train_$name.log" "$PY" -m mgpu.train_clip "${SHORT[@]}" ${extra[$name]} --no-tb \
       --output-dir "$out"; then
       ((DRY)) && continue
-      seconds=$(jq -c '{samples_per_second, train_loss, wall_seconds, finite: (.train_loss | isinfinite or isnan | not)}' \
+      seconds=$(jq -c '{samples_per_second, train_loss, wall_seconds, finite: (.train_loss | type == "number" and (isinfinite or isnan | not))}' \
         "$out/metrics.json")
       results=$(jq -c --arg n "$name" --argjson v "$seconds" '. + {($n): $v}' <<<"$results")
     else
@@ -289,6 +304,7 @@ step_multi_gpu() {
   fi
   local one=(--batch-size 16 --train-size 256 --val-size 32 --max-steps 3 --warmup 1 --image-encoder starnet_s050
     --text-encoder clip:tiny --image-size 32 --embed-dim 64 --no-tb --lr-scale none --freeze-bn --seed 0)
+  ((!SMOKE)) || one+=(--device cpu)
   local half=("${one[@]}")
   half[1]=8
   run_cmd "$DEST/ddp.log" env CUDA_VISIBLE_DEVICES=0,1 NPROC_PER_NODE=2 bash "$ROOT/train_torchrun.sh" "${half[@]}" \
@@ -320,7 +336,14 @@ step_multi_gpu() {
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-cleanup() {
+STEP_PID=""
+cleanup() { # a step still running (Ctrl-C, TERM): it and everything it started get TERM, then the scratch goes
+  if [[ -n $STEP_PID ]] && kill -0 "$STEP_PID" 2>/dev/null; then
+    say "stopping the running step and what it started"
+    kill_tree "$STEP_PID"
+    local i
+    for ((i = 0; i < 150; i++)); do kill -0 "$STEP_PID" 2>/dev/null || break; sleep 0.1; done
+  fi
   if ((KEEP)); then say "scratch kept: $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -340,7 +363,19 @@ STEP_NO=0
 for step in "${STEPS[@]}"; do
   STEP_NO=$((STEP_NO + 1)) STEP_START=$EPOCHSECONDS
   say "== $step"
-  "step_$step"
+  # each step in a subshell of its own, waited for (so a signal is handled at once): a command that fails
+  # unexpectedly ends its step, which is recorded as failed, and the next steps still run
+  (
+    trap 'say "$step: line $LINENO: $BASH_COMMAND failed"' ERR
+    "step_$step"
+  ) &
+  STEP_PID=$!
+  rc=0
+  wait "$STEP_PID" || rc=$?
+  STEP_PID=""
+  if ((!DRY && rc != 0)) && ! compgen -G "$DEST/step_$(printf %02d "$STEP_NO")_*.json" >/dev/null; then
+    record "$step" fail "the step stopped (exit $rc) before it recorded a result: see the messages above"
+  fi
 done
 ((DRY)) && exit 0
 "$PY" "$ROOT/bench/gpu_check.py" report "$DEST"

@@ -143,15 +143,21 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
 
 
-def load_model(model: nn.Module, source: str | os.PathLike | dict, strict: bool = True) -> LoadReport:
+def load_model(model: nn.Module, source: str | os.PathLike | dict, strict: bool = True,
+               name: str | os.PathLike | None = None) -> LoadReport:
     """Load weights (a checkpoint path, a checkpoint dict, or a bare state dict) into a plain or wrapped
-    model. strict: missing or unexpected keys are an error that lists them."""
+    model. strict: missing or unexpected keys are an error that lists them (and names `name`, the file a
+    dict came from)."""
     state = read_checkpoint(source) if not isinstance(source, dict) else source
     weights = state["model"] if isinstance(state.get("model"), dict) else state
     result = unwrap(model).load_state_dict(clean_state_dict(weights), strict=False)
     report = LoadReport(list(result.missing_keys), list(result.unexpected_keys))
     if strict and (report.missing or report.unexpected):
-        where = source if not isinstance(source, dict) else "the state dict"
+        where = source if not isinstance(source, dict) else name or "the state dict"
+        if report.unexpected and not report.missing and all(".pooler." in k for k in report.unexpected):
+            raise CheckpointError(f"{where}: was trained with BERT's pooler ({report.unexpected[0]}), which this "
+                                  "text tower no longer has: bert:tiny-chinese pools by the mean over tokens "
+                                  "since 2026-11-29 (docs/training.md); train it again")
         raise CheckpointError(f"{where}: does not fit the model: missing {report.missing[:5]}"
                               f"{'...' if len(report.missing) > 5 else ''}, unexpected {report.unexpected[:5]}"
                               f"{'...' if len(report.unexpected) > 5 else ''}")

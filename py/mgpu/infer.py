@@ -128,7 +128,7 @@ def load(args) -> tuple[CLIP, DataConfig, dict]:
     saved, config = _config(state, args.checkpoint, args)
     model = CLIP(image_encoder(saved["image_encoder"]), text_encoder(saved["text_encoder"]), saved["embed_dim"])
     try:
-        load_model(model, state)
+        load_model(model, state, name=args.checkpoint)
     except CheckpointError as exc:
         raise InferError(str(exc)) from None
     return model, config, state

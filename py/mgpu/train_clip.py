@@ -152,8 +152,8 @@ def act_on(run: Run, checked: Checked) -> None:
         raise TrainingFailed(f"loss is {checked.nonfinite_value} at step {checked.nonfinite_step}: lower --lr "
                              f"({run.lr:g}), add --grad-clip, or use --amp bf16 instead of fp16")
     bad, read = checked.bad_images, checked.images_read
-    epoch_images = getattr(run.train_loader.dataset, "__len__", lambda: None)()  # a stream has no length
-    if too_many_bad(bad, read, run.args.max_bad_images, epoch_images):
+    # bad and read are sums over every rank: compare them with an epoch of every rank
+    if too_many_bad(bad, read, run.args.max_bad_images, run.steps_per_epoch * run.global_batch):
         raise TrainError(f"{bad} of {read} images read so far are missing or unreadable, "
                          f"more than --max-bad-images {run.args.max_bad_images}: check --data {run.args.data}")
 

@@ -171,7 +171,7 @@ def setup(args) -> Run:
     cuda_devices = list(range(dp_gpus)) if dp_gpus else [device.index] if device.type == "cuda" else []
     step = 0
     if state is not None:
-        load_model(model, state)
+        load_model(model, state, name=resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler.is_enabled() and state.get("scaler"):

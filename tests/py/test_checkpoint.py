@@ -191,3 +191,16 @@ def test_checkpoints_keep_one_random_state_per_rank(tmp_path, fake_cuda_generato
     assert "random state of 2 process(es); rank 3 continues from rank 0's" in caplog.text
     old = {k: v for k, v in state.items() if k != "rng_ranks"}  # written before per-rank states existed
     assert int(rank_rng_state(old, 1)["cuda"][0][0]) == 10
+
+
+def test_a_bert_tiny_checkpoint_from_before_mean_pooling_is_named_with_its_cause():
+    from mgpu.checkpoint import CheckpointError, load_model
+    from mgpu.clip import CLIP
+    from mgpu.models import image_encoder, text_encoder
+    from mgpu.models.text import BertSpec, BertTower
+
+    old = CLIP(image_encoder("starnet_s050"), BertTower(BertSpec(hidden=128, layers=2, heads=2, intermediate=512)), 16)
+    new = CLIP(image_encoder("starnet_s050"), text_encoder("bert:tiny-chinese"), 16)
+    with pytest.raises(CheckpointError, match=r"^run/model.pt: was trained with BERT's pooler \(text.pooler.dense"
+                                              r".*pools by the mean over tokens.*train it again$"):
+        load_model(new, {"model": old.state_dict()}, name="run/model.pt")
