@@ -240,6 +240,11 @@ step_throughput() {
   local -A extra=([amp]="${AMP[*]}" [grad_checkpointing]=--grad-checkpointing [compile]=--compile)
   local name results="{}" seconds
   for name in amp grad_checkpointing compile; do
+    if ((SMOKE)) && [[ $name == compile ]]; then # inductor builds C++ for 15-40 s on the CPU; tests/py check the wrapping
+      printf '  (smoke: --compile not run)\n' >&2
+      results=$(jq -c '. + {compile: "not run in smoke mode"}' <<<"$results")
+      continue
+    fi
     rm -rf "$out"
     # shellcheck disable=SC2086 # the flags of each variant, split at spaces
     if run_cmd "$DEST/train_$name.log" "$PY" -m mgpu.train_clip "${SHORT[@]}" ${extra[$name]} --no-tb \
@@ -263,10 +268,10 @@ step_throughput() {
     <<<"$figures")
   if ((rc != 0)); then
     record throughput fail "a run failed (see $DEST/throughput.log, memory.log, train_*.log); $detail" "$figures"
-  elif [[ $(jq -r '[.variants[] | .finite] | all' <<<"$figures") != true ]]; then
+  elif [[ $(jq -r '[.variants[] | objects | .finite] | all' <<<"$figures") != true ]]; then
     record throughput fail "a loss was not finite ($AMP_NAME, --grad-checkpointing, --compile); $detail" "$figures"
   else
-    record throughput ok "$detail; $AMP_NAME, --grad-checkpointing and --compile trained with finite losses" "$figures"
+    record throughput ok "$detail; $AMP_NAME, --grad-checkpointing$( ((SMOKE)) || echo " and --compile") trained with finite losses" "$figures"
   fi
 }
 

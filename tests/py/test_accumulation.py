@@ -57,6 +57,13 @@ def one_step(model: CLIP, batches: list[dict], optimizer: str = "sgd", region: f
     return {n: p.detach().clone() for n, p in model.named_parameters()}, grads, out
 
 
+# The gradients are the exact test (relative 1e-5). AdamW's first step moves each weight by about
+# lr x g / (|g| + eps): where a gradient element is near zero, rounding in its last bits (which differ
+# between one batch and four micro-batches summed) changes that step by a fraction of lr (1e-3). Usually
+# the weights agree to 1.4e-6; under a loaded CPU 2.2e-5 was seen. So: 10% of lr, as the trainer-level tests.
+ADAM_BOUND = 1e-4
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -87,7 +94,7 @@ def test_four_micro_batches_of_8_give_the_gradient_and_the_step_of_one_batch_of_
     assert accum.loss.item() == pytest.approx(whole.loss.item(), abs=1e-5)
     assert rel_diff(whole_g, accum_g) < 1e-5  # logit_scale included: its gradient is counted once, not 4 times
     assert whole_g["logit_scale"].abs() > 0.1
-    assert max_diff(without_key_bias(whole_w), without_key_bias(accum_w)) < 1e-5
+    assert max_diff(without_key_bias(whole_w), without_key_bias(accum_w)) < ADAM_BOUND
 
 
 def test_with_dropout_the_gradient_pass_replays_the_masks_of_the_feature_pass():
@@ -154,7 +161,7 @@ def test_accumulation_with_adamw_and_the_region_loss_matches_one_batch():
     accum_w, accum_g, accum = one_step(copy.deepcopy(model), split(batch, 4), "adamw", region=0.5)
     assert whole.region is not None and accum.region.item() == pytest.approx(whole.region.item(), abs=1e-5)
     assert rel_diff(whole_g, accum_g) < 1e-5
-    assert max_diff(without_key_bias(whole_w), without_key_bias(accum_w)) < 1e-5
+    assert max_diff(without_key_bias(whole_w), without_key_bias(accum_w)) < ADAM_BOUND
 
 
 def test_the_feature_pass_leaves_batchnorm_statistics_to_the_gradient_pass():

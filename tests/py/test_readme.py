@@ -252,8 +252,8 @@ def test_the_lists_name_readme_commands():
 
 
 def test_not_run_is_short():
-    """Skipping is the exception: only what needs a cluster, or is this very suite."""
-    assert set(NOT_RUN) == {"make test", "sbatch train_slurm.sbatch --epochs 10"}
+    """Skipping is the exception: only what needs a cluster or a GPU, or is this very suite."""
+    assert set(NOT_RUN) == {"make test", "sbatch train_slurm.sbatch --epochs 10", "bash bench/gpu_check.sh"}
 
 
 def test_the_chinese_readme_has_the_same_commands():

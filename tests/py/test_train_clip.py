@@ -167,21 +167,27 @@ def test_images_found_bad_only_while_decoding_stop_the_run_while_training(tmp_pa
     assert "images read so far are missing or unreadable, more than --max-bad-images 0.01" in res.stderr
 
 
-def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_143(tmp_path):
-    """As the launcher stops a job: TERM to its whole process group, DataLoader workers included."""
+def term_group_at_step(argv: list[str], step: int = 2) -> tuple[int, str]:
+    """Run python ARGV in a process group of its own, TERM the whole group once it prints "step STEP/"
+    (as the launcher and Slurm stop a job), and return its exit status and output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "py"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mgpu.train_clip", *TINY, "--max-steps", "100000",
-                             "--log-every", "1", "--workers", "2", "--output-dir", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("step 2/"):
+        if line.startswith(f"step {step}/"):
             os.killpg(proc.pid, signal.SIGTERM)
             break
     out = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143, out
+    return proc.returncode, out
+
+
+def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_143(tmp_path):
+    """As the launcher stops a job: TERM to its whole process group, DataLoader workers included."""
+    code, out = term_group_at_step(["-m", "mgpu.train_clip", *TINY, "--max-steps", "100000", "--log-every", "1",
+                                    "--workers", "2", "--output-dir", str(tmp_path / "o")])
+    assert code == 143, out
     assert "stopped by signal 15 at step" in out
     saved = list((tmp_path / "o").glob("checkpoint_*.pt"))
     assert len(saved) == 1 and read_checkpoint(saved[0])["step"] >= 2

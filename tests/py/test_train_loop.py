@@ -15,7 +15,7 @@ from mgpu import train_clip
 from mgpu.checkpoint import read_checkpoint, unwrap
 from mgpu.train_params import OUTPUT_ROOT, _Help, build_parser, parse_args
 
-from test_train_clip import ROOT, TINY, free_port, run, weights
+from test_train_clip import ROOT, TINY, free_port, run, term_group_at_step, weights
 
 
 def bench(name: str):
@@ -124,25 +124,10 @@ def test_two_ranks_warn_once_per_job_and_keep_a_random_state_each(tmp_path):
 def test_sigterm_to_every_rank_stops_both_at_one_step_with_one_checkpoint(tmp_path):
     """As Slurm or the launcher stops a DDP job: TERM to the whole process group. Every rank got it; the
     job stops once, at a check step, saying signal 15."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "py"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(free_port()), "-m", "mgpu.train_clip", *TINY, "--max-steps", "100000",
-                             "--log-every", "1", "--output-dir", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 2/"):
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-    out = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0, out
+    code, out = term_group_at_step(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                    str(free_port()), "-m", "mgpu.train_clip", *TINY, "--max-steps", "100000",
+                                    "--log-every", "1", "--output-dir", str(tmp_path / "o")])
+    assert code != 0, out
     assert out.count("stopped by signal 15 at step") == 1, out
     saved = list((tmp_path / "o").glob("checkpoint_*.pt"))
     assert len(saved) == 1 and read_checkpoint(saved[0])["step"] >= 2
