@@ -353,14 +353,6 @@ starnet_s3_clip_ViT-B_32 -> GPU 1: CUDA_VISIBLE_DEVICES=1 CUDA_DEVICE_ORDER=PCI_
   assert_equal "$(max_overlap)" 1
 }
 
-@test "a job killed by a signal is reported as such, and retried" {
-  printf 'kill -KILL $$\n' >"$WORK/jobs.txt"
-  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 --retries 1 "$WORK/jobs.txt"
-  assert_failure 1
-  assert_equal "$(jq -r '.configs[0] | "\(.status) \(.exit_code) \(.failure) \(.retries) \(.failed_attempts | join("; "))"' logs/gpu_queue/summary_*.json)" \
-    "failed 137 signal KILL 1 signal KILL on GPU 0; signal KILL on GPU 1"
-}
-
 @test "hyper-parameter grids: any key may hold a list; names come from the keys that vary; params in the summary" {
   cat >"$WORK/grid.json" <<'JSON'
 {"image_encoders": ["starnet_s1"], "text_encoders": ["clip:ViT-B/32"],

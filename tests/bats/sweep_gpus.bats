@@ -84,7 +84,9 @@ JSON
   assert_success
   # 81559 MiB, 1 used: two jobs of 30 GiB fit (61441 MiB with the one used), a third does not
   assert_equal "$(overlap)" 2
-  assert_equal "$(awk '$1 == 0 && $2 > $3' "$WORK/mem.txt" | wc -l)" 0
+  local overfull
+  overfull=$(awk '$1 == 0 && $2 > $3' "$WORK/mem.txt" | wc -l)
+  assert_equal "$overfull" 0
   assert_equal "$(summary '[.configs[].peak_mem_mib] | map(. >= 22500 and . <= 30000) | all')" true
   rm -rf logs "$FAKE_TRAIN_RECORD"
   FAKE_TRAIN_SLEEP=0.6 JOBS_PER_GPU=1 sweep --gpus 0 --need-mem 1G --image-encoders a,b --text-encoders t
@@ -109,7 +111,9 @@ JSON
   assert_equal "$rc1 $rc2" "0 0"
   # 25 GiB each on 81559 MiB: at most three at once, whichever launcher started them; usage never beyond total
   assert_equal "$(overlap)" 3
-  assert_equal "$(awk '$1 == 0 && $2 > $3' "$WORK/mem.txt" | wc -l)" 0
+  local overfull
+  overfull=$(awk '$1 == 0 && $2 > $3' "$WORK/mem.txt" | wc -l)
+  assert_equal "$overfull" 0
   assert [ "$(jq -r '.configs[].peak_mem_mib' "$WORK"/la/summary_*.json | sort -n | head -1)" -ge 18750 ]
 }
 

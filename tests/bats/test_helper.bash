@@ -61,7 +61,7 @@ wait_for() {
 count_lines() { grep -c -e "$1" "$2" 2>/dev/null || true; }
 
 # children_of PID PATTERN — the pids of PID's own children whose command line matches PATTERN (a bash
-# glob), one a line: this test's processes, never another checkout's (no machine-wide pgrep -f).
+# glob), one a line: this test's processes, never another checkout's (nothing searches the whole machine by command line).
 children_of() {
   local stat fields pid cmdline=()
   for stat in /proc/[0-9]*/stat; do

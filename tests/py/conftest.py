@@ -281,3 +281,11 @@ def run_check_gpus(*args: str, env: dict | None = None, python_path: list[str] |
         full_env["PYTHONPATH"] = os.pathsep.join(python_path)
     return subprocess.run([sys.executable, str(ROOT / "check_gpus.py"), *args], capture_output=True,
                           text=True, env=full_env, timeout=timeout, check=False)
+
+
+def use_fake_smi(monkeypatch, name: str, **env: str) -> None:
+    """tests/fakes/nvidia-smi as NVIDIA_SMI, answering from examples/scenarios/NAME.json; env: more settings."""
+    monkeypatch.setenv("NVIDIA_SMI", str(ROOT / "tests" / "fakes" / "nvidia-smi"))
+    monkeypatch.setenv("MGPU_FAKE_SMI_SCENARIO", str(ROOT / "examples" / "scenarios" / f"{name}.json"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)

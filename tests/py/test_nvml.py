@@ -6,10 +6,9 @@ import os
 import pynvml
 import pytest
 
-from conftest import ROOT, SCENARIOS, scenario_data
+from conftest import ROOT, SCENARIOS, scenario_data, use_fake_smi
 from mgpu import diagnose, gpus, records, scenario, visible
 
-FAKE_SMI = str(ROOT / "tests" / "fakes" / "nvidia-smi")
 TOPO = ROOT / "tests" / "fixtures" / "nvidia-smi-topo"
 
 
@@ -17,10 +16,7 @@ TOPO = ROOT / "tests" / "fixtures" / "nvidia-smi-topo"
 def fake_smi(monkeypatch):
     """The fake nvidia-smi as NVIDIA_SMI, answering from a scenario."""
     def use(name: str, **env: str) -> None:
-        monkeypatch.setenv("NVIDIA_SMI", FAKE_SMI)
-        monkeypatch.setenv("MGPU_FAKE_SMI_SCENARIO", str(SCENARIOS / f"{name}.json"))
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
+        use_fake_smi(monkeypatch, name, **env)
     return use
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SCENARIOS
+from conftest import ROOT, SCENARIOS, use_fake_smi
 from mgpu import gpus, records, scenario, smi_source, topology
 
 FAKE_SMI = str(ROOT / "tests" / "fakes" / "nvidia-smi")
@@ -22,10 +22,7 @@ def no_nvml(monkeypatch):
 @pytest.fixture
 def smi(monkeypatch, no_nvml):
     def use(name: str, **env: str) -> None:
-        monkeypatch.setenv("NVIDIA_SMI", FAKE_SMI)
-        monkeypatch.setenv("MGPU_FAKE_SMI_SCENARIO", str(SCENARIOS / f"{name}.json"))
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
+        use_fake_smi(monkeypatch, name, **env)
     return use
 
 
