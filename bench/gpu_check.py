@@ -1,6 +1,6 @@
 """The Python half of bench/gpu_check.sh: the checks that need Python, each a subcommand that prints one
 JSON object (the step's record: status ok | fail | skip, figures, detail) on stdout. Run by gpu_check.sh;
-by hand: python bench/gpu_check.py sources | burn SECONDS [STOP_FILE] | embeddings A B [TOL] | weights A B TOL | report DIR.
+by hand: python bench/gpu_check.py sources | burn SECONDS [STOP_FILE] | embeddings A B [TOL] | weights A B TOL [WHAT] | report DIR.
 
 - sources: the GPUs as NVML (nvidia-ml-py) and nvidia-smi report them, field by field; PyTorch's CUDA
   devices joined on UUID under CUDA_DEVICE_ORDER x CUDA_VISIBLE_DEVICES, against mgpu.visible's
@@ -199,7 +199,8 @@ def embeddings(first: str, second: str, tolerance: float) -> dict:
 
 # ---- weights ----------------------------------------------------------------------------------------------------
 
-def weights(first: str, second: str, tolerance: float) -> dict:
+def weights(first: str, second: str, tolerance: float, what: str = "DDP over 2 processes (batch 8 each) against "
+            "1 process (batch 16)") -> dict:
     """Two runs' model.pt (mgpu.checkpoint's save_model): the largest difference over every tensor."""
     from mgpu.checkpoint import read_checkpoint
 
@@ -214,8 +215,8 @@ def weights(first: str, second: str, tolerance: float) -> dict:
     diff = max(float((compared(k, a[k]).double() - compared(k, b[k]).double()).abs().max())
                for k in a if a[k].is_floating_point())
     return record("ok" if diff <= tolerance else "fail",
-                  f"DDP over 2 processes (batch 8 each) against 1 process (batch 16): largest weight difference "
-                  f"{diff:.2e} (tolerance {tolerance:g})", max_abs_diff=diff, tensors=len(a))
+                  f"{what}: largest weight difference {diff:.2e} (tolerance {tolerance:g})", max_abs_diff=diff,
+                  tensors=len(a))
 
 
 # ---- report -----------------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def main(argv: list[str]) -> int:
     elif command == "burn":
         result = burn(float(rest[0]), rest[1] if len(rest) > 1 else None)
     elif command == "weights":
-        result = weights(rest[0], rest[1], float(rest[2]))
+        result = weights(rest[0], rest[1], float(rest[2]), *rest[3:4])
     elif command == "embeddings":
         result = embeddings(rest[0], rest[1], float(rest[2]) if len(rest) > 2 else 1e-3)
     else:

@@ -9,7 +9,7 @@
 set -Eeuo pipefail
 
 ROOT=$(readlink -f "${BASH_SOURCE[0]}") ROOT=${ROOT%/bench/*}
-STEPS=(gpus sweep throughput infer multi_gpu)
+STEPS=(gpus sweep throughput infer resume multi_gpu)
 
 usage() {
   cat <<USAGE
@@ -62,6 +62,9 @@ if ((SMOKE)); then
   AMP=(--amp bf16) AMP_NAME="bf16 (smoke: fp16 needs CUDA)"
   SHORT=("${MODEL[@]}" --batch-size 8 --train-size 32 --val-size 16 --max-steps 3 --warmup 1 --device cpu)
   INFER_TOL=0 DDP_BENCH=()
+  RESUME=(--image-encoder starnet_s050 --text-encoder clip:tiny --image-size 32 --embed-dim 32 --batch-size 4
+    --train-size 16 --val-size 8 --max-steps 4 --warmup 1 --deterministic --no-tb --device cpu) RESUME_AT=2
+  RESUME_WHAT="--deterministic, on the CPU"
 else
   SWEEP_ARGS=()
   BURN_S=8
@@ -73,6 +76,9 @@ else
   # cuDNN convolutions run in TF32 by default on Ampere and newer (torch.backends.cudnn.allow_tf32): float32
   # embeddings agree with the CPU to about 1e-3, not bit for bit
   INFER_TOL=5e-3 DDP_BENCH=(2 30 256)
+  RESUME=(--image-encoder starnet_s4 --text-encoder clip:tiny --image-size 64 --embed-dim 64 --batch-size 32
+    --train-size 640 --val-size 64 --max-steps 20 --warmup 2 --deterministic --no-tb) RESUME_AT=10
+  RESUME_WHAT="StarNet-s4's DropPath draws from the GPU's generator; --deterministic"
 fi
 
 # ---- helpers ------------------------------------------------------------------------------------------------------

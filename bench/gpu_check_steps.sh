@@ -141,7 +141,24 @@ step_infer() {
   py_record infer "$json"
 }
 
-# ---- step 5: several GPUs ---------------------------------------------------------------------------------------
+# ---- step 5: stop and resume: the weights of a straight run (per-rank CUDA RNG, --deterministic) ---------------------
+step_resume() {
+  local rc=0 json
+  run_cmd "$DEST/resume_straight.log" "$PY" -m mgpu.train_clip "${RESUME[@]}" --output-dir "$WORK/straight" || rc=$?
+  run_cmd "$DEST/resume_first.log" "$PY" -m mgpu.train_clip "${RESUME[@]}" --stop-after "$RESUME_AT" \
+    --output-dir "$WORK/resumed" || rc=$?
+  run_cmd "$DEST/resume_second.log" "$PY" -m mgpu.train_clip "${RESUME[@]}" --resume auto --output-dir "$WORK/resumed" || rc=$?
+  ((DRY)) && return 0
+  if ((rc != 0)); then
+    record resume fail "a run failed (see $DEST/resume_straight.log, resume_first.log, resume_second.log)"
+    return 0
+  fi
+  json=$("$PY" "$ROOT/bench/gpu_check.py" weights "$WORK/resumed/model.pt" "$WORK/straight/model.pt" 0 \
+    "stopped after $RESUME_AT steps and resumed ($RESUME_WHAT) against a straight run")
+  py_record resume "$json"
+}
+
+# ---- step 6: several GPUs ---------------------------------------------------------------------------------------
 step_multi_gpu() {
   local n rc=0 json
   if ((DRY)); then n=2; else n=$(gpu_count); fi
@@ -160,7 +177,8 @@ step_multi_gpu() {
   if ((SMOKE)); then
     printf '  (smoke: --dp needs CUDA; not run)\n' >&2
   else
-    run_cmd "$DEST/dp.log" env CUDA_VISIBLE_DEVICES=0,1 "$PY" -m mgpu.train_clip "${one[@]}" --dp --output-dir "$WORK/dp" || rc=$?
+    run_cmd "$DEST/dp.log" env CUDA_VISIBLE_DEVICES=0,1 "$PY" -m mgpu.train_clip "${one[@]}" --dp --amp bf16 \
+      --output-dir "$WORK/dp" || rc=$? # the replicas' threads get bf16 too: autocast is entered inside forward
   fi
   if ((SMOKE)); then # tests/bats/ddp.bats runs train_torchrun.sh on gloo; the scaling figures need GPUs
     printf '  (smoke: bench/ddp.sh not run)\n' >&2

@@ -15,10 +15,11 @@ setup() { common_setup; }
   assert_line --regexp '^sweep +ok +[0-9.]+ +2 demo configs on GPU 0, 2 at a time, after waiting for the busy GPU$'
   assert_line --regexp '^throughput +ok '
   assert_line --regexp '^infer +ok +[0-9.]+ +largest difference 0.00e\+00 \(tolerance 0\)$'
+  assert_line --regexp '^resume +ok +[0-9.]+ +stopped after 2 steps and resumed .*: largest weight difference 0.00e\+00 \(tolerance 0\)$'
   assert_line --regexp '^multi_gpu +ok +[0-9.]+ +DDP over 2 processes'
-  assert_line --partial "5 steps: 5 held or skipped, 0 failed"
+  assert_line --partial "6 steps: 6 held or skipped, 0 failed"
   local json=$WORK/out/gpu_check.json
-  assert_equal "$(jq -r '[.steps[].step] | join(" ")' "$json")" "gpus sweep throughput infer multi_gpu"
+  assert_equal "$(jq -r '[.steps[].step] | join(" ")' "$json")" "gpus sweep throughput infer resume multi_gpu"
   assert_equal "$(jq -r '.mode, .ok' "$json" | paste -sd' ')" "smoke true"
   # the readers: the scenario and the fake nvidia-smi agree, and lib/gpu.sh read both GPUs
   assert_equal "$(jq -r '.steps[0].figures | "\(.gpus) \(.sources | join("+")) \(.gpu_sh | length)"' "$json")" \
@@ -36,7 +37,7 @@ setup() { common_setup; }
 @test "gpu_check.sh: --only picks steps; an unknown step or option is exit 2 naming it; --dry-run runs nothing" {
   run --separate-stderr bash "$ROOT/bench/gpu_check.sh" --only gpus,bogus
   assert_failure 2
-  assert_equal "$stderr" "gpu_check: --only: unknown step 'bogus'; known: gpus sweep throughput infer multi_gpu"
+  assert_equal "$stderr" "gpu_check: --only: unknown step 'bogus'; known: gpus sweep throughput infer resume multi_gpu"
   run --separate-stderr bash "$ROOT/bench/gpu_check.sh" --frobnicate
   assert_failure 2
   assert_equal "$stderr" "gpu_check: unknown option '--frobnicate' (see --help)"

@@ -99,7 +99,7 @@ JSON
 
 @test "two launchers packing one GPU by memory: reservations are shared, memory never overcommitted" {
   local i
-  for i in 1 2 3; do echo "FAKE_TRAIN_SLEEP=1.2 FAKE_TRAIN_MEM_MIB=25000 MGPU_CONFIG_NAME=a$i $ROOT/tests/fakes/fake-trainer"; done >"$WORK/a.txt"
+  for i in 1 2 3; do echo "FAKE_TRAIN_SLEEP=3 FAKE_TRAIN_MEM_MIB=25000 MGPU_CONFIG_NAME=a$i $ROOT/tests/fakes/fake-trainer"; done >"$WORK/a.txt"
   sed 's/MGPU_CONFIG_NAME=a/MGPU_CONFIG_NAME=b/' "$WORK/a.txt" >"$WORK/b.txt"
   export FAKE_MEM_RECORD=$WORK/mem.txt
   timeout 120 bash "$ROOT/gpu_queue.sh" --gpus 0 --need-mem 25G --log-dir "$WORK/la" "$WORK/a.txt" >/dev/null 2>"$WORK/a.err" &
