@@ -14,7 +14,7 @@
 set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
-TMP=$(mktemp -d /tmp/mgpu-bench.XXXXXX)
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-bench.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 DURATIONS=(2.1 0.7 3.0 1.2 0.5 2.6 1.8 0.9 2.9 1.1 0.6 2.2 1.5 0.8 2.7 1.3 0.5 1.9 2.4 1.0 0.7 2.8 1.6 1.4)
 export MGPU_FAKE_GPUS=$ROOT/examples/scenarios/4x-rtx4090-idle.json MGPU_LOCK_DIR=$TMP/locks

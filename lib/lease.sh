@@ -46,6 +46,46 @@ lease::open() {
   LEASE_FD=$LEASE_OPEN_FD
 }
 
+# Kept leases. The launcher keeps a slot's lease file open from one job to the next (LEASE_KEPT[slot], its
+# descriptor), so the lock a job took on that open file stays taken, and the next job on the slot, which
+# inherits it, starts without a `flock` process (LEASE_LOCKED[slot] set: a job held the lock and ended
+# leaving nothing of its process group behind). A slot left without a job is unlocked at once, for other
+# launchers. A job that left processes running hands them its lease: the file is closed here (they keep
+# the lock), and the next job locks a new open file and so finds them. Each job's process closes the
+# kept files of the slots it does not run on, so a job holds only its own slots' leases.
+declare -A LEASE_KEPT=() LEASE_LOCKED=()
+LEASE_SLOTS=()
+
+# lease::keep SLOT — LEASE_FD and LEASE_FILE of the slot ("dev:k"), the kept file or one opened now (then
+# kept); 2 as lease::open.
+lease::keep() {
+  LEASE_FILE=${MGPU_LOCK_DIR:-/tmp/mgpu-locks}/gpu${1%:*}.slot${1##*:}.lock
+  [[ -z ${LEASE_KEPT[$1]:-} ]] || { LEASE_FD=${LEASE_KEPT[$1]} && return 0; }
+  lease::open "${1%:*}" "${1##*:}" || return 2
+  LEASE_KEPT[$1]=$LEASE_FD
+}
+
+# lease::drop SLOT [unlock] — stop keeping the slot's lease file; with unlock, release its lock first, for
+# every holder of that open file (only when no process of a job of ours is left holding it).
+lease::drop() {
+  local fd=${LEASE_KEPT[$1]:-}
+  [[ -n $fd ]] || return 0
+  [[ -z ${2:-} || -z ${LEASE_LOCKED[$1]:-} ]] || flock -u "$fd" 2>/dev/null || true
+  exec {fd}<&-
+  unset "LEASE_KEPT[$1]" "LEASE_LOCKED[$1]"
+}
+
+# lease::close_others [SLOT...] — in a child of the launcher: close the kept lease files of every slot
+# but these.
+lease::close_others() {
+  local slot fd keep=" $* "
+  for slot in "${!LEASE_KEPT[@]}"; do
+    [[ $keep != *" $slot "* ]] || continue
+    fd=${LEASE_KEPT[$slot]}
+    exec {fd}<&-
+  done
+}
+
 # lease::lock FD FILE — take the flock on the open FD of FILE: 0 taken; 1 another process holds it
 # (LEASE_HOLDER says which); above 128 when a signal stopped it (a stop that came before the job began).
 lease::lock() {

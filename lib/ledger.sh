@@ -158,6 +158,7 @@ ledger::show_tail() {
 ledger::_str() {
   local s=$1
   [[ -n $s ]] || { LEDGER_STR=null; return 0; }
+  [[ $s == *[\\\"[:cntrl:]]* ]] || { LEDGER_STR="\"$s\""; return 0; } # nothing to escape
   s=${s//\\/\\\\} s=${s//\"/\\\"} s=${s//$'\n'/\\n} s=${s//$'\t'/\\t} s=${s//$'\r'/\\r}
   LEDGER_STR="\"${s//[$'\001'-$'\037']/?}\""
 }
@@ -174,16 +175,17 @@ ledger::record() {
   fi
   [[ $status != failed ]] || LEDGER_FAILED=$((LEDGER_FAILED + 1))
   if [[ -n $file && -f $file ]] && { [[ ${JOB[$job,reason]} == "done earlier (--resume)" ]] ||
-    [[ -n ${JOB[$job,since]} && $file -nt ${JOB[$job,since]} ]]; }; then
+    [[ -f ${JOB[$job,since]} && $file -nt ${JOB[$job,since]} ]]; }; then
     ledger::_metrics "$file" || log::warn "${JOB[$job,name]}: $file is not a JSON object; its metrics are left out"
     metrics=$LEDGER_METRICS
   fi
   for key in name:name image_encoder:image text_encoder:text status:status failure:kind detail:detail \
     log:log output_dir:out reason:reason config_hash:hash command:command; do
-    ledger::_str "${JOB[$job,${key#*:}]}"
-    out+=("\"${key%%:*}\": $LEDGER_STR")
+    f=${JOB[$job,${key#*:}]}
+    if [[ -z $f || $f == *[\\\"[:cntrl:]]* ]]; then ledger::_str "$f" && f=$LEDGER_STR; else f="\"$f\""; fi
+    out+=("\"${key%%:*}\": $f")
   done
-  while IFS= read -r f; do
+  [[ -z ${JOB[$job,fails]} ]] || while IFS= read -r f; do
     [[ -z $f ]] || { ledger::_str "$f" && fails+="${fails:+, }$LEDGER_STR"; }
   done <<<"${JOB[$job,fails]}"
   local gpu=${JOB[$job,gpu]:-null} fields seconds exit=${JOB[$job,exit]}

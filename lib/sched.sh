@@ -37,6 +37,7 @@ declare -A pids=()        # config name -> pid of its running job: the table of 
 declare -A JOB=()         # the job records (see above)
 declare -A SCHED_BY_NAME=() SLOT_JOB=()
 declare -a SCHED_SLOTS=() SCHED_QUEUE=() SCHED_ENDED=() SCHED_ARGV=()
+SCHED_QHEAD=0
 SCHED_N=0 SCHED_RUNNING="" SCHED_STATE="" SCHED_STOP="" SCHED_AGAIN="" SCHED_TIMER="" SCHED_EXIT=0 SCHED_THREADS=1
 
 # sched::init — the launcher's private folder (argv files, the jobs' end records), removed on every exit
@@ -108,38 +109,51 @@ sched::mark() {
 
 # ---------------------------------------------------------------- filling slots and settling ends
 
-# sched::_fill — start every queued job that can start now; arm a timer when some must wait.
+# sched::_fill — start every queued job that can start now; arm a timer when some must wait. The queue is
+# read from its head (SCHED_QHEAD, its first index: started jobs are unset there), so a fill that starts
+# one job costs the same with 10 or 10,000 queued.
 sched::_fill() {
-  local i job rest=() need_timer=0 rc
+  local i job gone=() need_timer=0 rc count=${#SCHED_QUEUE[@]}
   core::now_ms
   local now=$CORE_NOW_MS
   SCHED_SAMPLED=$((now - SCHED_SAMPLE_MS < 500 ? 1 : 0)) # one GPU sample serves fills for 500 ms
-  for i in "${!SCHED_QUEUE[@]}"; do
+  # the head is right unless the queue was rebuilt (jobs put back in front): then it starts at 0 again
+  if ((count)) && [[ -z ${SCHED_QUEUE[SCHED_QHEAD]+x} || -z ${SCHED_QUEUE[SCHED_QHEAD + count - 1]+x} ]]; then
+    SCHED_QUEUE=("${SCHED_QUEUE[@]}") SCHED_QHEAD=0
+  fi
+  for ((i = SCHED_QHEAD; i < SCHED_QHEAD + count; i++)); do
     job=${SCHED_QUEUE[i]}
     if ((JOB[$job,ready_at] > now)); then
-      rest+=("$job") need_timer=1
+      need_timer=1
       continue
     fi
+    ((${#SLOT_JOB[@]} < ${#SCHED_SLOTS[@]})) || break # every slot runs a job of ours: the rest waits
     sched::_pick "$job" "$now"
     if [[ -n $SCHED_PICK ]]; then
       sched::_started_after_wait "$job" "$now"
       sched::_launch "$job"
-      continue
+      gone+=("$i") && continue
     elif [[ $SCHED_PICK_WHY == broken ]]; then
       JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]="no usable GPU slot (see the errors above)"
       SCHED_ENDED+=("$job")
-      continue
+      gone+=("$i") && continue
     elif [[ $SCHED_PICK_WHY == wait ]] && sched::_waits "$job" "$now"; then
       rc=0
       sched::_expired "$job" || rc=$?
-      ((rc != 0)) || { sched::_launch "$job" && continue; }
-      ((rc != 1)) || continue # recorded as skipped or failed: the next job may go
+      ((rc != 0)) || { sched::_launch "$job" && gone+=("$i") && continue; }
+      ((rc != 1)) || { gone+=("$i") && continue; } # recorded as skipped or failed: the next job may go
     fi
-    rest+=("${SCHED_QUEUE[@]:i}")
     [[ $SCHED_PICK_WHY == full ]] || need_timer=1
     break
   done
-  SCHED_QUEUE=("${rest[@]}")
+  for i in "${gone[@]}"; do unset "SCHED_QUEUE[i]"; done
+  # started from the head: the head moves on; from further in: the queue closes up (rare)
+  if ((${#gone[@]})) && [[ ${gone[-1]} == $((SCHED_QHEAD + ${#gone[@]} - 1)) ]]; then
+    SCHED_QHEAD=$((SCHED_QHEAD + ${#gone[@]}))
+  elif ((${#gone[@]})); then
+    SCHED_QUEUE=("${SCHED_QUEUE[@]}") SCHED_QHEAD=0
+  fi
+  for i in "${!LEASE_KEPT[@]}"; do [[ -n ${SLOT_JOB[$i]:-} ]] || lease::drop "$i" unlock; done # idle: free
   sched::_timer "$need_timer"
 }
 
@@ -153,7 +167,7 @@ sched::_timer() {
     ms=$MGPU_POLL_MS
   fi
   core::seconds "$ms"
-  sleep "$CORE_SECONDS" &
+  (lease::close_others && exec sleep "$CORE_SECONDS") & # holds no lease
   SCHED_TIMER=$!
 }
 # sched::_settle — the records of ended jobs: summary record, progress line, and a failed job's last log

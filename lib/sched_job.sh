@@ -3,7 +3,7 @@
 # chose, the job's own process (a fork of the launcher that records its end itself), and its end. Sourced
 # by sched.sh only.
 
-declare -A JOB pids SLOT_JOB GPU_OURS_UNTIL # sched.sh's job records and tables (declared there and in sched_wait.sh)
+declare -A JOB pids SLOT_JOB GPU_OURS_UNTIL LEASE_KEPT LEASE_LOCKED # sched.sh's job records and tables (declared there and in sched_wait.sh)
 
 # sched::_prepare JOB GPU — what must exist before the job's process starts: a new log file, its output
 # folder, its marker's folder, and the open lock file of its folder (SCHED_DIR_LOCK, SCHED_DIR_FD). 1 with
@@ -50,15 +50,14 @@ sched::_launch() {
     return 0
   fi
   sched::argv "$job"
-  JOB[$job,since]=$SCHED_STATE/job$job.start
-  : >"${JOB[$job,since]}" # its time is the job's start: only a metrics.json newer than it is this run's
+  JOB[$job,since]=$SCHED_STATE/job$job.start # made by the job's process as its command starts
   # Job control on for this one fork: the job leads its own process group (its pid is the group id), so a
   # stop reaches every process it started, and SIGINT is not ignored in it as in plain `&` jobs.
   set -m
   sched::_job "$job" "$visible" "$gpus" &
   pid=$!
   set +m
-  sched::_release
+  LEASE_FDS=() LEASE_FILES=() LEASE_SLOTS=() # the slots' lease files stay open here, kept for their next job
   exec {SCHED_DIR_FD}<&-
   for i in "${!LEASE_RESERVATIONS[@]}"; do # the job's pid: its reservation now counts its own use against it
     printf '%s %s\n' "${LEASE_RESERVED_MIB[i]}" "$pid" 2>/dev/null >"${LEASE_RESERVATIONS[i]}"
@@ -90,7 +89,9 @@ sched::_job() {
   set +eEm
   trap - ERR EXIT
   trap : INT TERM
+  lease::close_others "${LEASE_SLOTS[@]}"
   for i in "${!LEASE_FDS[@]}"; do
+    [[ -z ${LEASE_LOCKED[${LEASE_SLOTS[i]}]:-} ]] || continue # kept locked since this slot's last job
     lease::lock "${LEASE_FDS[i]}" "${LEASE_FILES[i]}" || { rc=$? held=${LEASE_FILES[i]} && break; }
   done
   if ((rc == 0)); then
@@ -104,6 +105,7 @@ sched::_job() {
     printf '%s\t%s\t%s\n' "$rc" "${EPOCHREALTIME/./}" "$note" >"$end"
     exit "$rc"
   fi
+  [[ -z ${JOB[$job,out]} ]] || : 2>/dev/null >"${JOB[$job,since]}" # only a metrics.json newer is this run's
   ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
   CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
     OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >>"$LEDGER_LOG" 2>&1
@@ -138,6 +140,14 @@ sched::_ended() {
   [[ ! -f $SCHED_STATE/job$job.end ]] || IFS=$'\t' read -r -a end <"$SCHED_STATE/job$job.end" || true
   if ((rc == 127)) && ((${#end[@]})); then rc=${end[0]}; fi
   note=${end[2]:-}
+  # Its slots' kept leases: still locked when it held them and nothing of its group runs on; else closed.
+  for slot in $slots; do
+    if ((${#end[@]})) && [[ -z $note || $note == "running elsewhere"* ]] && ! kill -0 -- "-$pid" 2>/dev/null; then
+      [[ -z ${LEASE_KEPT[$slot]:-} ]] || LEASE_LOCKED[$slot]=1
+    else
+      lease::drop "$slot"
+    fi
+  done
   : >"$SCHED_STATE/job$job.end" # read once: a retry's record is its own
   JOB[$job,exit]=$rc JOB[$job,ms]=$((CORE_NOW_MS - JOB[$job,start_ms])) JOB[$job,pid]=""
   JOB[$job,gpu_ms]=$((${JOB[$job,gpu_ms]:-0} + JOB[$job,ms] * JOB[$job,ngpus]))

@@ -2,7 +2,7 @@
 # sched:: (continued) — choosing a slot, waiting for busy GPUs and held slots, reaping job ends, and
 # stopping. Sourced by sched.sh only.
 
-declare -A JOB pids # sched.sh's job records and running-job table (declared there)
+declare -A JOB pids LEASE_LOCKED # sched.sh's job records and running-job table (declared there), lease.sh's locks
 declare -A GPU_OURS_UNTIL=() GPU_NEXT_CHECK=() SCHED_WHY=() SLOT_NEXT_CHECK=() SLOT_BROKEN=()
 SCHED_SAMPLE_MS=0 SCHED_SAMPLED=0
 
@@ -40,7 +40,7 @@ sched::_gpu_ready() {
 sched::_pick() {
   local job=$1 now=$2 pass slot dev usable=0 cand=() devs_free=() need=${JOB[$1,need]:-0} g=${JOB[$1,gpus]:-1}
   local -A seen=()
-  SCHED_PICK="" SCHED_PICK_WHY=full SCHED_BLOCKED="" SCHED_BLOCK_WHY="" SCHED_BLOCK_MEM=0 LEASE_FDS=() LEASE_FILES=()
+  SCHED_PICK="" SCHED_PICK_WHY=full SCHED_BLOCKED="" SCHED_BLOCK_WHY="" SCHED_BLOCK_MEM=0 LEASE_FDS=() LEASE_FILES=() LEASE_SLOTS=()
   for pass in prefer any; do
     cand=() devs_free=() seen=()
     for slot in "${SCHED_SLOTS[@]}"; do
@@ -112,20 +112,20 @@ sched::_slot_ready() {
 
 # sched::_take JOB NOW_MS SLOT... — open the slots' lease files (a slot found held before is locked here
 # first, so the job is not sent to it in vain) and reserve the job's memory need on their devices; 0 with
-# SCHED_PICK, LEASE_FDS and LEASE_FILES set, 1 (nothing kept) when a slot is held or broken or the memory
-# is gone.
+# SCHED_PICK, LEASE_FDS, LEASE_FILES and LEASE_SLOTS set, 1 (nothing kept) when a slot is held or broken
+# or the memory is gone.
 sched::_take() {
   local job=$1 now=$2 slot dev fd
   shift 2
   for slot in "$@"; do
     dev=${slot%:*}
-    if ! lease::open "$dev" "${slot##*:}"; then
+    if ! lease::keep "$slot"; then
       SLOT_BROKEN[$slot]=1 # a lock file that is no regular file: that slot is never used (logged)
       sched::_release
       return 1
     fi
-    LEASE_FDS+=("$LEASE_FD") LEASE_FILES+=("$LEASE_FILE")
-    if [[ -n ${SCHED_WHY[slot$slot]:-} ]] && ! lease::lock "$LEASE_FD" "$LEASE_FILE"; then
+    LEASE_FDS+=("$LEASE_FD") LEASE_FILES+=("$LEASE_FILE") LEASE_SLOTS+=("$slot")
+    if [[ -n ${SCHED_WHY[slot$slot]:-} && -z ${LEASE_LOCKED[$slot]:-} ]] && ! lease::lock "$LEASE_FD" "$LEASE_FILE"; then
       # a holder that ended between the two looks leaves no name: keep the one seen before
       [[ -z $LEASE_HOLDER_PID ]] || SCHED_WHY[slot$slot]="GPU $dev slot ${slot##*:} is held by $LEASE_HOLDER"
       SLOT_NEXT_CHECK[$slot]=$((now + MGPU_POLL_MS))
@@ -133,6 +133,7 @@ sched::_take() {
       sched::_release
       return 1
     fi
+    [[ -z ${SCHED_WHY[slot$slot]:-} ]] || LEASE_LOCKED[$slot]=1
   done
   LEASE_RESERVATIONS=() LEASE_RESERVED_MIB=()
   if [[ ${JOB[$job,need]:-0} != 0 && ${1%:*} != cpu ]]; then
@@ -147,11 +148,11 @@ sched::_take() {
   SCHED_PICK="$*"
 }
 
-# sched::_release — close the lease files a pick opened (no job took them).
+# sched::_release — unlock and close the lease files a pick opened (no job took them).
 sched::_release() {
-  local fd
-  for fd in "${LEASE_FDS[@]}"; do exec {fd}<&-; done
-  LEASE_FDS=() LEASE_FILES=()
+  local slot
+  for slot in "${LEASE_SLOTS[@]}"; do [[ -n ${SLOT_JOB[$slot]:-} ]] || lease::drop "$slot" unlock; done
+  LEASE_FDS=() LEASE_FILES=() LEASE_SLOTS=()
 }
 
 # sched::_held JOB SLOT WHY — the job's process found a slot's lease held by another process: the job
@@ -223,7 +224,7 @@ sched::_expired() {
   if [[ $ON_TIMEOUT == run ]]; then
     JOB[$job,reason]="started after ${waited}s (MAX_WAIT) although ${SCHED_BLOCK_WHY}"
     log::warn "${JOB[$job,name]}: still blocked after MAX_WAIT ${MAX_WAIT}s ($SCHED_BLOCK_WHY); starting it there anyway (--on-timeout run)"
-    SCHED_PICK=$SCHED_BLOCKED LEASE_FDS=() LEASE_FILES=() LEASE_RESERVATIONS=()
+    SCHED_PICK=$SCHED_BLOCKED LEASE_FDS=() LEASE_FILES=() LEASE_SLOTS=() LEASE_RESERVATIONS=()
     return 0
   fi
   JOB[$job,status]=$([[ $ON_TIMEOUT == skip ]] && echo skipped || echo failed)

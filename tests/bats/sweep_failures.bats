@@ -15,6 +15,7 @@ setup() {
 }
 
 teardown() {
+  [[ ! -d $WORK ]] || : >"$WORK/release" # jobs that wait for the test's word end, should a test stop early
   # Jobs a test left running on purpose (orphans of a killed launcher): their groups, from the record.
   local pid group cmd=()
   [[ -f $FAKE_TRAIN_RECORD ]] || return 0
@@ -278,6 +279,46 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
   wait "$launcher" || rc=$?
   assert_equal "$rc" 0
   assert_regex "$(summary '.configs[0] | "\(.waited_seconds) \(.reason)"')" '^([1-9][0-9]*) waited \1s: GPU 0 slot 0 is held by pid'
+}
+
+@test "back-to-back jobs on a slot take its lock once and keep it; a slot without a job is free for others" {
+  # flock on PATH records which file each lock call was for, then is the real flock
+  mkdir -p "$WORK/bin"
+  printf '%s\n' '#!/usr/bin/env bash' 'fd=${*: -1}' \
+    '[[ $fd =~ ^[0-9]+$ ]] && echo "$1 $(readlink "/proc/$$/fd/$fd")" >>"$FLOCK_CALLS"' \
+    "exec $(command -v flock) \"\$@\"" >"$WORK/bin/flock"
+  chmod +x "$WORK/bin/flock"
+  export FLOCK_CALLS=$WORK/flock.calls PATH="$WORK/bin:$PATH"
+  # one job runs on one GPU until the test has looked; five short ones run one after another on the other
+  { echo 'until [[ -e release ]]; do sleep 0.05; done'; printf 'true\n%.0s' 1 2 3 4 5; } >"$WORK/jobs.txt"
+  bash "$ROOT/gpu_queue.sh" --gpus 0,1 --log-dir "$WORK/logs" "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0 long short
+  five_done() { (($(count_lines 'succeeded job' "$WORK/err") == 5)); }
+  wait_for 30 "the five short jobs to end" five_done
+  long=$(cd "$WORK/logs" && echo job1_gpu*.log) long=${long#job1_gpu} long=${long%%_*} short=$((1 - long))
+  free() { flock -n "$MGPU_LOCK_DIR/gpu$short.slot0.lock" true; }
+  wait_for 10 "GPU $short's slot to be free once it has no job" free
+  run flock -n "$MGPU_LOCK_DIR/gpu$long.slot0.lock" true
+  assert_failure # GPU $long's slot: its job still runs
+  : >"$WORK/release"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 0
+  assert_equal "$(grep -c "^-n .*/gpu$short.slot0.lock$" "$FLOCK_CALLS")" 1 # locked by its first job, kept for the rest
+  assert_equal "$(grep -c "^-u .*/gpu$short.slot0.lock$" "$FLOCK_CALLS")" 1 # unlocked when its last job ended
+  assert_equal "$(grep -c "^-n .*/.mgpu_done/job[0-9]*.lock$" "$FLOCK_CALLS")" 6 # each job's own lock, every time
+}
+
+@test "a job that leaves a process running keeps its slot: the next job there waits for that process, naming it" {
+  printf '%s\n' '(until [[ -e release ]]; do sleep 0.05; done) & echo $! >leftover.pid' 'true' >"$WORK/jobs.txt"
+  MGPU_POLL_MS=100 bash "$ROOT/gpu_queue.sh" --gpus 0 --log-dir "$WORK/logs" "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0
+  waits() { grep -q "job2 waits: GPU 0 slot 0 is held by pid" "$WORK/err"; }
+  wait_for 30 "the second job to wait for the first one's leftover" waits
+  grep -q "job2 waits: GPU 0 slot 0 is held by pid $(cat "$WORK/leftover.pid")" "$WORK/err"
+  : >"$WORK/release"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 0
+  grep -q "succeeded job2" "$WORK/err"
 }
 
 @test "no temporary folder is left behind: a run, --dry-run, an early error, a Slurm dry run" {
