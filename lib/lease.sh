@@ -49,10 +49,12 @@ lease::open() {
 # Kept leases. The launcher keeps a slot's lease file open from one job to the next (LEASE_KEPT[slot], its
 # descriptor), so the lock a job took on that open file stays taken, and the next job on the slot, which
 # inherits it, starts without a `flock` process (LEASE_LOCKED[slot] set: a job held the lock and ended
-# leaving nothing of its process group behind). A slot left without a job is unlocked at once, for other
-# launchers. A job that left processes running hands them its lease: the file is closed here (they keep
-# the lock), and the next job locks a new open file and so finds them. Each job's process closes the
-# kept files of the slots it does not run on, so a job holds only its own slots' leases.
+# leaving nothing of its process group behind; that check is all the reuse trusts). A slot left without
+# a job has its file closed at once (never `flock -u`: a process that left the job's group while holding
+# the file keeps the lock), and every kept file is closed when the jobs are done, so what the entry script
+# runs next holds none. A job that left processes running hands them its lease: the file is closed here
+# (they keep the lock), and the next job locks a new open file and so finds them. Each job's process and
+# the timer close the kept files of other slots, so a job holds only its own slots' leases.
 declare -A LEASE_KEPT=() LEASE_LOCKED=()
 LEASE_SLOTS=()
 
@@ -60,19 +62,27 @@ LEASE_SLOTS=()
 # kept); 2 as lease::open.
 lease::keep() {
   LEASE_FILE=${MGPU_LOCK_DIR:-/tmp/mgpu-locks}/gpu${1%:*}.slot${1##*:}.lock
-  [[ -z ${LEASE_KEPT[$1]:-} ]] || { LEASE_FD=${LEASE_KEPT[$1]} && return 0; }
+  if [[ -n ${LEASE_KEPT[$1]:-} ]]; then
+    # still the file of that name (one removed or made anew, by a cleaner of /tmp say, is let go)
+    [[ /proc/$BASHPID/fd/${LEASE_KEPT[$1]} -ef $LEASE_FILE ]] && { LEASE_FD=${LEASE_KEPT[$1]} && return 0; }
+    lease::drop "$1"
+  fi
   lease::open "${1%:*}" "${1##*:}" || return 2
   LEASE_KEPT[$1]=$LEASE_FD
 }
 
-# lease::drop SLOT [unlock] — stop keeping the slot's lease file; with unlock, release its lock first, for
-# every holder of that open file (only when no process of a job of ours is left holding it).
+# lease::drop SLOT — stop keeping the slot's lease file: closed, so its lock ends with its last holder.
 lease::drop() {
   local fd=${LEASE_KEPT[$1]:-}
   [[ -n $fd ]] || return 0
-  [[ -z ${2:-} || -z ${LEASE_LOCKED[$1]:-} ]] || flock -u "$fd" 2>/dev/null || true
   exec {fd}<&-
   unset "LEASE_KEPT[$1]" "LEASE_LOCKED[$1]"
+}
+
+# lease::drop_all — every kept lease file closed (the jobs are done).
+lease::drop_all() {
+  local slot
+  for slot in "${!LEASE_KEPT[@]}"; do lease::drop "$slot"; done
 }
 
 # lease::close_others [SLOT...] — in a child of the launcher: close the kept lease files of every slot

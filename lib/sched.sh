@@ -131,7 +131,7 @@ sched::_fill() {
     sched::_pick "$job" "$now"
     if [[ -n $SCHED_PICK ]]; then
       sched::_started_after_wait "$job" "$now"
-      sched::_launch "$job"
+      sched::_launch "$job" || true # started (or recorded as unable to): never queued twice
       gone+=("$i") && continue
     elif [[ $SCHED_PICK_WHY == broken ]]; then
       JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]="no usable GPU slot (see the errors above)"
@@ -140,7 +140,7 @@ sched::_fill() {
     elif [[ $SCHED_PICK_WHY == wait ]] && sched::_waits "$job" "$now"; then
       rc=0
       sched::_expired "$job" || rc=$?
-      ((rc != 0)) || { sched::_launch "$job" && gone+=("$i") && continue; }
+      ((rc != 0)) || { sched::_launch "$job" || true; gone+=("$i") && continue; }
       ((rc != 1)) || { gone+=("$i") && continue; } # recorded as skipped or failed: the next job may go
     fi
     [[ $SCHED_PICK_WHY == full ]] || need_timer=1
@@ -153,7 +153,7 @@ sched::_fill() {
   elif ((${#gone[@]})); then
     SCHED_QUEUE=("${SCHED_QUEUE[@]}") SCHED_QHEAD=0
   fi
-  for i in "${!LEASE_KEPT[@]}"; do [[ -n ${SLOT_JOB[$i]:-} ]] || lease::drop "$i" unlock; done # idle: free
+  for i in "${!LEASE_KEPT[@]}"; do [[ -n ${SLOT_JOB[$i]:-} ]] || lease::drop "$i"; done # no job: let go
   sched::_timer "$need_timer"
 }
 
@@ -211,6 +211,7 @@ sched::run() {
     ((${#SCHED_QUEUE[@]} || ${#pids[@]})) || break
     sched::_wait_one
   done
+  lease::drop_all # no slot is ours any more: the jobs left hold their own leases
   sched::_settle
   if [[ -n $SCHED_STOP ]]; then
     log::warn "got SIG$SCHED_STOP: no new jobs start"

@@ -40,6 +40,7 @@ sched::_launch() {
   printf -v gpus '%s,' "${devs[@]}"
   gpus=${gpus%,} visible=$gpus
   [[ $gpus != cpu ]] || visible=""
+  JOB[$job,since]="" # no start file: no metrics.json is this attempt's until its command starts
   if ! sched::_prepare "$job" "$gpus"; then
     sched::_release
     ((${#LEASE_RESERVATIONS[@]} == 0)) || rm -f -- "${LEASE_RESERVATIONS[@]}"
@@ -50,13 +51,13 @@ sched::_launch() {
     return 0
   fi
   sched::argv "$job"
-  JOB[$job,since]=$SCHED_STATE/job$job.start # made by the job's process as its command starts
   # Job control on for this one fork: the job leads its own process group (its pid is the group id), so a
   # stop reaches every process it started, and SIGINT is not ignored in it as in plain `&` jobs.
   set -m
   sched::_job "$job" "$visible" "$gpus" &
   pid=$!
   set +m
+  JOB[$job,since]=$SCHED_STATE/job$job.$pid.start # this attempt's, made by its process as the command starts
   LEASE_FDS=() LEASE_FILES=() LEASE_SLOTS=() # the slots' lease files stay open here, kept for their next job
   exec {SCHED_DIR_FD}<&-
   for i in "${!LEASE_RESERVATIONS[@]}"; do # the job's pid: its reservation now counts its own use against it
@@ -105,7 +106,7 @@ sched::_job() {
     printf '%s\t%s\t%s\n' "$rc" "${EPOCHREALTIME/./}" "$note" >"$end"
     exit "$rc"
   fi
-  [[ -z ${JOB[$job,out]} ]] || : 2>/dev/null >"${JOB[$job,since]}" # only a metrics.json newer is this run's
+  [[ -z ${JOB[$job,out]} ]] || : 2>/dev/null >"$SCHED_STATE/job$job.$BASHPID.start" # a newer metrics.json is ours
   ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
   CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
     OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >>"$LEDGER_LOG" 2>&1

@@ -148,10 +148,10 @@ sched::_take() {
   SCHED_PICK="$*"
 }
 
-# sched::_release — unlock and close the lease files a pick opened (no job took them).
+# sched::_release — close the lease files a pick opened (no job took them).
 sched::_release() {
   local slot
-  for slot in "${LEASE_SLOTS[@]}"; do [[ -n ${SLOT_JOB[$slot]:-} ]] || lease::drop "$slot" unlock; done
+  for slot in "${LEASE_SLOTS[@]}"; do [[ -n ${SLOT_JOB[$slot]:-} ]] || lease::drop "$slot"; done
   LEASE_FDS=() LEASE_FILES=() LEASE_SLOTS=()
 }
 

@@ -15,7 +15,7 @@ setup() {
 }
 
 teardown() {
-  [[ ! -d $WORK ]] || : >"$WORK/release" # jobs that wait for the test's word end, should a test stop early
+  [[ ! -d $WORK ]] || touch "$WORK/release" "$WORK/go1" "$WORK/go2" # jobs waiting for the test's word end, should a test stop early
   # Jobs a test left running on purpose (orphans of a killed launcher): their groups, from the record.
   local pid group cmd=()
   [[ -f $FAKE_TRAIN_RECORD ]] || return 0
@@ -304,8 +304,47 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
   wait "$launcher" || rc=$?
   assert_equal "$rc" 0
   assert_equal "$(grep -c "^-n .*/gpu$short.slot0.lock$" "$FLOCK_CALLS")" 1 # locked by its first job, kept for the rest
-  assert_equal "$(grep -c "^-u .*/gpu$short.slot0.lock$" "$FLOCK_CALLS")" 1 # unlocked when its last job ended
   assert_equal "$(grep -c "^-n .*/.mgpu_done/job[0-9]*.lock$" "$FLOCK_CALLS")" 6 # each job's own lock, every time
+}
+
+@test "a lock folder removed between two jobs (a cleaner of /tmp): the next job locks the new file, not the removed one" {
+  local n
+  for n in 1 2; do echo ": >started$n; until [[ -e go$n ]]; do sleep 0.05; done"; done >"$WORK/jobs.txt"
+  bash "$ROOT/gpu_queue.sh" --gpus 0 --log-dir "$WORK/logs" "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0
+  started() { [[ -e $WORK/started$1 ]]; }
+  wait_for 30 "the first job to start (its lease taken)" started 1
+  rm -rf "$MGPU_LOCK_DIR"
+  : >"$WORK/go1"
+  wait_for 30 "the second job to start" started 2
+  mkdir -p "$MGPU_LOCK_DIR"
+  run flock -n -E 75 "$MGPU_LOCK_DIR/gpu0.slot0.lock" true
+  : >"$WORK/go2"
+  assert_failure 75 # held: the second job holds the lease file that exists now
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 0
+}
+
+@test "once its jobs are done a launcher holds no slot lease: what its entry script runs next leaves the GPUs to others" {
+  # an entry script of the library's own kind (infer_parallel.sh merges its shards at this point)
+  cat >"$WORK/entry.sh" <<'ENTRY'
+set -Eeuo pipefail
+source "$1/lib/sweep.sh"
+sweep::parse --gpus 0,1 --log-dir "$2"
+sweep::defaults
+sweep::validate
+sched::init
+mkdir -p "$2"
+for n in 1 2 3 4; do sched::add "job$n" "" "" "" "$2/.mgpu_done/job$n" -- true && sweep::resources "$SCHED_NEW"; done
+sweep::launch
+for slot in 0 1; do flock -n "$MGPU_LOCK_DIR/gpu$slot.slot0.lock" true || echo "GPU $slot's lease is still held"; done
+echo done
+ENTRY
+  run --separate-stderr bash "$WORK/entry.sh" "$ROOT" "$WORK/logs"
+  assert_success
+  assert_line "done" # the summary table is printed above it
+  refute_output --partial "lease is still held"
+  assert_equal "$(jq -r '[.configs[] | select(.status == "succeeded")] | length' "$WORK"/logs/summary_*.json)" 4
 }
 
 @test "a job that leaves a process running keeps its slot: the next job there waits for that process, naming it" {
