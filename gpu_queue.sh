@@ -61,7 +61,11 @@ main() {
   while IFS= read -r line || [[ -n $line ]]; do
     n=$((n + 1))
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
-    sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c "$line"
+    if [[ $line == -* ]]; then # bash would take it for its own option; other lines keep their argv (--resume)
+      sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c -- "$line"
+    else
+      sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c "$line"
+    fi
     sched::set "$SCHED_NEW" "command=$line"
     sweep::resources "$SCHED_NEW" || exit 2
   done <"$input"

@@ -6,7 +6,8 @@
 # command's wall time and the makespan (first job start to last job end) against the ideal (a
 # zero-overhead scheduler starting the jobs in the given order on the first free GPU) and against the
 # lower bound max(longest, total / GPUs); the median delay between a job's end and the next start on its
-# GPU; then the overhead per job over 200 `true` jobs (wall time / 200). mgpu runs twice more with
+# GPU; then the overhead per job over 200 `true` jobs (wall time / 200), and over 200 `/bin/true` jobs (a
+# program, which mgpu starts without a shell when the line is that plain). mgpu runs twice more with
 # --order longest-first: the first of those learns the wall times, the second uses them.
 # Targets (issue "Sweep engine v2"): wall <= 1.04 x ideal, makespan <= 1.01 x ideal, <= 5 ms a job.
 # Peers: GNU parallel (apt-get install parallel) and simple-gpu-scheduler (pip, installed into
@@ -29,11 +30,16 @@ JOB
 # jobs REC — the 24 job lines, each recording its start and end with its GPU into REC
 jobs() { local d; for d in "${DURATIONS[@]}"; do echo "bash $TMP/job.sh $1 $d"; done; }
 
-# run_tool NAME KIND — run one tool on the sleep jobs (KIND sleep) or on 200 `true` jobs (KIND true)
+# run_tool NAME KIND — run one tool on the sleep jobs (KIND sleep), on 200 `true` jobs (KIND true) or on 200
+# `/bin/true` jobs (KIND program)
 run_tool() {
   # Every run records into the same file (moved aside after), so its job lines, and their hashes, match.
   local name=$1 kind=$2 rec=$TMP/$2.rec lines=$TMP/$1.$2.txt start
-  if [[ $kind == sleep ]]; then jobs "$rec" >"$lines"; else printf 'true\n%.0s' {1..200} >"$lines"; fi
+  case $kind in
+    sleep) jobs "$rec" >"$lines" ;;
+    true) printf 'true\n%.0s' {1..200} >"$lines" ;;       # a shell builtin: every tool starts a shell
+    program) printf '/bin/true\n%.0s' {1..200} >"$lines" ;; # a program: a tool may start it without one
+  esac
   start=${EPOCHREALTIME//[!0-9]/}
   local order=()
   [[ $name == mgpu ]] || order=(--order longest-first)
@@ -63,6 +69,7 @@ if find_sgs; then tools+=(simple-gpu-scheduler); else echo "simple-gpu-scheduler
 for tool in "${tools[@]}"; do
   run_tool "$tool" sleep
   run_tool "$tool" true
+  run_tool "$tool" program
 done
 run_tool mgpu-longest-learn sleep
 run_tool mgpu-longest-first sleep
@@ -79,7 +86,7 @@ for d in durations:  # greedy in the given order on the first free GPU
 ideal, bound = max(free), max(max(durations), sum(durations) / 4)
 print(f"24 sleep jobs, {sum(durations):.1f} s of work on 4 GPUs: greedy ideal {ideal:.2f} s, lower bound {bound:.2f} s")
 print(f"{'tool':<22}{'wall s':>8}{'x ideal':>9}{'makespan s':>11}{'x ideal':>9}{'x bound':>9}{'reuse ms':>10}"
-      f"{'ms/job (200 true)':>19}{'start ms':>10}{'end ms':>8}")
+      f"{'ms/job: true':>13}{'/bin/true':>10}{'start ms':>10}{'end ms':>8}")
 for tool in tools:
     ms = int(open(f"{tmp}/{tool}.sleep.ms").read()) / 1000
     events = {}
@@ -90,11 +97,12 @@ for tool in tools:
     for evs in events.values():
         evs.sort()
         gaps += [(b[0] - a[0]) * 1000 for a, b in zip(evs, evs[1:]) if a[1] == "e" and b[1] == "s"]
-    per_job = f"{int(open(f'{tmp}/{tool}.true.ms').read()) / 200:.1f}" if os.path.exists(f"{tmp}/{tool}.true.ms") else "-"
+    per_job, per_program = (f"{int(open(f'{tmp}/{tool}.{k}.ms').read()) / 200:.1f}" if os.path.exists(f"{tmp}/{tool}.{k}.ms")
+                            else "-" for k in ("true", "program"))
     t0, t1 = (int(x) / 1e6 for x in open(f"{tmp}/{tool}.sleep.span").read().split())
     first = min(t for evs in events.values() for t, k in evs if k == "s")
     last = max(t for evs in events.values() for t, k in evs if k == "e")
     span = last - first
     print(f"{tool:<22}{ms:>8.2f}{ms / ideal:>9.3f}{span:>11.2f}{span / ideal:>9.3f}{span / bound:>9.3f}"
-          f"{statistics.median(gaps):>10.1f}{per_job:>19}{(first - t0) * 1000:>10.0f}{(t1 - last) * 1000:>8.0f}")
+          f"{statistics.median(gaps):>10.1f}{per_job:>13}{per_program:>10}{(first - t0) * 1000:>10.0f}{(t1 - last) * 1000:>8.0f}")
 PY

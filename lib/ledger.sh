@@ -25,10 +25,8 @@ ledger::begin() {
 # child process; a write that fails (LOG_DIR gone) is not the sweep's failure.
 ledger::ev() {
   [[ -n $LEDGER_EVENTS ]] || return 0
-  local line=$1 field
-  shift
-  for field in "$@"; do line+=$'\t'${field//[$'\t\n\r']/ }; done
-  printf '%s\n' "$line" 2>/dev/null >>"$LEDGER_EVENTS" || true
+  local fields=("${@//[$'\t\n\r']/ }") IFS=$'\t'
+  printf '%s\n' "${fields[*]}" 2>/dev/null >>"$LEDGER_EVENTS" || true
 }
 LEDGER_EVENTS=""
 
@@ -167,7 +165,7 @@ ledger::_str() {
 # the summary. Only a metrics.json this run wrote counts (newer than the file JOB[<i>,since] whose time
 # is the job's start), or, for a config done earlier, the one that run left.
 ledger::record() {
-  local job=$1 metrics=null file=${JOB[$1,out]:+${JOB[$1,out]}/metrics.json} out=() key fails="" f status=${JOB[$1,status]}
+  local job=$1 metrics=null file=${JOB[$1,out]:+${JOB[$1,out]}/metrics.json} fails="" f status=${JOB[$1,status]}
   LEDGER_METRIC_NAME="" LEDGER_METRIC_VALUE=""
   LEDGER_DONE=$((LEDGER_DONE + 1))
   if [[ $status == succeeded || $status == failed ]]; then
@@ -179,18 +177,20 @@ ledger::record() {
     ledger::_metrics "$file" || log::warn "${JOB[$job,name]}: $file is not a JSON object; its metrics are left out"
     metrics=$LEDGER_METRICS
   fi
-  for key in name:name image_encoder:image text_encoder:text status:status failure:kind detail:detail \
-    log:log output_dir:out reason:reason config_hash:hash command:command; do
-    f=${JOB[$job,${key#*:}]}
-    if [[ -z $f || $f == *[\\\"[:cntrl:]]* ]]; then ledger::_str "$f" && f=$LEDGER_STR; else f="\"$f\""; fi
-    out+=("\"${key%%:*}\": $f")
-  done
+  local fields values=("${JOB[$job,name]}" "${JOB[$job,image]}" "${JOB[$job,text]}" "$status" "${JOB[$job,kind]}"
+    "${JOB[$job,detail]}" "${JOB[$job,log]}" "${JOB[$job,out]}" "${JOB[$job,reason]}" "${JOB[$job,hash]}" "${JOB[$job,command]}")
+  printf -v f '%s' "${values[@]}"
+  if [[ $f == *[\\\"[:cntrl:]]* ]]; then # some need escaping: each through the escaper
+    for f in "${!values[@]}"; do ledger::_str "${values[f]}" && values[f]=$LEDGER_STR; done
+  else # none: quoted as they are, empty ones null
+    values=("${values[@]/#/\"}") && values=("${values[@]/%/\"}") && values=("${values[@]/#\"\"/null}")
+  fi
+  printf -v fields '"name": %s, "image_encoder": %s, "text_encoder": %s, "status": %s, "failure": %s, "detail": %s, "log": %s, "output_dir": %s, "reason": %s, "config_hash": %s, "command": %s' "${values[@]}"
   [[ -z ${JOB[$job,fails]} ]] || while IFS= read -r f; do
     [[ -z $f ]] || { ledger::_str "$f" && fails+="${fails:+, }$LEDGER_STR"; }
   done <<<"${JOB[$job,fails]}"
-  local gpu=${JOB[$job,gpu]:-null} fields seconds exit=${JOB[$job,exit]}
+  local gpu=${JOB[$job,gpu]:-null} seconds exit=${JOB[$job,exit]}
   [[ $gpu =~ ^[0-9]+$|^null$ ]] || { ledger::_str "$gpu" && gpu=$LEDGER_STR; } # "0,1", "cpu", "MIG-..."
-  printf -v fields '%s, ' "${out[@]}"
   printf -v seconds '%d.%d' $((JOB[$job,ms] / 1000)) $((JOB[$job,ms] % 1000 / 100))
   local peak=${JOB[$job,peak]:-} gpu_s=null
   ledger::cause "${JOB[$job,kind]}" "$exit"
@@ -198,7 +198,7 @@ ledger::record() {
   local cause=$LEDGER_STR
   [[ -z ${JOB[$job,gpu_ms]:-} || $gpu == '"cpu"' ]] || printf -v gpu_s '%d.%d' $((JOB[$job,gpu_ms] / 1000)) $((JOB[$job,gpu_ms] % 1000 / 100))
   printf -v 'LEDGER_JSON[job]' '{%s, "gpu": %s, "exit_code": %s, "retries": %d, "seconds": %s, "waited_seconds": %d, "gpu_seconds": %s, "peak_mem_mib": %s, "cause": %s, "failed_attempts": [%s], "params": %s, "metrics": %s}' \
-    "${fields%, }" "$gpu" "${exit:-null}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$gpu_s" \
+    "$fields" "$gpu" "${exit:-null}" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$gpu_s" \
     "${peak:-null}" "$cause" "$fails" "${JOB[$job,params]:-"{}"}" "$metrics"
   local shown=${exit:--} metric=""
   [[ -z ${JOB[$job,kind]} ]] || shown="$shown (${JOB[$job,kind]})"

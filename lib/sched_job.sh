@@ -3,7 +3,7 @@
 # chose, the job's own process (a fork of the launcher that records its end itself), and its end. Sourced
 # by sched.sh only.
 
-declare -A JOB pids SLOT_JOB GPU_OURS_UNTIL LEASE_KEPT LEASE_LOCKED # sched.sh's job records and tables (declared there and in sched_wait.sh)
+declare -A JOB pids SLOT_JOB GPU_OURS_UNTIL LEASE_KEPT LEASE_LOCKED SCHED_BASH_WORDS # sched.sh's job records and tables (declared there and in sched_wait.sh)
 
 # sched::_prepare JOB GPU — what must exist before the job's process starts: a new log file, its output
 # folder, its marker's folder, and the open lock file of its folder (SCHED_DIR_LOCK, SCHED_DIR_FD). 1 with
@@ -108,6 +108,7 @@ sched::_job() {
   fi
   [[ -z ${JOB[$job,out]} ]] || : 2>/dev/null >"$SCHED_STATE/job$job.$BASHPID.start" # a newer metrics.json is ours
   ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
+  ! sched::_plain "${SCHED_ARGV[@]}" || SCHED_ARGV=("${SCHED_PLAIN[@]}")
   CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
     OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >>"$LEDGER_LOG" 2>&1
   rc=$?
@@ -115,6 +116,33 @@ sched::_job() {
   printf '%s\t%s\t\n' "$rc" "${EPOCHREALTIME/./}" 2>/dev/null >"$end"
   ((${#LEASE_RESERVATIONS[@]} == 0)) || rm -f -- "${LEASE_RESERVATIONS[@]}"
   exit "$rc"
+}
+
+# sched::_plain ARGV... — 0, with the command's words in SCHED_PLAIN, when ARGV is `bash -c LINE` and LINE
+# is one plain command: words of letters, digits and _./,:+=@%- only (nothing bash would expand, quote or
+# redirect), the first a program (no assignment, builtin, keyword or function) that is a binary or a
+# script whose #! names an executable, and nothing for that bash to read first (BASH_ENV, exported
+# SHELLOPTS or BASHOPTS). Such a job runs that program directly, as bash -c itself would exec it, without
+# starting a bash first (1-2 ms a job). Anything else, and any program that could fail to start, goes
+# through bash -c, whose messages users know ("bash: line 1: ...").
+sched::_plain() {
+  (($# == 3 && ${#SCHED_BASH_WORDS[@]})) && [[ $1 == bash && $2 == -c && -z ${BASH_ENV:-} ]] || return 1
+  [[ ${SHELLOPTS@a} != *x* && ${BASHOPTS@a} != *x* ]] || return 1
+  [[ $3 =~ ^\ *[A-Za-z0-9_./,:+=@%-]+(\ +[A-Za-z0-9_./,:+=@%-]+)*\ *$ ]] || return 1
+  # shellcheck disable=SC2206  # split at the spaces: the pattern above leaves nothing else to expand
+  SCHED_PLAIN=($3)
+  local word=${SCHED_PLAIN[0]} path head=""
+  [[ $word != *=* && -z ${SCHED_BASH_WORDS[$word]:-} ]] && ! declare -F -- "$word" >/dev/null || return 1
+  path=$word
+  if [[ $word != */* ]]; then hash -- "$word" 2>/dev/null && path=${BASH_CMDS[$word]:-} || return 1; fi
+  [[ -f $path && -x $path && -r $path ]] || return 1
+  read -r -N 128 head <"$path" 2>/dev/null || [[ -n $head ]] || return 1
+  [[ $head == $'\x7fELF'* ]] && return 0
+  [[ $head == '#!'* ]] || return 1 # no #!: bash -c runs it as a script itself
+  head=${head#\#!} head=${head%%$'\n'*} # (saved with CRLF line ends, its interpreter ends with \r: none such)
+  head=${head#"${head%%[! ]*}"}
+  head=${head%%[ $'\t']*}
+  [[ -f $head && -x $head ]]
 }
 
 # sched::_ended PID STATUS — a job's process ended: free its slots, then queue it again (retry) or leave

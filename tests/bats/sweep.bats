@@ -248,6 +248,51 @@ JSON
   assert_equal "$(jq -r .succeeded logs/gpu_queue/summary_*.json)" 3
 }
 
+@test "gpu_queue.sh runs a plain command line without starting a bash first, and any other line as bash -c does" {
+  local cmds=('printenv FOO' 'printenv FOO # through bash' 'echo --version' 'FOO=1 printenv FOO' 'no-such-program-mgpu x'
+    './tool.sh a,b=c' './tool.sh $FOO' 'greet' './notexec' './crlf.sh' '-x foo')
+  printf '%s\n' "${cmds[@]}" >jobs.txt
+  printf '#!/bin/sh\necho "tool $1"\n' >tool.sh
+  printf '#!/bin/sh\r\necho crlf\r\n' >crlf.sh # saved with CRLF line ends: its interpreter is "/bin/sh\r"
+  printf '#!/bin/sh\necho never\n' >notexec
+  mkdir bin
+  printf '#!%s\nprintf "%%s\\n" "$*" >>"%s"\nexec %s "$@"\n' "$BASH" "$WORK/bash-runs" "$BASH" >bin/bash # records each bash
+  printf '#!/bin/sh\necho program\n' >bin/greet
+  chmod +x tool.sh crlf.sh bin/bash bin/greet
+  greet() { echo function; }
+  export -f greet
+  FOO=0 PATH=$WORK/bin:$PATH run --separate-stderr "$BASH" "$ROOT/gpu_queue.sh" --gpus 0 jobs.txt
+  assert_failure 1
+  assert_equal "$(jq -r '[.configs[] | "\(.name):\(.status):\(.exit_code)"] | join(" ")' logs/gpu_queue/summary_*.json)" \
+    "job1:succeeded:0 job2:succeeded:0 job3:succeeded:0 job4:succeeded:0 job5:failed:127 job6:succeeded:0 job7:succeeded:0 job8:succeeded:0 job9:failed:126 job10:failed:127 job11:failed:127"
+  run cat bash-runs # only the plain lines (1 and 6) started no bash
+  assert_output "$(printf -- '-c %s\n' "${cmds[@]:1:4}" "${cmds[@]:6:4}"; printf -- '-c -- %s\n' "${cmds[10]}")"
+  out() { grep -v '^# ' logs/gpu_queue/"$1"_gpu0_*.log; }
+  assert_equal "$(out job1) $(out job2)" "0 0"
+  assert_equal "$(out job3)" --version # bash's own echo, not /usr/bin/echo
+  assert_equal "$(out job4)" 1
+  assert_equal "$(out job6) / $(out job7) / $(out job8)" "tool a,b=c / tool 0 / function"
+  run out job5
+  assert_output --partial "bash: line 1: no-such-program-mgpu: command not found"
+  run out job9
+  assert_output --partial "bash: line 1: ./notexec: Permission denied"
+  run out job10 # bash's words for a program that cannot start, not mgpu's file and line
+  assert_output --partial "bash: line 1: ./crlf.sh: "
+  run out job11 # a line that starts like an option of bash is still a command
+  assert_output --partial "bash: line 1: -x: command not found"
+  run head -n 2 logs/gpu_queue/job1_gpu0_*.log # the log still says what the line was
+  assert_line --index 1 '# command: bash -c printenv\ FOO'
+  rm -rf logs bash-runs # with BASH_ENV set, bash -c would read it first: every line goes through bash
+  printf '[[ -z ${MGPU_CONFIG_NAME:-} ]] || export FOO=2\n' >env.sh # a job's bash, not the launcher
+  BASH_ENV=$WORK/env.sh run --separate-stderr "$BASH" "$ROOT/gpu_queue.sh" --gpus 0 - <<<'printenv FOO'
+  assert_success
+  assert_equal "$(out job1)" 2
+  rm -rf logs # and with SHELLOPTS exported, bash -c would take its options (here: trace the command)
+  run --separate-stderr env FOO=3 SHELLOPTS=xtrace "$BASH" "$ROOT/gpu_queue.sh" --gpus 0 - <<<'printenv FOO'
+  assert_success
+  assert_equal "$(out job1)" $'+ printenv FOO\n3'
+}
+
 @test "each job has its own process group, led by its recording process, with Ctrl-C (SIGINT) not ignored" {
   local line='read -r -a f </proc/$$/stat; read -r -a l </proc/$PPID/stat; m=$(awk "/^SigIgn/ { print \$2 }" /proc/$$/status); echo "parent=$PPID group=${f[4]} parent_group=${l[4]} launcher_group=${l[3]} int_ignored=$(( (0x$m >> 1) & 1 ))"'
   run --separate-stderr sigint_default bash "$ROOT/gpu_queue.sh" --gpus 0,1 - <<<"$line"$'\n'"$line"
