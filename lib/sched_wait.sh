@@ -39,18 +39,21 @@ sched::_gpu_ready() {
 # --on-timeout run would start it anyway), or broken (no slot has a usable lock file).
 sched::_pick() {
   local job=$1 now=$2 pass slot dev usable=0 cand=() devs_free=() need=${JOB[$1,need]:-0} g=${JOB[$1,gpus]:-1}
-  local -A seen=()
+  local -A seen=() counted=()
   SCHED_PICK="" SCHED_PICK_WHY=full SCHED_BLOCKED="" SCHED_BLOCK_WHY="" SCHED_BLOCK_MEM=0 LEASE_FDS=() LEASE_FILES=() LEASE_SLOTS=()
   for pass in prefer any; do
-    cand=() devs_free=() seen=()
+    cand=() devs_free=() seen=() counted=()
     for slot in "${SCHED_SLOTS[@]}"; do
       dev=${slot%:*}
       [[ -z ${SLOT_BROKEN[$slot]:-} ]] || continue
       usable=1
       [[ -z ${SLOT_JOB[$slot]:-} && -z ${seen[$dev]:-} ]] || continue
-      seen[$dev]=1 devs_free+=("$slot")
+      seen[$dev]=1
+      [[ -n ${counted[$dev]:-} ]] || counted[$dev]=1 devs_free+=("$slot")
       [[ $pass == any || " ${JOB[$job,avoid]} " != *" $dev "* ]] || continue
       if ! sched::_slot_ready "$slot" "$need" "$now"; then
+        # a slot another process holds (another launcher's job): the device's next slot may do
+        ((!SCHED_WHY_HELD)) || unset "seen[$dev]"
         # memory our own jobs hold frees as they end, like a slot: that is queueing, not a wait
         if ((SCHED_WHY_MEM == 0)) || ! sched::_ours_on "$dev"; then
           sched::_blocked "$slot" "$SCHED_WHY_NOW" "${SCHED_WHY_MEM/#0/}"
@@ -85,16 +88,16 @@ sched::_ours_on() {
 }
 
 # sched::_slot_ready SLOT NEED NOW_MS — may this slot take a job now? 1 with SCHED_WHY_NOW when its GPU
-# is busy, the slot is held by another process, or the device lacks NEED MiB net of reservations (then
-# SCHED_WHY_MEM=1; NEED "all": a job never measured, which runs alone).
+# is busy, the slot is held by another process (then SCHED_WHY_HELD=1), or the device lacks NEED MiB net
+# of reservations (then SCHED_WHY_MEM=1; NEED "all": a job never measured, which runs alone).
 sched::_slot_ready() {
   local slot=$1 need=$2 now=$3 dev=${1%:*}
   local gpu=${GPU_PARENT[$dev]:-$dev}
-  SCHED_WHY_NOW="" SCHED_WHY_MEM=0
+  SCHED_WHY_NOW="" SCHED_WHY_MEM=0 SCHED_WHY_HELD=0
   if ! sched::_gpu_ready "$gpu" "$now"; then
     SCHED_WHY_NOW=${SCHED_WHY[$gpu]}
   elif [[ -n ${SLOT_NEXT_CHECK[$slot]:-} ]] && ((now < SLOT_NEXT_CHECK[$slot])); then
-    SCHED_WHY_NOW=${SCHED_WHY[slot$slot]}
+    SCHED_WHY_NOW=${SCHED_WHY[slot$slot]} SCHED_WHY_HELD=1
   elif [[ $need != 0 && $dev != cpu ]]; then
     lease::free "$dev"
     SCHED_WHY_MEM=1

@@ -123,6 +123,22 @@ JSON
   assert [ "$(jq -r '.configs[].peak_mem_mib' "$WORK"/la/summary_*.json | sort -n | head -1)" -ge 18750 ]
 }
 
+@test "a GPU's slot held by another launcher: the job takes the GPU's next slot, it does not wait for that one" {
+  # two launchers sharing a GPU both number its slots from 0; each job of theirs used to wait for the first
+  # slot free of its own launcher's jobs, even with that slot held by the other launcher and the rest free
+  mkdir -p "$MGPU_LOCK_DIR"
+  : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
+  flock -w 10 "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
+  held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
+  wait_for 10 "the test's holder to take the lock" held
+  FAKE_TRAIN_SLEEP=0.2 sweep --gpus 0 --need-mem 1G --max-wait 2 --on-timeout skip --image-encoders a,b --text-encoders t
+  : >"$WORK/release"
+  wait
+  assert_success
+  assert_equal "$(summary '[.configs[] | "\(.status) \(.waited_seconds)"] | join(",")')" "succeeded 0,succeeded 0"
+  [[ $stderr == *"a_t did not start: GPU 0 slot 0 is held by pid "* ]] # its first try, sent to slot 0, found it held
+}
+
 @test "through nvidia-smi (no scenario for the launcher): each job's peak memory from the per-process list" {
   # the launcher reads the driver as on a real server (the fake nvidia-smi answers from the scenario the
   # fake trainers write their memory to); a real H200 showed the summary's peak_mem_mib null before this
