@@ -110,9 +110,10 @@ JSON
   wait "$second" || rc2=$?
   assert_equal "$rc1 $rc2" "0 0"
   # 25 GiB each on 81559 MiB: at most three at once, whichever launcher started them; usage never beyond total.
-  # Both launchers pack the GPU (more than one job at once). Three at once is the usual case, but in 2 of
-  # about 12 runs only two overlapped (why is not established yet: a packing-efficiency question, not safety):
-  # the safety property is asserted exactly, the packing as at least two.
+  # Both launchers pack the GPU (more than one job at once). Only two overlapped in about 2 runs of 12 while
+  # a job waited for the one slot of the GPU another launcher held (the next test); three in 12 of 12 since.
+  # Packing depends on timing on a loaded machine: the safety property is asserted exactly, the packing as
+  # at least two.
   local most
   most=$(overlap)
   assert [ "$most" -ge 2 ]
