@@ -119,9 +119,23 @@ lease::holder() {
     [[ $c != [][*?\\] ]] || c="\\$c"
     pattern+=$c
   done
-  pid=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$pattern" -not -path "/proc/$BASHPID/*" \
-    -not -path "/proc/$$/*" -print -quit 2>/dev/null) || true
-  pid=${pid#/proc/} pid=${pid%%/*}
+  # Every process that has it open shares the lock; name the one whose parent does not (the training
+  # script, not a worker or a `sleep` it started, which inherit the file).
+  local found holders=() stat
+  local -A has=()
+  found=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$pattern" -not -path "/proc/$BASHPID/*" \
+    -not -path "/proc/$$/*" -print 2>/dev/null) || true
+  for pid in $found; do
+    pid=${pid#/proc/} pid=${pid%%/*}
+    [[ -n ${has[$pid]:-} ]] || holders+=("$pid") has[$pid]=1
+  done
+  pid=""
+  for c in "${holders[@]}"; do
+    read -r stat 2>/dev/null <"/proc/$c/stat" || continue
+    stat=${stat##*) } stat=${stat#* } # "ppid pgrp ..."
+    [[ -n ${has[${stat%% *}]:-} ]] || { pid=$c && break; }
+  done
+  [[ -n $pid ]] || pid=${holders[0]:-}
   [[ -n $pid ]] || return 0
   mapfile -d '' -t cmdline 2>/dev/null <"/proc/$pid/cmdline" || true
   LEASE_HOLDER_PID=$pid LEASE_HOLDER="pid $pid"

@@ -52,8 +52,7 @@ sched::_pick() {
       [[ -n ${counted[$dev]:-} ]] || counted[$dev]=1 devs_free+=("$slot")
       [[ $pass == any || " ${JOB[$job,avoid]} " != *" $dev "* ]] || continue
       if ! sched::_slot_ready "$slot" "$need" "$now"; then
-        # a slot another process holds (another launcher's job): the device's next slot may do
-        ((!SCHED_WHY_HELD)) || unset "seen[$dev]"
+        ((!SCHED_WHY_HELD)) || unset "seen[$dev]" # held by another launcher's job: the device's next slot may do
         # memory our own jobs hold frees as they end, like a slot: that is queueing, not a wait
         if ((SCHED_WHY_MEM == 0)) || ! sched::_ours_on "$dev"; then
           sched::_blocked "$slot" "$SCHED_WHY_NOW" "${SCHED_WHY_MEM/#0/}"
@@ -115,8 +114,7 @@ sched::_slot_ready() {
 
 # sched::_take JOB NOW_MS SLOT... — open the slots' lease files (a slot found held before is locked here
 # first, so the job is not sent to it in vain) and reserve the job's memory need on their devices; 0 with
-# SCHED_PICK, LEASE_FDS, LEASE_FILES and LEASE_SLOTS set, 1 (nothing kept) when a slot is held or broken
-# or the memory is gone.
+# SCHED_PICK, LEASE_FDS, LEASE_FILES, LEASE_SLOTS set, 1 (nothing kept): a slot held or broken, no memory.
 sched::_take() {
   local job=$1 now=$2 slot dev fd
   shift 2

@@ -263,6 +263,22 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
   assert_regex "$(summary '.configs[0].reason')" '^gave up after 1s \(MAX_WAIT\): GPU 0 slot 0 is held by pid [0-9]+: (flock|bash)'
 }
 
+@test "a held lock names the process that took it, not the children that inherited the file" {
+  mkdir -p "$MGPU_LOCK_DIR"
+  : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
+  # flock takes the lock and starts bash, whose three sleeps (and their loop's) have the file open too
+  flock -w 10 "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'for i in 1 2 3; do sleep 30 & done
+    until [[ -e "$1" ]]; do sleep 0.05; done; kill $(jobs -p)' _ "$WORK/release" &
+  local holder=$!
+  held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
+  wait_for 10 "the test's holder to take the lock" held
+  run bash -c 'source "$1/lib/core.sh" && source "$1/lib/lease.sh" && lease::holder "$2" && echo "$LEASE_HOLDER_PID $LEASE_HOLDER"' \
+    _ "$ROOT" "$MGPU_LOCK_DIR/gpu0.slot0.lock"
+  : >"$WORK/release"
+  wait
+  assert_output --regexp "^$holder pid $holder: flock -w 10 .+ until "
+}
+
 @test "a held slot freed mid-wait is taken, and the wait is recorded" {
   mkdir -p "$MGPU_LOCK_DIR"
   : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
