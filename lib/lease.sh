@@ -139,7 +139,7 @@ lease::holder() {
   [[ -n $pid ]] || return 0
   mapfile -d '' -t cmdline 2>/dev/null <"/proc/$pid/cmdline" || true
   LEASE_HOLDER_PID=$pid LEASE_HOLDER="pid $pid"
-  ((${#cmdline[@]} == 0)) || LEASE_HOLDER+=": ${cmdline[*]}"
+  ((${#cmdline[@]} == 0)) || LEASE_HOLDER+=": ${cmdline[*]//[[:cntrl:]]/ }" # one line (bash -c scripts hold newlines)
   ((${#LEASE_HOLDER} <= 160)) || LEASE_HOLDER="${LEASE_HOLDER:0:157}..."
 }
 

@@ -247,12 +247,7 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
 }
 
 @test "a slot held by another process: the wait names the holder, counts, and obeys --max-wait/--on-timeout" {
-  mkdir -p "$MGPU_LOCK_DIR"
-  : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
-  # -w: held() below probes the lock too; the holder ends when the test says so, leaving nothing behind
-  flock -w 10 "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
-  held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
-  wait_for 10 "the test's holder to take the lock" held
+  hold_lock "$MGPU_LOCK_DIR/gpu0.slot0.lock" # the holder ends when the test says so, leaving nothing behind
   MGPU_POLL_MS=200 sweep --gpus 0 --max-wait 1 --on-timeout skip --image-encoders a --text-encoders t
   : >"$WORK/release"
   wait
@@ -264,27 +259,17 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
 }
 
 @test "a held lock names the process that took it, not the children that inherited the file" {
-  mkdir -p "$MGPU_LOCK_DIR"
-  : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
-  # flock takes the lock and starts bash, whose three sleeps (and their loop's) have the file open too
-  flock -w 10 "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'for i in 1 2 3; do sleep 30 & done
-    until [[ -e "$1" ]]; do sleep 0.05; done; kill $(jobs -p)' _ "$WORK/release" &
-  local holder=$!
-  held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
-  wait_for 10 "the test's holder to take the lock" held
+  # flock takes the lock and starts bash, whose three sleeps (and its loop's) have the file open too
+  hold_lock "$MGPU_LOCK_DIR/gpu0.slot0.lock" 'for i in 1 2 3; do sleep 30 & done; trap "kill \$(jobs -p)" EXIT'
   run bash -c 'source "$1/lib/core.sh" && source "$1/lib/lease.sh" && lease::holder "$2" && echo "$LEASE_HOLDER_PID $LEASE_HOLDER"' \
     _ "$ROOT" "$MGPU_LOCK_DIR/gpu0.slot0.lock"
   : >"$WORK/release"
   wait
-  assert_output --regexp "^$holder pid $holder: flock -w 10 .+ until "
+  assert_output --regexp "^$HOLDER_PID pid $HOLDER_PID: flock -w 10 .+ bash -c for i in 1 2 3"
 }
 
 @test "a held slot freed mid-wait is taken, and the wait is recorded" {
-  mkdir -p "$MGPU_LOCK_DIR"
-  : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
-  flock -w 10 "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
-  held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
-  wait_for 10 "the test's holder to take the lock" held
+  hold_lock "$MGPU_LOCK_DIR/gpu0.slot0.lock"
   MGPU_POLL_MS=200 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 --max-wait 60 --image-encoders a --text-encoders t \
     >"$WORK/out" 2>"$WORK/err" &
   local launcher=$! rc=0

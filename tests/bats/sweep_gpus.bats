@@ -127,11 +127,7 @@ JSON
 @test "a GPU's slot held by another launcher: the job takes the GPU's next slot, it does not wait for that one" {
   # two launchers sharing a GPU both number its slots from 0; each job of theirs used to wait for the first
   # slot free of its own launcher's jobs, even with that slot held by the other launcher and the rest free
-  mkdir -p "$MGPU_LOCK_DIR"
-  : >"$MGPU_LOCK_DIR/gpu0.slot0.lock"
-  flock -w 10 "$MGPU_LOCK_DIR/gpu0.slot0.lock" bash -c 'until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
-  held() { ! flock -n "$MGPU_LOCK_DIR/gpu0.slot0.lock" true; }
-  wait_for 10 "the test's holder to take the lock" held
+  hold_lock "$MGPU_LOCK_DIR/gpu0.slot0.lock"
   FAKE_TRAIN_SLEEP=0.2 sweep --gpus 0 --need-mem 1G --max-wait 2 --on-timeout skip --image-encoders a,b --text-encoders t
   : >"$WORK/release"
   wait

@@ -57,6 +57,19 @@ wait_for() {
   done
 }
 
+# hold_lock FILE [SCRIPT] — a process of this test takes FILE's lock and keeps it until $WORK/release
+# exists: flock, running bash with SCRIPT, a newline, then its wait (its children inherit the file too; its
+# command line holds a newline, as many do). Returns once the lock is held; HOLDER_PID is flock's pid.
+hold_lock() {
+  mkdir -p "${1%/*}" && : >"$1"
+  # shellcheck disable=SC2016  # the holder's bash expands its own $1
+  flock -w 10 "$1" bash -c "${2:-}"$'\n''until [[ -e "$1" ]]; do sleep 0.05; done' _ "$WORK/release" &
+  # shellcheck disable=SC2034  # read by the tests
+  HOLDER_PID=$!
+  wait_for 10 "the test's holder to take the lock of $1" lock_held "$1"
+}
+lock_held() { ! flock -n "$1" true; }
+
 # count_lines PATTERN FILE — how many lines of FILE match PATTERN (0 for a missing file)
 count_lines() { grep -c -e "$1" "$2" 2>/dev/null || true; }
 
