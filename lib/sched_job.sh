@@ -159,6 +159,9 @@ sched::_ended() {
     for other in "${SLOT_JOB[@]}"; do [[ " ${JOB[$other,slots]} " != *" ${slot%:*}:"* ]] || still=1; done
     ((still)) || GPU_OURS_UNTIL[${GPU_PARENT[${slot%:*}]:-${slot%:*}}]=$((CORE_NOW_MS + 2000))
   done
+  # a job sharing its GPUs by memory: the last reading may still count its memory, so the next memory
+  # check reads the GPUs again (sched::_slot_ready); other jobs' ends read nothing (the hot path)
+  [[ ${JOB[$job,need]:-0} == 0 ]] || SCHED_SAMPLE_MS=0
   if [[ -n ${JOB[$job,reservations]} ]]; then # the job's own process removes them; not if it was killed
     local files=()
     read -ra files <<<"${JOB[$job,reservations]}"

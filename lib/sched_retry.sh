@@ -79,6 +79,14 @@ sched::_host_oom() {
   return 1
 }
 
+# sched::_sample NOW_MS — read the GPUs (SCHED_SAMPLED 1, or -1 when they cannot be read) unless a
+# reading of the last 500 ms serves this fill (SCHED_SAMPLED already set by sched::_fill).
+sched::_sample() {
+  ((!SCHED_SAMPLED)) || return 0
+  gpu::sample "${SCHED_GPUS[@]}" 2>/dev/null && SCHED_SAMPLED=1 || SCHED_SAMPLED=-1
+  SCHED_SAMPLE_MS=$1
+}
+
 # sched::_sample_usage — every running job's GPU memory now (its processes in the per-process list), and
 # its peak so far (JOB[<i>,peak], MiB on its busiest GPU): the summary's figure, and what --need-mem auto
 # learns for the next sweep. Runs on timer wake-ups, never between a job's end and the next start.

@@ -15,10 +15,7 @@ sched::_gpu_ready() {
   # Load on a GPU that runs, or ran 2 s ago, one of our jobs is ours: other slots may use it.
   [[ -n ${GPU_OURS_UNTIL[$gpu]:-} ]] && ((GPU_OURS_UNTIL[$gpu] > now)) && return 0
   [[ -n ${GPU_NEXT_CHECK[$gpu]:-} ]] && ((now < GPU_NEXT_CHECK[$gpu])) && return 1
-  if ((!SCHED_SAMPLED)); then
-    gpu::sample "${SCHED_GPUS[@]}" 2>/dev/null && SCHED_SAMPLED=1 || SCHED_SAMPLED=-1
-    SCHED_SAMPLE_MS=$now
-  fi
+  sched::_sample "$now"
   if ((SCHED_SAMPLED == 1)); then gpu::judge "$gpu" || rc=$?; else rc=2; fi
   if ((rc == 0)); then
     unset "GPU_NEXT_CHECK[$gpu]"
@@ -98,9 +95,12 @@ sched::_slot_ready() {
   elif [[ -n ${SLOT_NEXT_CHECK[$slot]:-} ]] && ((now < SLOT_NEXT_CHECK[$slot])); then
     SCHED_WHY_NOW=${SCHED_WHY[slot$slot]} SCHED_WHY_HELD=1
   elif [[ $need != 0 && $dev != cpu ]]; then
+    sched::_sample "$now" # not the reading taken while our last job there ran (it still counts that job)
     lease::free "$dev"
     SCHED_WHY_MEM=1
-    if [[ $LEASE_FREE == NA ]]; then
+    if ((SCHED_SAMPLED != 1)); then
+      SCHED_WHY_NOW="GPU $dev's memory cannot be read right now"
+    elif [[ $LEASE_FREE == NA ]]; then
       SCHED_WHY_NOW="GPU $dev does not report its memory, so its free memory cannot be checked"
     elif [[ $need == all ]]; then
       ! sched::_ours_on "$dev" && ((LEASE_RESERVED == 0)) ||

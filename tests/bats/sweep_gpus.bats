@@ -136,6 +136,16 @@ JSON
   [[ $stderr == *"a_t did not start: GPU 0 slot 0 is held by pid "* ]] # its first try, sent to slot 0, found it held
 }
 
+@test "once our job on a GPU ends, a job waiting for its memory reads the GPU again, not the reading taken while that job ran" {
+  # 50 GiB each on 81559 MiB: one at a time. While a_t runs the launcher reads its memory every 300 ms
+  # (MGPU_POLL_MS); the last of those readings, taken after a_t allocated, must not keep b_t waiting.
+  FAKE_TRAIN_SLEEP=1.2 FAKE_TRAIN_MEM_MIB=50000 MGPU_POLL_MS=300 sweep --gpus 0 --need-mem 50G \
+    --image-encoders a,b --text-encoders t
+  assert_success
+  assert_equal "$(summary '[.configs[] | "\(.status) \(.waited_seconds)"] | join(",")')" "succeeded 0,succeeded 0"
+  assert_equal "$(overlap)" 1
+}
+
 @test "through nvidia-smi (no scenario for the launcher): each job's peak memory from the per-process list" {
   # the launcher reads the driver as on a real server (the fake nvidia-smi answers from the scenario the
   # fake trainers write their memory to); a real H200 showed the summary's peak_mem_mib null before this
