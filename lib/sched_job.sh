@@ -109,9 +109,15 @@ sched::_job() {
   [[ -z ${JOB[$job,out]} ]] || : 2>/dev/null >"$SCHED_STATE/job$job.$BASHPID.start" # a newer metrics.json is ours
   ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
   ! sched::_plain "${SCHED_ARGV[@]}" || SCHED_ARGV=("${SCHED_PLAIN[@]}")
-  CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
-    OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}" </dev/null >>"$LEDGER_LOG" 2>&1
+  # In a group, so that bash's own line on a command a signal killed ("<file>: line N: <pid> Killed ...")
+  # goes to the job's log, not the terminal; a trace of this process (SHELLOPTS=xtrace exported) does not.
+  [[ $- != *x* ]] || { exec {i}>&2 && BASH_XTRACEFD=$i; }
+  {
+    CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
+      OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}"
+  } </dev/null >>"$LEDGER_LOG" 2>&1
   rc=$?
+  ((rc <= 128 || rc > 192)) || printf '# mgpu: the command ended by signal %s (exit %s)\n' "$(kill -l "$rc")" "$rc" 2>/dev/null >>"$LEDGER_LOG"
   ((rc)) || printf '%s\n' "${JOB[$job,hash]}" 2>/dev/null >"${JOB[$job,marker]}"
   printf '%s\t%s\t\n' "$rc" "${EPOCHREALTIME/./}" 2>/dev/null >"$end"
   ((${#LEASE_RESERVATIONS[@]} == 0)) || rm -f -- "${LEASE_RESERVATIONS[@]}"

@@ -55,6 +55,18 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
     "failed 137 signal KILL 1 signal KILL on GPU 0; signal KILL on GPU 1"
 }
 
+@test "a command a signal killed: the job's log says which signal, and none of mgpu's code reaches the terminal" {
+  printf 'kill -KILL $$\nkill -SEGV $$\n' >"$WORK/jobs.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 "$WORK/jobs.txt"
+  assert_failure 1
+  assert_equal "$(tail -n 1 logs/gpu_queue/job1_*.log)" "# mgpu: the command ended by signal KILL (exit 137)"
+  assert_equal "$(tail -n 1 logs/gpu_queue/job2_*.log)" "# mgpu: the command ended by signal SEGV (exit 139)"
+  # bash's own line on it went to the terminal: "lib/sched_job.sh: line 88: 4242 Killed  CUDA_VISIBLE_DEVICES=$2 ..."
+  # (the launcher's own lines quote a failed job's log indented, after "|")
+  refute grep -E '^[^ ].*(Killed|Segmentation fault)' <<<"$stderr"
+  assert_equal "$(grep -c -E '^/.*/lib/sched_job\.sh: line [0-9]+: +[0-9]+ Killed ' logs/gpu_queue/job1_*.log)" 1 # in the log now
+}
+
 @test "the launcher SIGKILLed mid-sweep: its jobs finish and mark themselves done, so --resume redoes nothing" {
   FAKE_TRAIN_SLEEP=1.5 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0,1 --image-encoders a,b --text-encoders t \
     >"$WORK/out" 2>"$WORK/err" &
