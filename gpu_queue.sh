@@ -29,7 +29,7 @@ CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER=PCI_BUS_ID, MGPU_GPU and MGPU_CONFIG_NAM
   --max-parallel N  --partition P  --time T  --cpus-per-task N  --mem M  --account A  --qos Q  --gres G
   --sbatch-arg --OPT=VALUE  (a requeued job gets MGPU_RESTART, its requeue count: it resumes itself)
 The options mean what they mean for run_train_clip.sh (see its --help).
-Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error; 130/143 interrupted.
+Exit status: 0 all jobs succeeded; 1 some failed or were skipped; 2 usage error; 130/143/129 interrupted.
 USAGE
 }
 

@@ -102,7 +102,7 @@ Slurm (docs/scale-out.md):
   --sbatch-arg --OPT=VALUE    any other sbatch option (repeatable)
   -h, --help                  this help
 Exit status: 0 all configs succeeded (or were done earlier, with --resume); 1 some failed, were skipped
-or could not start; 2 usage error; 130/143 interrupted (Ctrl-C / TERM).
+or could not start; 2 usage error; 130/143/129 interrupted (Ctrl-C / TERM / a closed terminal).
 USAGE
 }
 

@@ -149,7 +149,7 @@ ledger::show_tail() {
     return 0
   fi
   log::error "${JOB[$1,name]} failed; the last lines of $log:"
-  tail -n "$MGPU_TAIL_LINES" "$log" | sed 's/^/    | /' >&2
+  tail -n "$MGPU_TAIL_LINES" "$log" | sed 's/^/    | /' >&2 || true # stderr gone: lost, never fatal
 }
 
 # ledger::_str TEXT — TEXT as a JSON string (or null when empty) into LEDGER_STR, without a fork.
@@ -247,7 +247,7 @@ ledger::_table() {
   for row in "$@"; do
     cells=(${row//$'\t'/$'\x1f'})
     # shellcheck disable=SC2059  # the format is built above from the column widths alone
-    printf "$fmt" "${cells[@]}"
+    printf "$fmt" "${cells[@]}" 2>/dev/null || return 0 # stdout gone (`| head`): the files have it all
   done
 }
 

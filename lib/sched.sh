@@ -206,7 +206,11 @@ sched::_settle() {
 # ---------------------------------------------------------------- the loop
 
 # sched::run — run the queue to the end (or to a signal); the summary is written either way, and
-# SCHED_EXIT set: 0 every job succeeded (or was done earlier), 1 some did not, 130/143 interrupted.
+# SCHED_EXIT set: 0 every job succeeded (or was done earlier), 1 some did not, 129/130/143 stopped by
+# SIGHUP (the terminal closed), SIGINT or SIGTERM. A reader of the launcher's output that goes away
+# (`2>&1 | tee` ended by the same Ctrl-C, `| head`) neither kills it nor stops the sweep: SIGPIPE is
+# trapped, so its writes fail and are lost (log::_emit), while the jobs, their logs and the summary files
+# carry on. (A default SIGPIPE would end the launcher at once, its jobs left running as orphans.)
 sched::run() {
   SCHED_RUNNING=1
   GPU_WANT_PROCS=1 # nvidia-smi's per-process list too: each job's memory (its peak, reservations)
@@ -214,6 +218,8 @@ sched::run() {
   ledger::events_begin
   trap 'SCHED_STOP=${SCHED_STOP:-INT}' INT
   trap 'SCHED_STOP=${SCHED_STOP:-TERM}' TERM
+  trap 'SCHED_STOP=${SCHED_STOP:-HUP}' HUP # under nohup, ignored: the sweep goes on
+  trap : PIPE # trapped, not ignored: the jobs' commands get SIGPIPE's default back
   while ((${#SCHED_QUEUE[@]} || ${#pids[@]})) && [[ -z $SCHED_STOP ]]; do
     sched::_fill
     sched::_settle
@@ -244,6 +250,7 @@ sched::finish() {
     [[ ${JOB[$job,status]} == succeeded || ${JOB[$job,reason]} == "done earlier (--resume)" ]] || bad=1
   done
   case $SCHED_STOP in
+    HUP) SCHED_EXIT=129 ;;
     INT) SCHED_EXIT=130 ;;
     TERM) SCHED_EXIT=143 ;;
     *) SCHED_EXIT=$bad ;;
@@ -256,7 +263,9 @@ sched::finish() {
 # stops every job, writes the summary once jobs were recorded, and removes the private folder.
 sched::_on_exit() {
   local rc=$?
-  trap - EXIT INT TERM
+  set +eE # nothing in here may cut the stop short: a job left running would be an orphan
+  trap - EXIT INT TERM HUP
+  trap : PIPE
   if ((${#pids[@]})); then
     SCHED_STOP=${SCHED_STOP:-EXIT}
     sched::stop_all

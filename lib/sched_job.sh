@@ -117,7 +117,7 @@ sched::_job() {
       OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}"
   } </dev/null >>"$LEDGER_LOG" 2>&1
   rc=$?
-  ((rc <= 128 || rc > 192)) || printf '# mgpu: the command ended by signal %s (exit %s)\n' "$(kill -l "$rc")" "$rc" 2>/dev/null >>"$LEDGER_LOG"
+  ((rc <= 128 || rc >= 160)) || printf '# mgpu: the command ended by signal %s (exit %s)\n' "$(kill -l "$rc")" "$rc" 2>/dev/null >>"$LEDGER_LOG"
   ((rc)) || printf '%s\n' "${JOB[$job,hash]}" 2>/dev/null >"${JOB[$job,marker]}"
   printf '%s\t%s\t\n' "$rc" "${EPOCHREALTIME/./}" 2>/dev/null >"$end"
   ((${#LEASE_RESERVATIONS[@]} == 0)) || rm -f -- "${LEASE_RESERVATIONS[@]}"

@@ -304,9 +304,9 @@ sched::stop_all() {
   ((${#pids[@]})) || return 0
   SCHED_AGAIN=""
   trap 'SCHED_AGAIN=1' INT TERM
-  log::warn "stopping ${#pids[@]} running job(s): TERM now, KILL after ${GRACE}s (--grace) unless they end; press Ctrl-C again to KILL them now"
   : >"$SCHED_STATE/term"
   for name in "${!pids[@]}"; do kill -TERM -- "-${pids[$name]}" 2>/dev/null || true; done
+  log::warn "stopping ${#pids[@]} running job(s): TERM now, KILL after ${GRACE}s (--grace) unless they end; press Ctrl-C again to KILL them now"
   core::now_ms
   deadline=$((CORE_NOW_MS + GRACE * 1000))
   while [[ -z $SCHED_AGAIN ]]; do

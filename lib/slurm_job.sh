@@ -16,9 +16,12 @@
 # 60), SJ_REQUEUE (true: the caller requeues after a stop), SJ_DELIVER (tree: TERM to every process of
 # the command; steps: scancel --signal=TERM to the job's srun steps), SJ_DEFER (1: hold a stop until
 # the command catches SIGTERM, the trainer's handler), SJ_OUT (the output folder whose checkpoint_*.pt
-# the watch reads), SJ_SINCE (a file whose time is this run's start), SJ_NOTE (a file the notes also go to).
+# the watch reads), SJ_SINCE (a file whose time is this run's start), SJ_NOTE (a file the notes also go to),
+# SJ_TEMP_FILES (the caller's temporary files: removed with the run's own when it ends, or when the shell
+# exits during it, since the run's EXIT trap replaces the caller's).
 
 SJ_LEAD=60 SJ_REQUEUE=false SJ_DELIVER=tree SJ_DEFER=0 SJ_OUT="" SJ_SINCE="" SJ_NOTE="" SJ_END="" SJ_END_READ=0
+SJ_TEMP_FILES=()
 SJ_PID="" SJ_RC=0 SJ_STOP="" SJ_CAUSE="" SJ_GOT="" SJ_ASKED=0 SJ_SENT=0 SJ_KILLED=0
 SJ_WATCH_S=${MGPU_SLURM_WATCH_S:-5}
 
@@ -203,6 +206,7 @@ slurm_job::run() {
   trap 'SJ_GOT+=" TERM"' TERM
   trap 'SJ_GOT+=" INT"' INT
   end=$(mktemp "${TMPDIR:-/tmp}/mgpu-slurm-job.XXXXXX")
+  SJ_TEMP_FILES+=("$end")
   set -m # the command's own process group, led by a fork of this shell that records its exit status
   slurm_job::_job "$log" "$end" "$@" &
   SJ_PID=$!
@@ -231,7 +235,6 @@ slurm_job::run() {
   # bash may lose a child's status when it ends while a trap runs (`wait` then says -1 or 127): the
   # command's own record has it
   read -r rc 2>/dev/null <"$end" && [[ $rc =~ ^[0-9]+$ ]] && SJ_RC=$rc
-  rm -f -- "$end"
   slurm_job::_signals "$EPOCHSECONDS" # a signal that came with the end still names the cause
   slurm_job::_ended_by_slurm
   slurm_job::_leftovers
@@ -262,8 +265,11 @@ slurm_job::_ended_by_slurm() {
   slurm_job::_signals "$EPOCHSECONDS"
 }
 
-# slurm_job::_leftovers — KILL whatever of the command still runs (its group, their descendants).
+# slurm_job::_leftovers — KILL whatever of the command still runs (its group, their descendants); remove
+# the temporary files (SJ_TEMP_FILES).
 slurm_job::_leftovers() {
+  ((${#SJ_TEMP_FILES[@]} == 0)) || rm -f -- "${SJ_TEMP_FILES[@]}"
+  SJ_TEMP_FILES=()
   [[ -n $SJ_PID ]] || return 0
   slurm_job::tree "$SJ_PID"
   kill -KILL -- "-$SJ_PID" 2>/dev/null || true # the group, its leader included while it runs

@@ -356,9 +356,10 @@ wait_job() {
   assert_line "run after 1 requeue(s)"
 }
 
-@test "train_slurm.sbatch --requeue: USR1 to the batch shell reaches both ranks (srun + torchrun) as TERM; they save, the job requeues and resumes to the same weights" {
+@test "train_slurm.sbatch --requeue: USR1 to the batch shell reaches both ranks (srun + torchrun) as TERM; they save, the job requeues and resumes to the same weights; neither run leaves a file of mgpu in TMPDIR" {
   local job_id pids out
-  job_id=$(PYTHON=$ROOT/.venv/bin/python NPROC_PER_NODE=1 MGPU_ROOT=$ROOT sbatch --parsable --nodes=1 --ntasks=2 \
+  mkdir "$WORK/tmp"
+  job_id=$(TMPDIR=$WORK/tmp PYTHON=$ROOT/.venv/bin/python NPROC_PER_NODE=1 MGPU_ROOT=$ROOT sbatch --parsable --nodes=1 --ntasks=2 \
     --ntasks-per-node=2 --gres=gpu:0 --cpus-per-task=1 --time=10 --output="$WORK/ddp_%j.out" "$ROOT/train_slurm.sbatch" \
     --requeue "${TINY_TOWERS[@]}" "${TINY_TRAIN[@]}" --output-dir out)
   out=$WORK/ddp_$job_id.out
@@ -378,6 +379,8 @@ wait_job() {
   assert_equal "$(jq -r '"\(.world_size) \(.completed)"' out/metrics.json)" "2 true"
   assert_equal "$(same_weights out/model.pt "$(reference two)")" equal
   assert_equal "$(job_procs "$job_id")" 0
+  # the file whose time is a run's start: the requeued run's and the last run's are both gone
+  assert_equal "$(find "$WORK/tmp" -maxdepth 1 -name 'mgpu-*')" ""
 }
 
 @test "train_torchrun.sh --slurm --dry-run: the srun + torchrun command from the allocation's node list" {

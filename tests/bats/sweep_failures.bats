@@ -56,11 +56,14 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
 }
 
 @test "a command a signal killed: the job's log says which signal, and none of mgpu's code reaches the terminal" {
-  printf 'kill -KILL $$\nkill -SEGV $$\n' >"$WORK/jobs.txt"
+  printf 'kill -KILL $$\nkill -SEGV $$\nexit 170\n' >"$WORK/jobs.txt"
   run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 "$WORK/jobs.txt"
   assert_failure 1
   assert_equal "$(tail -n 1 logs/gpu_queue/job1_*.log)" "# mgpu: the command ended by signal KILL (exit 137)"
   assert_equal "$(tail -n 1 logs/gpu_queue/job2_*.log)" "# mgpu: the command ended by signal SEGV (exit 139)"
+  # 128 + a real-time signal's number, as the summary reads it too: an exit status, not a signal
+  refute grep -q 'ended by signal' logs/gpu_queue/job3_*.log
+  assert_equal "$(jq -r '[.configs[].failure] | join(" ")' logs/gpu_queue/summary_*.json)" "signal KILL signal SEGV error"
   # bash's own line on it went to the terminal: "lib/sched_job.sh: line 88: 4242 Killed  CUDA_VISIBLE_DEVICES=$2 ..."
   # (the launcher's own lines quote a failed job's log indented, after "|")
   refute grep -E '^[^ ].*(Killed|Segmentation fault)' <<<"$stderr"
@@ -181,6 +184,44 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
   wait "$launcher" || rc=$?
   assert_equal "$rc" 143
   assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' logs/gpu_queue/summary_*.json)" "interrupted (killed after grace (no checkpoint))"
+}
+
+@test "the reader of the launcher's output gone (\`2>&1 | tee\` ended by the same Ctrl-C), then Ctrl-C or a hangup: jobs stopped, summary written, nothing left running" {
+  local sig launcher reader rc pid groups group
+  two_started() { [[ $(starts) == 2 ]]; }
+  for sig in INT HUP; do
+    rm -rf logs checkpoints "$FAKE_TRAIN_RECORD" "$WORK/out.fifo"
+    mkfifo "$WORK/out.fifo"
+    cat "$WORK/out.fifo" >/dev/null &
+    reader=$!
+    FAKE_TRAIN_SLEEP=60 env --default-signal=INT bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0,1 \
+      --image-encoders a,b,c --text-encoders t >"$WORK/out.fifo" 2>&1 &
+    launcher=$! rc=0
+    wait_for 30 "both jobs to start" two_started
+    groups=()
+    while read -r pid; do groups+=("$(ps -o pgid= -p "$pid" | tr -d ' ')"); done < <(cut -f5 "$FAKE_TRAIN_RECORD")
+    kill "$reader"
+    wait "$reader" || true
+    kill -"$sig" "$launcher" # its next line meets a pipe without a reader: SIGPIPE, EPIPE
+    wait "$launcher" || rc=$?
+    assert_equal "$sig $rc" "$sig $([[ $sig == INT ]] && echo 130 || echo 129)"
+    for group in "${groups[@]}"; do assert_equal "$sig job group $group: $(live_in_group "$group")" "$sig job group $group: 0"; done
+    assert_equal "$(summary '[.configs[] | "\(.status):\(.detail // .reason)"] | join(" ")')" \
+      "interrupted:stopped within the grace period (exit 143) interrupted:stopped within the grace period (exit 143) interrupted:never started"
+    assert_equal "$(tail -n 1 logs/clip_training/sweep_*.events | cut -f1,3)" "finish	$rc"
+  done
+}
+
+@test "output that cannot be written (stderr closed or full, stdout a closed pipe) never stops a sweep: it runs to the end, exit 0" {
+  printf 'true\ntrue\n' >"$WORK/jobs.txt"
+  bash "$ROOT/gpu_queue.sh" --gpus 0,1 --log-dir closed "$WORK/jobs.txt" 2>&- | head -c 0
+  assert_equal "${PIPESTATUS[0]}" 0
+  bash "$ROOT/gpu_queue.sh" --gpus 0,1 --log-dir full "$WORK/jobs.txt" >/dev/full 2>/dev/full
+  local dir
+  for dir in closed full; do
+    assert_equal "$(jq -r '"\(.succeeded) \(.failed)"' "$dir"/summary_*.json)" "2 0"
+    assert_equal "$(tail -n 1 "$dir"/sweep_*.events | cut -f1,3)" "finish	0"
+  done
 }
 
 @test "a failed config never shows the metric of an earlier run's metrics.json" {
