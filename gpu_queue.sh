@@ -42,7 +42,7 @@ own_arg() {
 }
 
 main() {
-  local source="" line n=0 input
+  local source="" line n=0 input crlf=0
   sweep::parse "$@"
   if [[ -n $SWEEP_HELP ]]; then usage && exit 0; fi
   ((${#SWEEP_REST[@]} == 0)) || DIE_STATUS=2 die "gpu_queue.sh takes no arguments after --"
@@ -54,12 +54,15 @@ main() {
   fi
   [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
   [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
-  [[ $DRY_RUN == true || -d $LOG_DIR ]] || mkdir -p -- "$LOG_DIR"
+  [[ ! -d $source ]] || DIE_STATUS=2 die "jobs file '$source' is a folder: name a file of commands, one a line"
+  [[ $DRY_RUN == true ]] || core::make_dirs "LOG_DIR=$LOG_DIR" || exit 2
   sched::init
   input=$source
   [[ $source != - ]] || input=/dev/stdin
   while IFS= read -r line || [[ -n $line ]]; do
     n=$((n + 1))
+    ((n > 1)) || line=${line#$'\xef\xbb\xbf'} # a byte-order mark (Windows Notepad) is no part of a command
+    [[ $line != *$'\r' ]] || { line=${line%$'\r'} && crlf=1; }
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
     if [[ $line == -* ]]; then # bash would take it for its own option; other lines keep their argv (--resume)
       sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c -- "$line"
@@ -70,6 +73,7 @@ main() {
     sweep::resources "$SCHED_NEW" || exit 2
   done <"$input"
   LEDGER_COMMANDS=1
+  ((!crlf)) || log::warn "jobs file '$source' has Windows line ends (CRLF): its lines are read without their carriage returns"
   ((SCHED_N)) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
   sweep::launch
 }

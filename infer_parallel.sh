@@ -48,7 +48,7 @@ own_arg() {
   SWEEP_SHIFT=0
   case $1 in
     --checkpoint | --out | --data | --batch-size | --cpu-procs | --workers | --amp | --max-bad-images)
-      (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
+      core::need_value "$1" $# "${2:-}" || return 2
       case $1 in
         --checkpoint) CHECKPOINT=$2 ;;
         --out) OUT=$2 ;;
@@ -125,7 +125,7 @@ main() {
   [[ -z $AMP ]] || opts+=(--amp "$AMP")
   merge=("${PY[@]}" --checkpoint "$CHECKPOINT" --out "$OUT" --merge "$n")
   [[ -z $MAX_BAD ]] || merge+=(--max-bad-images "$MAX_BAD")
-  [[ $DRY_RUN == true ]] || mkdir -p "$OUT/shards" "$LOG_DIR"
+  [[ $DRY_RUN == true ]] || core::make_dirs "--out=$OUT/shards" "LOG_DIR=$LOG_DIR" || exit 2
   sched::init
   for ((i = 0; i < n; i++)); do # LOCAL_WORLD_SIZE: --workers auto shares the cores among the n processes
     sched::add "shard${i}_of_$n" "" "" "" "$OUT/shards/.mgpu_done_${i}_of_$n" -- env "LOCAL_WORLD_SIZE=$n" \

@@ -111,7 +111,7 @@ own_arg() {
   SWEEP_SHIFT=0
   case $1 in
     --image-encoders | --text-encoders | --config-file | --train-cmd | --ckpt-dir | --preset | --sample | --seed)
-      (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
+      core::need_value "$1" $# "${2:-}" || return 2
       case $1 in
         --sample) SAMPLE=$2 ;;
         --seed) SAMPLE_SEED=$2 ;;
@@ -197,7 +197,7 @@ main() {
     exit
   fi
   configs
-  [[ $DRY_RUN == true ]] || mkdir -p -- "$LOG_DIR" "$CKPT_DIR"
+  [[ $DRY_RUN == true ]] || core::make_dirs "LOG_DIR=$LOG_DIR" "CKPT_DIR=$CKPT_DIR" || exit 2
   sched::init
   local i flags out n trainer
   for i in "${!CFG_NAME[@]}"; do

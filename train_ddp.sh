@@ -28,7 +28,7 @@ main() {
     case $1 in
       --dry-run) dry=1 ;;
       --gpus)
-        (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+        core::need_value "$1" $# "${2:-}" || exit 2
         ddp::gpus "$2"
         shift
         ;;

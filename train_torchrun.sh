@@ -47,7 +47,7 @@ main() {
       --dry-run) dry=1 ;;
       --slurm) slurm=1 ;;
       --log-dir | --ranks | --gpus)
-        (($# >= 2)) || DIE_STATUS=2 die "$1 needs a value (see --help)"
+        core::need_value "$1" $# "${2:-}" || exit 2
         if [[ $1 == --log-dir ]]; then
           logs=$2
         elif [[ $1 == --gpus ]]; then

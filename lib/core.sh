@@ -38,6 +38,31 @@ core::sleep_fd() {
   exec {CORE_SLEEP_FD}<>"$1/sleep.fifo" # read-write: opening never blocks, and no writer ever writes
 }
 
+# core::need_value FLAG WORDS VALUE — 0 when FLAG has its value (WORDS: the words left, FLAG's own
+# included); else 1, logged: nothing follows, or what follows is an option, which would be taken for the
+# value (`--log-dir --dry-run` ran the sweep for real, into a folder named --dry-run).
+core::need_value() {
+  if (($2 < 2)); then
+    log::error "$1 needs a value (see --help)"
+    return 1
+  fi
+  [[ $3 == --[A-Za-z]* || $3 == -h ]] || return 0
+  log::error "$1 needs a value (see --help), got the option '$3' (a path starting with - can be written ./$3)"
+  return 1
+}
+
+# core::make_dirs NAME=DIR... — make each folder (and its parents); 1, logged with the system's reason
+# and the setting's name, for the first that cannot be made.
+core::make_dirs() {
+  local pair err
+  for pair in "$@"; do
+    [[ ! -d ${pair#*=} ]] || continue
+    err=$(mkdir -p -- "${pair#*=}" 2>&1) && continue
+    log::error "${pair%%=*} '${pair#*=}' cannot be made: ${err##*: }"
+    return 1
+  done
+}
+
 # core::python — the Python with torch, into CORE_PYTHON: $PYTHON, else the project's .venv, else python3.
 core::python() {
   CORE_PYTHON=${PYTHON:-}

@@ -23,10 +23,14 @@ lease::_open() {
     log::error "$setting: refusing the lock file $file: it is a symbolic link or not a regular file"
     return 2
   fi
-  if [[ ! -e $file || -O $file ]]; then
+  if [[ ! -e $file ]]; then # made here: readable by all, whatever the umask (077 left others locked out)
+    { exec {LEASE_OPEN_FD}<>"$file"; } 2>/dev/null && { chmod a+r -- "$file" 2>/dev/null || true; } && return 0
+  elif [[ -O $file ]]; then
     { exec {LEASE_OPEN_FD}<>"$file"; } 2>/dev/null && return 0
   else
     { exec {LEASE_OPEN_FD}<"$file"; } 2>/dev/null && return 0
+    log::error "$setting: cannot read the lock file $file, made by another user whose umask kept it from others: they can run chmod a+r on it (another MGPU_LOCK_DIR would stop sharing GPUs with them)"
+    return 2
   fi
   log::error "$setting: cannot open the lock file $file (set MGPU_LOCK_DIR to a writable folder)"
   return 2
@@ -141,6 +145,9 @@ lease::holder() {
   LEASE_HOLDER_PID=$pid LEASE_HOLDER="pid $pid"
   ((${#cmdline[@]} == 0)) || LEASE_HOLDER+=": ${cmdline[*]//[[:cntrl:]]/ }" # one line (bash -c scripts hold newlines)
   ((${#LEASE_HOLDER} <= 160)) || LEASE_HOLDER="${LEASE_HOLDER:0:157}..."
+  # a process of an mgpu job (one a job left running, even in a session of its own): say which job
+  mapfile -d '' -t cmdline 2>/dev/null <"/proc/$pid/environ" || true
+  for c in "${cmdline[@]}"; do [[ $c != MGPU_CONFIG_NAME=* ]] || { LEASE_HOLDER+=" (of mgpu job ${c#*=})" && break; }; done
 }
 
 # lease::usage PGID DEV — MiB the processes of a job (its process group) use on a device, from the last

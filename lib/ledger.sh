@@ -167,11 +167,13 @@ ledger::_str() {
 ledger::record() {
   local job=$1 metrics=null file=${JOB[$1,out]:+${JOB[$1,out]}/metrics.json} fails="" f status=${JOB[$1,status]}
   LEDGER_METRIC_NAME="" LEDGER_METRIC_VALUE=""
-  LEDGER_DONE=$((LEDGER_DONE + 1))
-  if [[ $status == succeeded || $status == failed ]]; then
-    LEDGER_RAN=$((LEDGER_RAN + 1)) LEDGER_RAN_MS=$((LEDGER_RAN_MS + JOB[$job,ms]))
+  if [[ -z ${LEDGER_JSON[job]:-} ]]; then # counted once: a second record (a detail added later) replaces it
+    LEDGER_DONE=$((LEDGER_DONE + 1))
+    if [[ $status == succeeded || $status == failed ]]; then
+      LEDGER_RAN=$((LEDGER_RAN + 1)) LEDGER_RAN_MS=$((LEDGER_RAN_MS + JOB[$job,ms]))
+    fi
+    [[ $status != failed ]] || LEDGER_FAILED=$((LEDGER_FAILED + 1))
   fi
-  [[ $status != failed ]] || LEDGER_FAILED=$((LEDGER_FAILED + 1))
   if [[ -n $file && -f $file ]] && { [[ ${JOB[$job,reason]} == "done earlier (--resume)" ]] ||
     [[ -f ${JOB[$job,since]} && $file -nt ${JOB[$job,since]} ]]; }; then
     ledger::_metrics "$file" || log::warn "${JOB[$job,name]}: $file is not a JSON object; its metrics are left out"

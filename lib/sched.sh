@@ -41,14 +41,19 @@ SCHED_QHEAD=0
 SCHED_N=0 SCHED_RUNNING="" SCHED_STATE="" SCHED_STOP="" SCHED_AGAIN="" SCHED_TIMER="" SCHED_EXIT=0 SCHED_THREADS=1
 
 # sched::init — the launcher's private folder (argv files, the jobs' end records), removed on every exit
-# path by the EXIT trap set here; folders left by launchers that were killed are removed too.
+# path by the EXIT trap set here; folders left by launchers that were killed are removed too. 2, logged,
+# when TMPDIR cannot hold it.
 sched::init() {
   local dir pid
   for dir in "${TMPDIR:-/tmp}"/mgpu-sched.*.*; do
     pid=${dir#*/mgpu-sched.} pid=${pid%%.*}
     [[ -O $dir && $pid =~ ^[0-9]+$ && ! -e /proc/$pid ]] && rm -rf -- "$dir"
   done
-  SCHED_STATE=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-sched.$$.XXXXXX") || return 1
+  if ! SCHED_STATE=$(mktemp -d "${TMPDIR:-/tmp}/mgpu-sched.$$.XXXXXX" 2>&1); then
+    log::error "TMPDIR '${TMPDIR:-/tmp}': cannot make the launcher's private folder there: ${SCHED_STATE##*: } (set TMPDIR to a writable folder)"
+    SCHED_STATE=""
+    return 2
+  fi
   trap 'sched::_on_exit' EXIT
   core::sleep_fd "$SCHED_STATE" || true
   local word words
@@ -232,6 +237,8 @@ sched::run() {
   if [[ -n $SCHED_STOP ]]; then
     log::warn "got SIG$SCHED_STOP: no new jobs start"
     sched::stop_all
+  else
+    sched::_leftovers
   fi
   [[ -z $SCHED_TIMER ]] || kill "$SCHED_TIMER" 2>/dev/null || true
   sched::finish

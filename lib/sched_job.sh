@@ -109,6 +109,10 @@ sched::_job() {
   [[ -z ${JOB[$job,out]} ]] || : 2>/dev/null >"$SCHED_STATE/job$job.$BASHPID.start" # a newer metrics.json is ours
   ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
   ! sched::_plain "${SCHED_ARGV[@]}" || SCHED_ARGV=("${SCHED_PLAIN[@]}")
+  # Terminal input is none of a job's (it runs in the background): a read of /dev/tty fails (EIO) instead
+  # of stopping the job for good (SIGTTIN), as a password prompt did, shown as running; ignored
+  # dispositions pass to the command.
+  trap '' TTIN TTOU
   # In a group, so that bash's own line on a command a signal killed ("<file>: line N: <pid> Killed ...")
   # goes to the job's log, not the terminal; a trace of this process (SHELLOPTS=xtrace exported) does not.
   [[ $- != *x* ]] || { exec {i}>&2 && BASH_XTRACEFD=$i; }
@@ -122,6 +126,37 @@ sched::_job() {
   printf '%s\t%s\t\n' "$rc" "${EPOCHREALTIME/./}" 2>/dev/null >"$end"
   ((${#LEASE_RESERVATIONS[@]} == 0)) || rm -f -- "${LEASE_RESERVATIONS[@]}"
   exit "$rc"
+}
+
+# sched::_leftovers — the jobs whose command ended but left processes running in its process group
+# (`cmd &`): each said, with them, and kept in its record's detail; they hold its slot's lease and its
+# folder's lock until they end. They get a second to end first (a trainer's data workers exit after it).
+sched::_leftovers() {
+  local job group deadline stat line fields members cmd=()
+  core::now_ms
+  deadline=$((CORE_NOW_MS + 1000))
+  for ((job = 0; job < SCHED_N; job++)); do
+    group=${JOB[$job,group]:-}
+    [[ -n $group ]] || continue
+    while sched::group_alive "$group"; do
+      core::now_ms
+      ((CORE_NOW_MS < deadline)) || break
+      core::sleep_ms 100
+    done
+    members=()
+    for stat in /proc/[0-9]*/stat; do
+      read -r line 2>/dev/null <"$stat" || continue
+      read -r -a fields <<<"${line##*) }" # state ppid pgrp ...
+      [[ ${fields[2]} == "$group" && ${fields[0]} != Z ]] || continue
+      mapfile -d '' -t cmd 2>/dev/null <"${stat%stat}cmdline" || true
+      line="${stat//[!0-9]/} ${cmd[*]//[[:cntrl:]]/ }"
+      members+=("${line:0:60}")
+    done
+    ((${#members[@]})) || continue
+    JOB[$job,detail]="left running: ${members[*]:0:3}${members[3]:+ ...}"
+    unset "LEDGER_JSON[job]" "LEDGER_ROW[job]" "LEDGER_TSV[job]" # recorded again with it
+    log::warn "${JOB[$job,name]}: its command ended, but ${#members[@]} process(es) it started run on, holding its slot and lock until they end: ${members[*]:0:3}${members[3]:+ ...}"
+  done
 }
 
 # sched::_plain ARGV... — 0, with the command's words in SCHED_PLAIN, when ARGV is `bash -c LINE` and LINE
@@ -179,8 +214,11 @@ sched::_ended() {
   if ((rc == 127)) && ((${#end[@]})); then rc=${end[0]}; fi
   note=${end[2]:-}
   # Its slots' kept leases: still locked when it held them and nothing of its group runs on; else closed.
+  local alive=0
+  ! kill -0 -- "-$pid" 2>/dev/null || alive=1
+  [[ $alive == 0 || -n $note ]] || JOB[$job,group]=$pid # its command ran and left some: sched::_leftovers
   for slot in $slots; do
-    if ((${#end[@]})) && [[ -z $note || $note == "running elsewhere"* ]] && ! kill -0 -- "-$pid" 2>/dev/null; then
+    if ((${#end[@]} && !alive)) && [[ -z $note || $note == "running elsewhere"* ]]; then
       [[ -z ${LEASE_KEPT[$slot]:-} ]] || LEASE_LOCKED[$slot]=1
     else
       lease::drop "$slot"

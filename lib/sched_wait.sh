@@ -305,7 +305,7 @@ sched::stop_all() {
   SCHED_AGAIN=""
   trap 'SCHED_AGAIN=1' INT TERM
   : >"$SCHED_STATE/term"
-  for name in "${!pids[@]}"; do kill -TERM -- "-${pids[$name]}" 2>/dev/null || true; done
+  for name in "${!pids[@]}"; do kill -TERM -- "-${pids[$name]}" && kill -CONT -- "-${pids[$name]}"; done 2>/dev/null || true # CONT: a stopped job acts on it
   log::warn "stopping ${#pids[@]} running job(s): TERM now, KILL after ${GRACE}s (--grace) unless they end; press Ctrl-C again to KILL them now"
   core::now_ms
   deadline=$((CORE_NOW_MS + GRACE * 1000))

@@ -25,7 +25,7 @@ slurm::flag() {
     --requeue) SB_REQUEUE=true SWEEP_SHIFT=1 ;;
     --backend | --partition | --time | --cpus-per-task | --mem | --account | --qos | --gres | --max-parallel | --sbatch-arg | \
       --signal-lead | --gpus-per-job)
-      (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
+      [[ $1 == --sbatch-arg ]] && (($# >= 2)) || core::need_value "$1" $# "${2:-}" || return 2 # --sbatch-arg --exclusive
       case $1 in
         --backend) MGPU_BACKEND=$2 ;;
         --partition) SB_PARTITION=$2 ;;

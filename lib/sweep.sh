@@ -55,7 +55,7 @@ sweep::flag() {
       ;;
     --gpus | --max-util | --max-wait | --jobs-per-gpu | --log-dir | --retries | --on-timeout | --cpu-slots | \
       --grace | --use-multi-config | --order | --gpus-per-job | --need-mem | --on-oom)
-      (($# >= 2)) || { log::error "$1 needs a value (see --help)"; return 2; }
+      core::need_value "$1" $# "${2:-}" || return 2
       case $1 in
         --gpus-per-job) GPUS_PER_JOB=$2 ;;
         --need-mem) NEED_MEM=$2 ;;

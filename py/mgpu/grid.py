@@ -99,7 +99,7 @@ def _name_all(configs: list[Config], given: list[str | None]) -> None:
 
 def from_file(path: str, sample: int | None = None, seed: int = 0) -> list[Config]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows Notepad) is not part of the JSON
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise GridError(f".: cannot read the file ({exc.strerror or exc})") from None

@@ -39,6 +39,14 @@ def test_a_grid_is_the_cross_product_named_by_the_keys_that_vary(tmp_path):
     assert configs[1].paths["lr"] == ".args.lr"
 
 
+def test_a_file_saved_with_a_bom_and_windows_line_ends_reads_as_without(tmp_path):
+    doc = {"image_encoders": ["s1"], "text_encoders": ["t1", "t2"]}
+    plain = write(tmp_path, doc)
+    windows = tmp_path / "windows.json"
+    windows.write_bytes(b"\xef\xbb\xbf" + json.dumps(doc, indent=2).replace("\n", "\r\n").encode())
+    assert [c.name for c in grid.from_file(str(windows))] == [c.name for c in grid.from_file(plain)] == ["s1_t1", "s1_t2"]
+
+
 def test_a_list_of_configurations_with_defaults_and_launcher_keys(tmp_path):
     path = write(tmp_path, {"defaults": {"epochs": 3, "gpus_per_job": 2},
                             "configs": [{"name": "small", "image_encoder": "a", "text_encoder": "b", "lr": 0.1},

@@ -1,0 +1,131 @@
+#!/usr/bin/env bats
+# shellcheck disable=SC2030,SC2031,SC2154,SC2016,SC2317  # bats: subshell tests, $stderr from run; '$VAR' in job text is meant literally; wait_for calls the small functions
+# The launchers against what users' files and machines do: a flag left without its value, files saved
+# on Windows, folders that cannot be made, umask 077 in a shared lock folder, a job that asks the
+# terminal for a password, a job stopped by hand, processes a job leaves behind. Real bash, real
+# processes, the fakes.
+
+load test_helper
+
+setup() {
+  common_setup
+  cd "$WORK" || return 1
+  export MGPU_LOCK_DIR="$WORK/locks" FAKE_TRAIN_RECORD="$WORK/record.tsv"
+  export MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-idle.json MGPU_UTIL_SAMPLES=1 MGPU_TICK_MS=50
+  TRAIN=(--train-cmd "$ROOT/tests/fakes/fake-trainer")
+}
+
+teardown() {
+  [[ ! -d $WORK ]] || touch "$WORK/release" # a leftover waiting for the test's word ends, should a test stop early
+  [[ ! -s $WORK/leftover2.pid ]] || kill "$(cat "$WORK/leftover2.pid")" 2>/dev/null || true
+}
+
+queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
+
+@test "a flag whose value is missing never takes the next option for it: --log-dir --dry-run is an error, and nothing runs" {
+  echo 'touch ran' >"$WORK/jobs.txt"
+  queue --gpus 0 --log-dir --dry-run "$WORK/jobs.txt"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --log-dir needs a value (see --help), got the option '--dry-run' (a path starting with - can be written ./--dry-run)"
+  queue --gpus 0 --log-dir=--dry-run "$WORK/jobs.txt"
+  assert_failure 2
+  run --separate-stderr bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --image-encoders a --text-encoders b --ckpt-dir --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --ckpt-dir needs a value (see --help), got the option '--dry-run' (a path starting with - can be written ./--dry-run)"
+  run --separate-stderr bash "$ROOT/train_torchrun.sh" --gpus --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --gpus needs a value (see --help), got the option '--dry-run' (a path starting with - can be written ./--dry-run)"
+  assert [ ! -e ran ]
+  assert [ ! -e ./--dry-run ]
+  # an option of sbatch's own is --sbatch-arg's value; a folder named like an option, written as a path
+  queue --backend slurm --dry-run --sbatch-arg --exclusive "$WORK/jobs.txt"
+  assert_success
+  assert_line "    #SBATCH --exclusive"
+  queue --gpus 0 --log-dir ./--odd "$WORK/jobs.txt"
+  assert_success
+  assert [ -e ran ]
+  assert [ -d ./--odd ]
+}
+
+@test "a jobs file saved on Windows (a byte-order mark, CRLF line ends) runs its commands as written, and says so" {
+  printf '\xef\xbb\xbf# results\r\nmkdir -p out && echo done >out/result.txt\r\n' >"$WORK/jobs.txt"
+  queue --gpus 0 "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(cat out/result.txt)" "done" # written to result.txt, not "result.txt\r"
+  assert_equal "$(ls out)" result.txt
+  assert_line --regexp '^job2 +0 +succeeded ' # no job for the comment line: the mark did not make it a command
+  refute_line --regexp '^job1 '
+  assert_equal "$(grep -c WARN <<<"$stderr")" 1
+  [[ $stderr == *"[WARN] jobs file '$WORK/jobs.txt' has Windows line ends (CRLF): its lines are read without their carriage returns"* ]]
+}
+
+@test "a folder for a jobs file, a LOG_DIR, CKPT_DIR or TMPDIR that cannot be made: errors naming it and why, exit 2" {
+  echo true >"$WORK/jobs.txt"
+  : >"$WORK/a-file"
+  queue --gpus 0 "$WORK"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] jobs file '$WORK' is a folder: name a file of commands, one a line"
+  queue --gpus 0 --log-dir "$WORK/a-file/logs" "$WORK/jobs.txt"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] LOG_DIR '$WORK/a-file/logs' cannot be made: Not a directory"
+  run --separate-stderr bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --image-encoders a --text-encoders b --ckpt-dir "$WORK/a-file/ckpt"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CKPT_DIR '$WORK/a-file/ckpt' cannot be made: Not a directory"
+  TMPDIR=$WORK/missing queue --gpus 0 "$WORK/jobs.txt"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] TMPDIR '$WORK/missing': cannot make the launcher's private folder there: No such file or directory (set TMPDIR to a writable folder)"
+}
+
+@test "under umask 077 the lock files of a shared lock folder are still readable by all: other users can take those GPU slots" {
+  echo true >"$WORK/jobs.txt"
+  (umask 077 && bash "$ROOT/gpu_queue.sh" --gpus 0,1 "$WORK/jobs.txt" >/dev/null 2>&1)
+  assert_equal "$(stat -c %A locks/gpu0.slot0.lock)" "-rw-r--r--"
+  assert_equal "$(stat -c %A logs/gpu_queue/.mgpu_done/job1.lock)" "-rw-r--r--"
+  assert_equal "$(stat -c %A logs/gpu_queue/.mgpu_done/job1)" "-rw-------" # the rest keeps the user's umask
+}
+
+@test "a job that asks the terminal for a password fails at once (its read fails) instead of hanging, stopped, shown as running" {
+  printf '%s\n' 'read -r -p "Password: " pw </dev/tty || { echo "no terminal for us"; exit 3; }' 'echo other' >"$WORK/jobs.txt"
+  # a terminal of its own for the launcher (util-linux script), as when a user runs it
+  run timeout 60 script -qec "bash $(printf %q "$ROOT/gpu_queue.sh") --gpus 0 $(printf %q "$WORK/jobs.txt")" /dev/null
+  assert_equal "$status" 1 # not 124: nothing hung
+  assert_equal "$(jq -r '[.configs[] | "\(.status) \(.exit_code)"] | join(", ")' logs/gpu_queue/summary_*.json)" "failed 3, succeeded 0"
+  run cat logs/gpu_queue/job1_*.log
+  assert_line --partial "read error: 0: Input/output error"
+  assert_line "no terminal for us"
+}
+
+@test "Ctrl-C with a job stopped by hand (SIGSTOP): it gets CONT with its TERM, so it ends at once, not after --grace" {
+  echo 'echo $$ >job.pid; echo up; exec sleep 60' >"$WORK/jobs.txt"
+  bash "$ROOT/gpu_queue.sh" --gpus 0 --grace 100 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0 start
+  up() { grep -q '^up$' logs/gpu_queue/job1_gpu0_*.log 2>/dev/null; }
+  wait_for 30 "the job to start" up
+  kill -STOP "$(cat job.pid)"
+  start=$SECONDS
+  kill -TERM "$launcher"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 143
+  assert [ $((SECONDS - start)) -lt 50 ] # well within --grace 100
+  assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' logs/gpu_queue/summary_*.json)" \
+    "interrupted (stopped within the grace period (exit 143))"
+}
+
+@test "a job's command that ends but leaves a process running: the next job's wait names the job it came from; one still running at the end is said, and in the summary" {
+  printf '%s\n' '(until [[ -e release ]]; do sleep 0.05; done) & echo $! >leftover.pid' 'true' >"$WORK/jobs.txt"
+  MGPU_POLL_MS=100 bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0
+  waits() { grep -q "job2 waits: GPU 0 slot 0 is held by pid" "$WORK/err"; }
+  wait_for 30 "the second job to wait for the first one's leftover" waits
+  grep -q "job2 waits: GPU 0 slot 0 is held by pid $(cat leftover.pid): bash .* (of mgpu job job1);" "$WORK/err"
+  : >release
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 0
+  refute grep -q "run on, holding" "$WORK/err" # it ended before the sweep did: nothing to say at the end
+  echo 'sleep 300 & echo $! >leftover2.pid' >"$WORK/one.txt"
+  queue --gpus 0 --log-dir one "$WORK/one.txt"
+  assert_success
+  assert_equal "$(grep WARN <<<"$stderr")" \
+    "[WARN] job1: its command ended, but 1 process(es) it started run on, holding its slot and lock until they end: $(cat leftover2.pid) sleep 300"
+  assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' one/summary_*.json)" "succeeded (left running: $(cat leftover2.pid) sleep 300)"
+}
