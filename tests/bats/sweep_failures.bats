@@ -194,7 +194,7 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
     mkfifo "$WORK/out.fifo"
     cat "$WORK/out.fifo" >/dev/null &
     reader=$!
-    FAKE_TRAIN_SLEEP=60 env --default-signal=INT bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0,1 \
+    FAKE_TRAIN_SLEEP=60 env --default-signal=INT,HUP bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0,1 \
       --image-encoders a,b,c --text-encoders t >"$WORK/out.fifo" 2>&1 &
     launcher=$! rc=0
     wait_for 30 "both jobs to start" two_started
