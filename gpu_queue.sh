@@ -54,7 +54,7 @@ main() {
   fi
   [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
   [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
-  [[ ! -d $source ]] || DIE_STATUS=2 die "jobs file '$source' is a folder: name a file of commands, one a line"
+  [[ $source == - || ! -d $source ]] || DIE_STATUS=2 die "jobs file '$source' is a folder: name a file of commands, one a line"
   [[ $DRY_RUN == true ]] || core::make_dirs "LOG_DIR=$LOG_DIR" || exit 2
   sched::init
   input=$source

@@ -47,7 +47,7 @@ core::need_value() {
     return 1
   fi
   [[ $3 == --[A-Za-z]* || $3 == -h ]] || return 0
-  log::error "$1 needs a value (see --help), got the option '$3' (a path starting with - can be written ./$3)"
+  log::error "$1 needs a value (see --help), got the option '$3'"
   return 1
 }
 

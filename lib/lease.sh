@@ -23,8 +23,14 @@ lease::_open() {
     log::error "$setting: refusing the lock file $file: it is a symbolic link or not a regular file"
     return 2
   fi
-  if [[ ! -e $file ]]; then # made here: readable by all, whatever the umask (077 left others locked out)
-    { exec {LEASE_OPEN_FD}<>"$file"; } 2>/dev/null && { chmod a+r -- "$file" 2>/dev/null || true; } && return 0
+  if [[ ! -e $file ]]; then # made here readable by all, whatever the umask (077 locked other users out)
+    local mask rc=0
+    [[ -n $LEASE_UMASK ]] || LEASE_UMASK=$(umask) # once a launcher; then builtins only (no program runs)
+    printf -v mask '%04o' $((8#$LEASE_UMASK & 8#0733))
+    umask "$mask"
+    { exec {LEASE_OPEN_FD}<>"$file"; } 2>/dev/null || rc=$?
+    umask "$LEASE_UMASK"
+    ((rc)) || return 0
   elif [[ -O $file ]]; then
     { exec {LEASE_OPEN_FD}<>"$file"; } 2>/dev/null && return 0
   else
@@ -60,7 +66,7 @@ lease::open() {
 # (they keep the lock), and the next job locks a new open file and so finds them. Each job's process and
 # the timer close the kept files of other slots, so a job holds only its own slots' leases.
 declare -A LEASE_KEPT=() LEASE_LOCKED=()
-LEASE_SLOTS=()
+LEASE_SLOTS=() LEASE_UMASK="" # the launcher's umask, read when it first makes a lock file
 
 # lease::keep SLOT — LEASE_FD and LEASE_FILE of the slot ("dev:k"), the kept file or one opened now (then
 # kept); 2 as lease::open.
@@ -146,6 +152,7 @@ lease::holder() {
   ((${#cmdline[@]} == 0)) || LEASE_HOLDER+=": ${cmdline[*]//[[:cntrl:]]/ }" # one line (bash -c scripts hold newlines)
   ((${#LEASE_HOLDER} <= 160)) || LEASE_HOLDER="${LEASE_HOLDER:0:157}..."
   # a process of an mgpu job (one a job left running, even in a session of its own): say which job
+  cmdline=()
   mapfile -d '' -t cmdline 2>/dev/null <"/proc/$pid/environ" || true
   for c in "${cmdline[@]}"; do [[ $c != MGPU_CONFIG_NAME=* ]] || { LEASE_HOLDER+=" (of mgpu job ${c#*=})" && break; }; done
 }

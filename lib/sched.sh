@@ -38,6 +38,7 @@ declare -A JOB=()         # the job records (see above)
 declare -A SCHED_BY_NAME=() SLOT_JOB=() SCHED_BASH_WORDS=() # bash's builtins and keywords: not plain commands
 declare -a SCHED_SLOTS=() SCHED_QUEUE=() SCHED_ENDED=() SCHED_ARGV=()
 SCHED_QHEAD=0
+SCHED_LEFT=() # jobs whose command left processes running, JOB:PGID (sched::_leftovers)
 SCHED_N=0 SCHED_RUNNING="" SCHED_STATE="" SCHED_STOP="" SCHED_AGAIN="" SCHED_TIMER="" SCHED_EXIT=0 SCHED_THREADS=1
 
 # sched::init — the launcher's private folder (argv files, the jobs' end records), removed on every exit
@@ -232,6 +233,7 @@ sched::run() {
     ((${#SCHED_QUEUE[@]} || ${#pids[@]})) || break
     sched::_wait_one
   done
+  [[ -z $SCHED_STOP ]] || sched::term_all # first: a message that a stalled terminal holds up holds no TERM
   lease::drop_all # no slot is ours any more: the jobs left hold their own leases
   sched::_settle
   if [[ -n $SCHED_STOP ]]; then
@@ -270,9 +272,9 @@ sched::finish() {
 # stops every job, writes the summary once jobs were recorded, and removes the private folder.
 sched::_on_exit() {
   local rc=$?
-  set +eE # nothing in here may cut the stop short: a job left running would be an orphan
-  trap - EXIT INT TERM HUP
-  trap : PIPE
+  set +eEu # nothing in here may cut the stop short: a job left running would be an orphan
+  trap - EXIT INT TERM
+  trap : HUP PIPE # a hangup during this stop: it goes on
   if ((${#pids[@]})); then
     SCHED_STOP=${SCHED_STOP:-EXIT}
     sched::stop_all

@@ -261,9 +261,9 @@ sched::_wait_one() {
 sched::_alive() {
   local stat fields
   [[ -r /proc/$1/stat ]] || { [[ -d /proc/self ]] && return 1; kill -0 "$1" 2>/dev/null; return; }
-  read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
-  read -r -a fields <<<"${stat##*) }" # state ppid pgrp ...
-  [[ ${fields[0]} != Z && ${fields[1]} == "$BASHPID" ]]
+  stat="" && read -r -d '' stat 2>/dev/null <"/proc/$1/stat" || [[ -n $stat ]] || return 1 # whole (see group_alive)
+  read -r -a fields <<<"${stat##*) }"                                                   # state ppid pgrp ...
+  [[ ${fields[0]} != Z && ${fields[1]:-} == "$BASHPID" ]]
 }
 
 # sched::_reap — collect every job that is no longer running (`wait PID` gives bash's saved status, or
@@ -290,11 +290,21 @@ sched::group_alive() {
   local stat fields
   [[ -r /proc/self/stat ]] || { kill -0 -- "-$1" 2>/dev/null; return; }
   for stat in /proc/[0-9]*/stat; do
-    read -r fields 2>/dev/null <"$stat" || continue
-    read -r -a fields <<<"${fields##*) }" # state ppid pgrp ...
-    [[ ${fields[2]} == "$1" && ${fields[0]} != Z ]] && return 0
+    fields=""
+    read -r -d '' fields 2>/dev/null <"$stat" || true # whole: a process name may hold a newline
+    read -r -a fields <<<"${fields##*) }"                           # state ppid pgrp ...
+    [[ ${fields[2]:-} == "$1" && ${fields[0]} != Z ]] && return 0
   done
   return 1
+}
+
+# sched::term_all — TERM, then CONT (a job stopped by hand acts on it), to every running job's process
+# group, once a stop; sent before any message, which a stalled terminal or pipe could hold up.
+sched::term_all() {
+  local name
+  [[ ! -e $SCHED_STATE/term ]] || return 0
+  : >"$SCHED_STATE/term"
+  for name in "${!pids[@]}"; do kill -TERM -- "-${pids[$name]}" && kill -CONT -- "-${pids[$name]}"; done 2>/dev/null || true
 }
 
 # sched::stop_all — TERM every running job's process group, then wait up to GRACE seconds for them to
@@ -304,8 +314,7 @@ sched::stop_all() {
   ((${#pids[@]})) || return 0
   SCHED_AGAIN=""
   trap 'SCHED_AGAIN=1' INT TERM
-  : >"$SCHED_STATE/term"
-  for name in "${!pids[@]}"; do kill -TERM -- "-${pids[$name]}" && kill -CONT -- "-${pids[$name]}"; done 2>/dev/null || true # CONT: a stopped job acts on it
+  sched::term_all
   log::warn "stopping ${#pids[@]} running job(s): TERM now, KILL after ${GRACE}s (--grace) unless they end; press Ctrl-C again to KILL them now"
   core::now_ms
   deadline=$((CORE_NOW_MS + GRACE * 1000))
@@ -332,19 +341,4 @@ sched::stop_all() {
     sched::_ended "$pid" "$rc"
   done
   sched::_settle
-}
-
-# sched::_stop_detail JOB STATUS — how a job stopped by us ended: it saved a checkpoint after the TERM
-# (a checkpoint_*.pt newer than the stop), it ended within the grace period, or it was killed.
-sched::_stop_detail() {
-  local job=$1 out=${JOB[$1,out]} saved=""
-  [[ -z ${JOB[$job,detail]} ]] || return 0
-  if [[ -n $out && -d $out && -e $SCHED_STATE/term ]]; then
-    saved=$(find "$out" -maxdepth 1 -name 'checkpoint_*.pt' -newer "$SCHED_STATE/term" -print -quit 2>/dev/null) || true
-  fi
-  if [[ -n $saved ]]; then
-    JOB[$job,detail]="checkpoint saved"
-  else
-    JOB[$job,detail]="stopped within the grace period (exit $2)"
-  fi
 }
