@@ -15,6 +15,16 @@
 # device would block the open forever, so both are refused before opening. Our own files are opened
 # read-write (a FIFO swapped in at the last moment then still opens at once), other users' read-only.
 
+# lease::shared — the files made from here to lease::private are readable by all, whatever the umask (077
+# locked other users out of the shared lock folder). The umask is read once a launcher; then builtins only,
+# so no program runs on the job-start path.
+lease::shared() {
+  [[ -n $LEASE_UMASK ]] || LEASE_UMASK=$(umask)
+  printf -v LEASE_SHARED_UMASK '%04o' $((8#$LEASE_UMASK & 8#0133))
+  umask "$LEASE_SHARED_UMASK"
+}
+lease::private() { umask "$LEASE_UMASK"; }
+
 # lease::_open FILE SETTING — open FILE (made if missing) into LEASE_OPEN_FD, without a child process;
 # 2 (logged) when it is no regular file or cannot be made.
 lease::_open() {
@@ -23,13 +33,11 @@ lease::_open() {
     log::error "$setting: refusing the lock file $file: it is a symbolic link or not a regular file"
     return 2
   fi
-  if [[ ! -e $file ]]; then # made here readable by all, whatever the umask (077 locked other users out)
-    local mask rc=0
-    [[ -n $LEASE_UMASK ]] || LEASE_UMASK=$(umask) # once a launcher; then builtins only (no program runs)
-    printf -v mask '%04o' $((8#$LEASE_UMASK & 8#0733))
-    umask "$mask"
+  if [[ ! -e $file ]]; then
+    local rc=0
+    lease::shared
     { exec {LEASE_OPEN_FD}<>"$file"; } 2>/dev/null || rc=$?
-    umask "$LEASE_UMASK"
+    lease::private
     ((rc)) || return 0
   elif [[ -O $file ]]; then
     { exec {LEASE_OPEN_FD}<>"$file"; } 2>/dev/null && return 0
@@ -66,7 +74,7 @@ lease::open() {
 # (they keep the lock), and the next job locks a new open file and so finds them. Each job's process and
 # the timer close the kept files of other slots, so a job holds only its own slots' leases.
 declare -A LEASE_KEPT=() LEASE_LOCKED=()
-LEASE_SLOTS=() LEASE_UMASK="" # the launcher's umask, read when it first makes a lock file
+LEASE_SLOTS=() LEASE_UMASK="" LEASE_SHARED_UMASK="" # the launcher's umask, read when it first makes a shared file
 
 # lease::keep SLOT — LEASE_FD and LEASE_FILE of the slot ("dev:k"), the kept file or one opened now (then
 # kept); 2 as lease::open.
@@ -227,7 +235,9 @@ lease::admit() {
     elif ((LEASE_FREE < mib)); then
       LEASE_WHY="GPU $dev has $LEASE_FREE MiB free (after ${LEASE_RESERVED} MiB reserved by starting jobs) < $need MiB needed"
     else
-      printf '%s -\n' "$mib" 2>/dev/null >"$file" && LEASE_RESERVATIONS+=("$file") LEASE_RESERVED_MIB+=("$mib")
+      lease::shared # other users' launchers read it
+      ! printf '%s -\n' "$mib" 2>/dev/null >"$file" || LEASE_RESERVATIONS+=("$file") LEASE_RESERVED_MIB+=("$mib")
+      lease::private
     fi
     exec {fd}<&- # the lock goes with its last descriptor
     [[ -z $LEASE_WHY ]] || break

@@ -222,9 +222,9 @@ sched::run() {
   GPU_WANT_PROCS=1 # nvidia-smi's per-process list too: each job's memory (its peak, reservations)
   sched::hash_jobs
   ledger::events_begin
-  trap 'SCHED_STOP=${SCHED_STOP:-INT}' INT
-  trap 'SCHED_STOP=${SCHED_STOP:-TERM}' TERM
-  trap 'SCHED_STOP=${SCHED_STOP:-HUP}' HUP # under nohup, ignored: the sweep goes on
+  trap 'SCHED_STOP=${SCHED_STOP:-INT} && sched::term_all' INT
+  trap 'SCHED_STOP=${SCHED_STOP:-TERM} && sched::term_all' TERM
+  trap 'SCHED_STOP=${SCHED_STOP:-HUP} && sched::term_all' HUP # under nohup, ignored: the sweep goes on
   trap : PIPE # trapped, not ignored: the jobs' commands get SIGPIPE's default back
   while ((${#SCHED_QUEUE[@]} || ${#pids[@]})) && [[ -z $SCHED_STOP ]]; do
     sched::_fill
@@ -233,7 +233,7 @@ sched::run() {
     ((${#SCHED_QUEUE[@]} || ${#pids[@]})) || break
     sched::_wait_one
   done
-  [[ -z $SCHED_STOP ]] || sched::term_all # first: a message that a stalled terminal holds up holds no TERM
+  [[ -z $SCHED_STOP ]] || sched::term_all # a job forked while the trap ran
   lease::drop_all # no slot is ours any more: the jobs left hold their own leases
   sched::_settle
   if [[ -n $SCHED_STOP ]]; then

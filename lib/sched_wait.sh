@@ -3,7 +3,7 @@
 # stopping. Sourced by sched.sh only.
 
 declare -A JOB pids LEASE_LOCKED # sched.sh's job records and running-job table (declared there), lease.sh's locks
-declare -A GPU_OURS_UNTIL=() GPU_NEXT_CHECK=() SCHED_WHY=() SLOT_NEXT_CHECK=() SLOT_BROKEN=()
+declare -A GPU_OURS_UNTIL=() GPU_NEXT_CHECK=() SCHED_WHY=() SLOT_NEXT_CHECK=() SLOT_BROKEN=() SCHED_TERMED=()
 SCHED_SAMPLE_MS=0 SCHED_SAMPLED=0
 
 # ---------------------------------------------------------------- GPU load and held slots
@@ -298,13 +298,19 @@ sched::group_alive() {
   return 1
 }
 
-# sched::term_all — TERM, then CONT (a job stopped by hand acts on it), to every running job's process
-# group, once a stop; sent before any message, which a stalled terminal or pipe could hold up.
+# sched::term_all — TERM, then CONT (a job stopped by hand acts on it), to each running job's process group
+# not sent them yet. The stop's traps call it themselves, so no message that a stalled terminal or pipe
+# holds up holds the TERM; the stop calls it again for a job forked meanwhile. The first call marks the
+# stop's time (the file term).
 sched::term_all() {
-  local name
-  [[ ! -e $SCHED_STATE/term ]] || return 0
-  : >"$SCHED_STATE/term"
-  for name in "${!pids[@]}"; do kill -TERM -- "-${pids[$name]}" && kill -CONT -- "-${pids[$name]}"; done 2>/dev/null || true
+  local name pid
+  [[ -e $SCHED_STATE/term ]] || : 2>/dev/null >"$SCHED_STATE/term" || true
+  for name in "${!pids[@]}"; do
+    pid=${pids[$name]}
+    [[ -z ${SCHED_TERMED[$pid]:-} ]] || continue
+    SCHED_TERMED[$pid]=1
+    { kill -TERM -- "-$pid" && kill -CONT -- "-$pid"; } 2>/dev/null || true
+  done
 }
 
 # sched::stop_all — TERM every running job's process group, then wait up to GRACE seconds for them to

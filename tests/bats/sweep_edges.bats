@@ -132,10 +132,13 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
 }
 
 @test "a process anywhere whose name holds a newline and a parenthesis never breaks a stop's scan of the process table" {
-  local odd launcher rc=0 name=$'x) 1 2\nZ' # a process name (comm) of "x) 1 2<newline>Z"
-  cp "$(command -v sleep)" "$WORK/$name"
-  "$WORK/$name" 300 &
+  local odd launcher rc=0 name=$'x) 1 2\nZ' # a process name (comm) of "x) 1 2<newline>Z": a script's is its file's
+  printf '#!/bin/sh\nuntil [ -e "%s/release" ]; do sleep 0.05; done\n' "$WORK" >"$WORK/$name" # ends at teardown
+  chmod +x "$WORK/$name"
+  "$WORK/$name" 3>&- &
   odd=$!
+  named() { [[ $(cat "/proc/$odd/comm" 2>/dev/null) == "$name" ]]; }
+  wait_for 10 "the oddly named process to run" named
   echo 'echo up; exec sleep 60' >"$WORK/jobs.txt"
   bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
   launcher=$!
@@ -143,7 +146,7 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   wait_for 30 "the job to start" up
   kill -TERM "$launcher"
   wait "$launcher" || rc=$?
-  kill "$odd"
+  : >release
   assert_equal "$rc" 143 # not 1: "fields[2]: unbound variable" in the scan
   assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' logs/gpu_queue/summary_*.json)" \
     "interrupted (stopped within the grace period (exit 143))"
