@@ -188,6 +188,7 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
 
 @test "the reader of the launcher's output gone (\`2>&1 | tee\` ended by the same Ctrl-C), then Ctrl-C or a hangup: jobs stopped, summary written, nothing left running" {
   local sig launcher reader rc pid groups group
+  local -A code=([INT]=130 [HUP]=129)
   two_started() { [[ $(starts) == 2 ]]; }
   for sig in INT HUP; do
     rm -rf logs checkpoints "$FAKE_TRAIN_RECORD" "$WORK/out.fifo"
@@ -204,7 +205,7 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
     wait "$reader" || true
     kill -"$sig" "$launcher" # its next line meets a pipe without a reader: SIGPIPE, EPIPE
     wait "$launcher" || rc=$?
-    assert_equal "$sig $rc" "$sig $([[ $sig == INT ]] && echo 130 || echo 129)"
+    assert_equal "$sig $rc" "$sig ${code[$sig]}"
     for group in "${groups[@]}"; do assert_equal "$sig job group $group: $(live_in_group "$group")" "$sig job group $group: 0"; done
     assert_equal "$(summary '[.configs[] | "\(.status):\(.detail // .reason)"] | join(" ")')" \
       "interrupted:stopped within the grace period (exit 143) interrupted:stopped within the grace period (exit 143) interrupted:never started"
