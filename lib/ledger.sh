@@ -156,9 +156,29 @@ ledger::show_tail() {
 ledger::_str() {
   local s=$1
   [[ -n $s ]] || { LEDGER_STR=null; return 0; }
-  [[ $s == *[\\\"[:cntrl:]]* ]] || { LEDGER_STR="\"$s\""; return 0; } # nothing to escape
+  [[ $s == *[\\\"[:cntrl:]]* || $s == *[![:ascii:]]* ]] || { LEDGER_STR="\"$s\""; return 0; } # nothing to escape
+  [[ $s != *[![:ascii:]]* ]] || { ledger::_utf8 "$s" && s=$LEDGER_UTF8; }
   s=${s//\\/\\\\} s=${s//\"/\\\"} s=${s//$'\n'/\\n} s=${s//$'\t'/\\t} s=${s//$'\r'/\\r}
   LEDGER_STR="\"${s//[$'\001'-$'\037']/?}\""
+}
+
+# ledger::_utf8 TEXT — TEXT as valid UTF-8 into LEDGER_UTF8: each byte that starts no valid sequence (a name
+# or command in Latin-1 or GBK), and each cut-off character, becomes one U+FFFD, as Python's
+# errors="replace" does. JSON must be UTF-8: Python's json refuses the whole summary over one such byte.
+ledger::_utf8() {
+  local s=$1 out="" LC_ALL=C # bytes, whatever the user's locale
+  local re=$'^([\x01-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf][\x80-\xbf]|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf][\x80-\xbf][\x80-\xbf]|\xf4[\x80-\x8f][\x80-\xbf][\x80-\xbf])+'
+  local cut=$'^(\xe0[\xa0-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]|\xed[\x80-\x9f]|\xf0[\x90-\xbf][\x80-\xbf]?|[\xf1-\xf3][\x80-\xbf][\x80-\xbf]?|\xf4[\x80-\x8f][\x80-\xbf]?)'
+  while [[ -n $s ]]; do
+    if [[ $s =~ $re ]]; then
+      out+=${BASH_REMATCH[0]} s=${s:${#BASH_REMATCH[0]}}
+    elif [[ $s =~ $cut ]]; then # the start of a character cut off: one U+FFFD for all of it
+      out+=$'\xef\xbf\xbd' s=${s:${#BASH_REMATCH[0]}}
+    else
+      out+=$'\xef\xbf\xbd' s=${s:1}
+    fi
+  done
+  LEDGER_UTF8=$out
 }
 
 # ledger::record JOB — the job's final record, one JSON line and one table row, kept by job index for
@@ -182,7 +202,7 @@ ledger::record() {
   local fields values=("${JOB[$job,name]}" "${JOB[$job,image]}" "${JOB[$job,text]}" "$status" "${JOB[$job,kind]}"
     "${JOB[$job,detail]}" "${JOB[$job,log]}" "${JOB[$job,out]}" "${JOB[$job,reason]}" "${JOB[$job,hash]}" "${JOB[$job,command]}")
   printf -v f '%s' "${values[@]}"
-  if [[ $f == *[\\\"[:cntrl:]]* ]]; then # some need escaping: each through the escaper
+  if [[ $f == *[\\\"[:cntrl:]]* || $f == *[![:ascii:]]* ]]; then # to escape, or to check as UTF-8
     for f in "${!values[@]}"; do ledger::_str "${values[f]}" && values[f]=$LEDGER_STR; done
   else # none: quoted as they are, empty ones null
     values=("${values[@]/#/\"}") && values=("${values[@]/%/\"}") && values=("${values[@]/#\"\"/null}")

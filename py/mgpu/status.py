@@ -187,10 +187,15 @@ def render_status(sweep: Sweep) -> str:
 def compare(log_dir: str) -> list[dict]:
     """The newest record of every config across LOG_DIR's summaries, best key metric first."""
     latest: dict[str, dict] = {}
+    unreadable = []
     for path in sorted(Path(log_dir).glob("summary_*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
+        try:  # bytes that are not UTF-8 (a summary from an older mgpu) cost only those characters
+            doc = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:  # cut short by a full disk, say
+            unreadable.append(path)
+            print(f"mgpu.status: left out {path}: {exc}", file=sys.stderr)
             continue
         for config in doc.get("configs", []):
             if config.get("status") == "skipped" and config.get("name") in latest:
@@ -205,6 +210,8 @@ def compare(log_dir: str) -> list[dict]:
                 "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                             and k.endswith(("R@1", "R@5", "val_loss", "mean_rank"))},
                 "summary": path.name}
+    if not latest and unreadable:
+        raise StatusError(f"no readable summary_*.json in {log_dir}: {len(unreadable)} left out (see above)")
     if not latest:
         raise StatusError(f"no summary_*.json in {log_dir}: a sweep writes one when it ends")
     return sorted(latest.values(), key=lambda r: (r["value"] is None, -(r["value"] or 0), r["config"]))

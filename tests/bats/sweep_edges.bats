@@ -59,6 +59,28 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   [[ $stderr == *"[WARN] jobs file '$WORK/jobs.txt' has Windows line ends (CRLF): its lines are read without their carriage returns"* ]]
 }
 
+@test "bytes that are not UTF-8 in a command (a Latin-1 or GBK file) leave the summary valid JSON; --compare names a summary it cannot read" {
+  printf 'echo caf\xe9 \xd6\xd0\xce\xc4\necho \xe4\xb8\xad\xe6\x96\x87 \xe4\xb8\n' >"$WORK/jobs.txt"
+  queue --gpus 0 "$WORK/jobs.txt"
+  assert_success
+  local summary=(logs/gpu_queue/summary_*.json)
+  # strict: Python's json refuses a whole file over one byte that is not UTF-8
+  run "$PYTHON" -c 'import json, sys; print(*(c["command"] for c in json.loads(open(sys.argv[1], "rb").read().decode())["configs"]), sep="\n")' "${summary[0]}"
+  assert_success
+  assert_line --index 0 $'echo caf\xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd' # each stray byte one U+FFFD
+  assert_line --index 1 $'echo \xe4\xb8\xad\xe6\x96\x87 \xef\xbf\xbd'                     # valid UTF-8 kept; a cut-off character replaced
+  head -c 100 "${summary[0]}" >logs/gpu_queue/summary_20000101_000000.json # cut short by a full disk
+  queue --compare logs/gpu_queue
+  assert_success
+  assert_line --regexp '^job1 +succeeded '
+  assert_regex "$stderr" '^mgpu.status: left out logs/gpu_queue/summary_20000101_000000.json: Unterminated string starting at: line 1 column [0-9]+ \(char [0-9]+\)$'
+  rm "${summary[0]}"
+  queue --compare logs/gpu_queue
+  assert_failure 1
+  assert_equal "$output" ""
+  assert_equal "${stderr##*$'\n'}" "mgpu.status: no readable summary_*.json in logs/gpu_queue: 1 left out (see above)"
+}
+
 @test "a folder for a jobs file, a LOG_DIR, CKPT_DIR or TMPDIR that cannot be made: errors naming it and why, exit 2" {
   echo true >"$WORK/jobs.txt"
   : >"$WORK/a-file"

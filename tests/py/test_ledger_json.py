@@ -1,0 +1,37 @@
+"""The summary's JSON strings, written by bash (lib/ledger.sh), against Python's own UTF-8 decoder."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+
+LIB = Path(__file__).resolve().parents[2] / "lib"
+# Each argument through ledger::_str, the JSON strings NUL-separated on stdout.
+SCRIPT = f"""source {LIB}/core.sh; source {LIB}/ledger.sh
+for s in "$@"; do ledger::_str "$s"; printf '%s\\0' "$LEDGER_STR"; done"""
+
+
+def json_strings(texts: list[bytes]) -> list[bytes]:
+    out = subprocess.run(["bash", "-c", SCRIPT, "ledger", *texts], capture_output=True, check=True).stdout
+    return out.split(b"\0")[:-1]
+
+
+def test_bytes_that_are_not_utf8_are_replaced_exactly_as_pythons_decoder_replaces_them() -> None:
+    # Random byte strings, weighted to the bytes where UTF-8 decoders differ: lead bytes that are never
+    # valid (C0 C1 F5), the edges of the ranges allowed after E0 ED F0 F4, cut-off and overlong sequences.
+    rng = random.Random(20261130)
+    edges = [0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE4, 0xED, 0xEF, 0xF0, 0xF4, 0xF5, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF]
+    texts = [bytes(rng.choice(edges) if rng.random() < 0.6 else rng.randint(0x20, 0xFF)
+                   for _ in range(rng.randint(1, 14))) for _ in range(3000)]
+    texts += ["中文 café ✓ 𝄞".encode(), "中".encode()[:2], b"caf\xe9", b"\xd6\xd0\xce\xc4", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
+    got = json_strings(texts)
+    assert len(got) == len(texts)
+    for text, line in zip(texts, got):
+        assert json.loads(line.decode("utf-8")) == text.decode("utf-8", errors="replace"), text
+
+
+def test_ascii_and_escapes_are_unchanged() -> None:
+    texts = [b'plain', b'a "quoted" \\ back\tslash\nnew', "中文\t\"x\"".encode()]
+    got = json_strings(texts)
+    assert [json.loads(g.decode()) for g in got] == [t.decode() for t in texts]
