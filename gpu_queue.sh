@@ -41,6 +41,22 @@ own_arg() {
   source=$1 SWEEP_SHIFT=1
 }
 
+# markers — each job's completion marker (and, beside it, its lock) is named by its command, not its line:
+# LOG_DIR/.mgpu_done/<sha256 of its argv>-<K> for the K-th line with that command. Lines added, removed or
+# moved leave every other job's marker as it was (--resume runs only what is new), and two jobs files
+# sharing a LOG_DIR meet only in the commands they share. A marker named by line (job<N>), as earlier
+# versions wrote them, counts too when it holds the same hash.
+markers() {
+  local job hash k
+  local -A seen=()
+  sched::hash_jobs
+  for ((job = 0; job < SCHED_N; job++)); do
+    hash=${JOB[$job,hash]}
+    k=$((${seen[$hash]:-0} + 1)) && seen[$hash]=$k
+    sched::set "$job" "marker=$LOG_DIR/.mgpu_done/$hash-$k" "marker_old=$LOG_DIR/.mgpu_done/${JOB[$job,name]}"
+  done
+}
+
 main() {
   local source="" line n=0 input crlf=0
   sweep::parse "$@"
@@ -65,14 +81,15 @@ main() {
     [[ $line != *$'\r' ]] || { line=${line%$'\r'} && crlf=1; }
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
     if [[ $line == -* ]]; then # bash would take it for its own option; other lines keep their argv (--resume)
-      sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c -- "$line"
+      sched::add "job$n" "" "" "" "" -- bash -c -- "$line"
     else
-      sched::add "job$n" "" "" "" "$LOG_DIR/.mgpu_done/job$n" -- bash -c "$line"
+      sched::add "job$n" "" "" "" "" -- bash -c "$line"
     fi
     sched::set "$SCHED_NEW" "command=$line"
     sweep::resources "$SCHED_NEW" || exit 2
   done <"$input"
   LEDGER_COMMANDS=1
+  markers
   ((!crlf)) || log::warn "jobs file '$source' has Windows line ends (CRLF): its lines are read without their carriage returns"
   ((SCHED_N)) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"
   sweep::launch

@@ -54,10 +54,15 @@ ledger::event() {
 }
 
 # ledger::is_done JOB — did an earlier run finish this exact job (same hash) with exit 0?
+# (JOB[<i>,marker_old]: where an older mgpu wrote it, read too.)
 ledger::is_done() {
-  local marker=${JOB[$1,marker]} line=""
-  [[ -f $marker ]] && read -r line <"$marker" 2>/dev/null
-  [[ -n $line && $line == "${JOB[$1,hash]}" ]]
+  local marker line
+  for marker in "${JOB[$1,marker]}" ${JOB[$1,marker_old]:+"${JOB[$1,marker_old]}"}; do
+    line=""
+    [[ -f $marker ]] && read -r line <"$marker" 2>/dev/null
+    [[ -z $line || $line != "${JOB[$1,hash]}" ]] || return 0
+  done
+  return 1
 }
 
 # ledger::mark_done JOB — write the completion marker (a marker cut short by a crash holds no whole hash,

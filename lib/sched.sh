@@ -4,7 +4,8 @@
 # waits for busy GPUs and held slots (bounded by MAX_WAIT), retries, and stops that lose nothing.
 #
 # A job's record is JOB[<i>,<field>], created by sched::add and changed only here (sched::set is the one
-# door for the Slurm backend). Fields: name image text out marker hash (given); status (queued running
+# door for entry scripts and the Slurm backend). Fields: name image text out marker hash (given); marker_old
+# (where an earlier version put the marker: --resume reads it too); status (queued running
 # succeeded failed skipped interrupted) exit kind (failure kind) detail retries gpu log pid start_ms ms
 # waited reason ready_at avoid fails wait_since next_note since (a file whose time is the job's start)
 # params (the varying hyper-parameters, compact JSON) command (the job's line, for gpu_queue.sh).
@@ -77,7 +78,7 @@ sched::add() {
 sched::new() {
   local i=$SCHED_N
   SCHED_N=$((i + 1)) SCHED_NEW=$i SCHED_BY_NAME[$1]=$i
-  JOB+=([$i,name]=$1 [$i,image]=$2 [$i,text]=$3 [$i,out]=$4 [$i,marker]=$5 [$i,status]=queued [$i,retries]=0
+  JOB+=([$i,name]=$1 [$i,image]=$2 [$i,text]=$3 [$i,out]=$4 [$i,marker]=$5 [$i,marker_old]="" [$i,status]=queued [$i,retries]=0
     [$i,waited]=0 [$i,ready_at]=0 [$i,ms]=0 [$i,start_ms]=0 [$i,hash]="" [$i,exit]="" [$i,kind]="" [$i,detail]=""
     [$i,gpu]="" [$i,log]="" [$i,pid]="" [$i,slot]="" [$i,since]="" [$i,reason]="" [$i,avoid]="" [$i,fails]=""
     [$i,wait_since]="" [$i,tried_since]="" [$i,params]="" [$i,command]="")

@@ -195,7 +195,7 @@ wait_job() {
     "job1:succeeded:0 job2:failed:3"
   run cat logs/gpu_queue/job1_gpu*.log
   assert_output --regexp '^gpu=[0-3] name=job1$'
-  assert [ -s logs/gpu_queue/.mgpu_done/job1 ]
+  assert [ -s "$(queue_marker logs/gpu_queue 'echo "gpu=$CUDA_VISIBLE_DEVICES name=$MGPU_CONFIG_NAME"')" ]
 }
 
 @test "bad Slurm settings exit 2 naming the setting, the value and what is allowed" {

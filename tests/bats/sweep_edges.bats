@@ -81,6 +81,53 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   assert_equal "${stderr##*$'\n'}" "mgpu.status: no readable summary_*.json in logs/gpu_queue: 1 left out (see above)"
 }
 
+@test "--resume knows a gpu_queue.sh job by its command, not its line: lines added, removed or listed twice, and markers an earlier version named by line" {
+  printf '%s\n' 'echo a >>ran.txt' 'echo b >>ran.txt' 'echo b >>ran.txt' >"$WORK/jobs.txt"
+  queue --gpus 0 "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(tr '\n' ' ' <ran.txt)" "a b b " # a command listed twice runs twice
+  # a line added on top, the first removed, one `echo b` gone: only the new command runs
+  printf '%s\n' 'echo new >>ran.txt' '# a comment' 'echo b >>ran.txt' >"$WORK/jobs.txt"
+  queue --gpus 0 --resume "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(tr '\n' ' ' <ran.txt)" "a b b new "
+  assert_equal "$(jq -r '[.configs[] | "\(.name) \(.status)"] | join(", ")' logs/gpu_queue/summary_*.json | tail -1)" \
+    "job1 succeeded, job3 skipped"
+  # the third `echo b` is a job of its own (the second with that command: done earlier as well)
+  echo 'echo b >>ran.txt' >>"$WORK/jobs.txt"
+  queue --gpus 0 --resume "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(tr '\n' ' ' <ran.txt)" "a b b new "
+  # markers named job<line> by an earlier version: one holding its line's hash counts, one of another command does not
+  rm -r logs/gpu_queue/.mgpu_done ran.txt
+  mkdir logs/gpu_queue/.mgpu_done
+  printf '%s\n' 'echo a >>ran.txt' 'echo c >>ran.txt' >"$WORK/jobs.txt"
+  local sum
+  sum=$(printf '%s\0' bash -c 'echo a >>ran.txt' | sha256sum)
+  echo "${sum%% *}" >logs/gpu_queue/.mgpu_done/job1
+  echo "${sum%% *}" >logs/gpu_queue/.mgpu_done/job2 # job2's line is another command now
+  queue --gpus 0 --resume "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(cat ran.txt)" "c"
+  assert [ -s "$(queue_marker logs/gpu_queue 'echo c >>ran.txt')" ]
+}
+
+@test "two jobs files sharing a LOG_DIR run side by side: neither's job is 'running elsewhere' for the other's different command" {
+  echo ': >a-started; until [[ -e release ]]; do sleep 0.05; done; echo a >>ran.txt' >"$WORK/a.txt"
+  echo 'echo b >>ran.txt' >"$WORK/b.txt" # job1 as well: the same line number, another command
+  bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/a.txt" >"$WORK/a.out" 2>&1 &
+  local launcher=$! rc=0
+  a_started() { [[ -e a-started ]]; }
+  wait_for 20 "the first jobs file's job to start" a_started
+  queue --gpus 1 "$WORK/b.txt"
+  assert_success
+  assert_line --regexp '^job1 +1 +succeeded '
+  : >release
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 0
+  assert_equal "$(sort ran.txt | tr '\n' ' ')" "a b "
+}
+
 @test "a folder for a jobs file, a LOG_DIR, CKPT_DIR or TMPDIR that cannot be made: errors naming it and why, exit 2" {
   echo true >"$WORK/jobs.txt"
   : >"$WORK/a-file"
@@ -102,8 +149,10 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   echo true >"$WORK/jobs.txt"
   (umask 077 && bash "$ROOT/gpu_queue.sh" --gpus 0,1 "$WORK/jobs.txt" >/dev/null 2>&1)
   assert_equal "$(stat -c %A locks/gpu0.slot0.lock)" "-rw-r--r--"
-  assert_equal "$(stat -c %A logs/gpu_queue/.mgpu_done/job1.lock)" "-rw-r--r--"
-  assert_equal "$(stat -c %A logs/gpu_queue/.mgpu_done/job1)" "-rw-------" # the rest keeps the user's umask
+  local marker
+  marker=$(queue_marker logs/gpu_queue true)
+  assert_equal "$(stat -c %A "$marker.lock")" "-rw-r--r--"
+  assert_equal "$(stat -c %A "$marker")" "-rw-------" # the rest keeps the user's umask
 }
 
 @test "a job that asks the terminal for a password fails at once (its read fails) instead of hanging, stopped, shown as running" {

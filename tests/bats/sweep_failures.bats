@@ -359,7 +359,7 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
   wait "$launcher" || rc=$?
   assert_equal "$rc" 0
   assert_equal "$(grep -c "^-n .*/gpu$short.slot0.lock$" "$FLOCK_CALLS")" 1 # locked by its first job, kept for the rest
-  assert_equal "$(grep -c "^-n .*/.mgpu_done/job[0-9]*.lock$" "$FLOCK_CALLS")" 6 # each job's own lock, every time
+  assert_equal "$(grep -cE "^-n .*/.mgpu_done/[0-9a-f]{64}-[0-9]+.lock$" "$FLOCK_CALLS")" 6 # each job's own lock, every time
 }
 
 @test "a lock folder removed between two jobs (a cleaner of /tmp): the next job locks the new file, not the removed one" {

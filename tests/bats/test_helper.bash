@@ -95,3 +95,11 @@ children_of() {
 sigint_default() {
   "$PYTHON" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' "$@"
 }
+
+# queue_marker LOG_DIR LINE [K] — where gpu_queue.sh keeps the completion marker of the K-th job (default
+# 1) whose line is LINE: named by the sha256 of its argv (bash -c LINE), so by its command, not its line.
+queue_marker() {
+  local sum
+  sum=$(printf '%s\0' bash -c "$2" | sha256sum)
+  echo "$1/.mgpu_done/${sum%% *}-${3:-1}"
+}
