@@ -31,6 +31,8 @@ source "$MGPU_LIB/place.sh"
 source "$MGPU_LIB/sched_job.sh"
 # shellcheck source=lib/sched_wait.sh
 source "$MGPU_LIB/sched_wait.sh"
+# shellcheck source=lib/sched_stop.sh
+source "$MGPU_LIB/sched_stop.sh"
 # shellcheck source=lib/sched_retry.sh
 source "$MGPU_LIB/sched_retry.sh"
 
@@ -198,9 +200,7 @@ sched::_settle() {
       ledger::mark_done "$job" || log::warn "${JOB[$job,name]}: cannot write its completion marker ${JOB[$job,marker]}"
     fi
     printf -v took '%d.%03d' $((JOB[$job,ms] / 1000)) $((JOB[$job,ms] % 1000))
-    ledger::record "$job"
-    ledger::ev end "${JOB[$job,name]}" "${JOB[$job,status]}" "${JOB[$job,exit]}" "${JOB[$job,kind]}" \
-      "${JOB[$job,detail]:-${JOB[$job,reason]}}" "${JOB[$job,ms]}"
+    sched::_record "$job"
     if [[ ${JOB[$job,status]} == skipped ]]; then
       ledger::event "skipped ${JOB[$job,name]}: ${JOB[$job,reason]}"
     else
@@ -208,6 +208,14 @@ sched::_settle() {
     fi
     [[ ${JOB[$job,status]} != failed ]] || ledger::show_tail "$job"
   done
+}
+
+# sched::_record JOB — the job's summary record and its end event (`--status` reads those). A second call
+# (a detail added later: processes it left running) replaces both; the job is counted once.
+sched::_record() {
+  ledger::record "$1"
+  ledger::ev end "${JOB[$1,name]}" "${JOB[$1,status]}" "${JOB[$1,exit]}" "${JOB[$1,kind]}" \
+    "${JOB[$1,detail]:-${JOB[$1,reason]}}" "${JOB[$1,ms]}"
 }
 
 # ---------------------------------------------------------------- the loop

@@ -128,61 +128,6 @@ sched::_job() {
   exit "$rc"
 }
 
-# sched::_stop_detail JOB STATUS — how a job stopped by us ended: it saved a checkpoint after the TERM
-# (a checkpoint_*.pt newer than the stop), it ended within the grace period, or it was killed.
-sched::_stop_detail() {
-  local job=$1 out=${JOB[$1,out]} saved=""
-  [[ -z ${JOB[$job,detail]} ]] || return 0
-  if [[ -n $out && -d $out && -e $SCHED_STATE/term ]]; then
-    saved=$(find "$out" -maxdepth 1 -name 'checkpoint_*.pt' -newer "$SCHED_STATE/term" -print -quit 2>/dev/null) || true
-  fi
-  if [[ -n $saved ]]; then
-    JOB[$job,detail]="checkpoint saved"
-  else
-    JOB[$job,detail]="stopped within the grace period (exit $2)"
-  fi
-}
-
-# sched::_leftovers — the jobs whose command ended but left processes running in its process group
-# (`cmd &`; sched::_ended notes them in SCHED_LEFT as JOB:PGID): each said, with them, and added to its
-# record's detail; they hold its slot's lease and its folder's lock until they end. They get a second to
-# end first (a trainer's data workers exit after it). A process counts only if its environment names the
-# job (a group id reused since is another's).
-sched::_leftovers() {
-  local entry job group deadline stat line fields members cmd env e mine
-  core::now_ms
-  deadline=$((CORE_NOW_MS + 1000))
-  for entry in "${SCHED_LEFT[@]}"; do
-    job=${entry%%:*} group=${entry#*:}
-    while sched::group_alive "$group"; do
-      core::now_ms
-      ((CORE_NOW_MS < deadline)) || break
-      core::sleep_ms 100
-    done
-    sched::group_alive "$group" || continue
-    members=()
-    for stat in /proc/[0-9]*/stat; do
-      line=""
-      read -r -d '' line 2>/dev/null <"$stat" || true # whole: a process name may hold a newline
-      read -r -a fields <<<"${line##*) }"                         # state ppid pgrp ...
-      [[ ${fields[2]:-} == "$group" && ${fields[0]} != Z ]] || continue
-      env=() cmd=() mine=""
-      mapfile -d '' -t env 2>/dev/null <"${stat%stat}environ" || true
-      for e in "${env[@]}"; do [[ $e != "MGPU_CONFIG_NAME=${JOB[$job,name]}" ]] || { mine=1 && break; }; done
-      [[ -n $mine ]] || continue
-      mapfile -d '' -t cmd 2>/dev/null <"${stat%stat}cmdline" || true
-      line="${stat//[!0-9]/} ${cmd[*]//[[:cntrl:]]/ }"
-      members+=("${line:0:60}")
-    done
-    ((${#members[@]})) || continue
-    printf -v line '%s; ' "${members[@]:0:3}"
-    line="${line%; }${members[3]:+; ...}"
-    JOB[$job,detail]="${JOB[$job,detail]:+${JOB[$job,detail]}; }left running: $line"
-    ledger::record "$job" # again, with it (counted once)
-    log::warn "${JOB[$job,name]}: its command ended, but ${#members[@]} process(es) it started run on, holding its slot and lock until they end: $line"
-  done
-}
-
 # sched::_plain ARGV... — 0, with the command's words in SCHED_PLAIN, when ARGV is `bash -c LINE` and LINE
 # is one plain command: words of letters, digits and _./,:+=@%- only (nothing bash would expand, quote or
 # redirect), the first a program (no assignment, builtin, keyword or function) that is a binary or a

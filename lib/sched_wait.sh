@@ -1,9 +1,9 @@
 # shellcheck shell=bash disable=SC2034  # part of sched.sh: the same job records and globals
-# sched:: (continued) — choosing a slot, waiting for busy GPUs and held slots, reaping job ends, and
-# stopping. Sourced by sched.sh only.
+# sched:: (continued) — choosing a slot, waiting for busy GPUs and held slots, and reaping job ends.
+# Sourced by sched.sh only.
 
 declare -A JOB pids LEASE_LOCKED # sched.sh's job records and running-job table (declared there), lease.sh's locks
-declare -A GPU_OURS_UNTIL=() GPU_NEXT_CHECK=() SCHED_WHY=() SLOT_NEXT_CHECK=() SLOT_BROKEN=() SCHED_TERMED=()
+declare -A GPU_OURS_UNTIL=() GPU_NEXT_CHECK=() SCHED_WHY=() SLOT_NEXT_CHECK=() SLOT_BROKEN=()
 SCHED_SAMPLE_MS=0 SCHED_SAMPLED=0
 
 # ---------------------------------------------------------------- GPU load and held slots
@@ -280,71 +280,4 @@ sched::_reap() {
   done
   [[ -z $SCHED_TIMER ]] || sched::_alive "$SCHED_TIMER" || SCHED_TIMER=""
   ((found))
-}
-
-# ---------------------------------------------------------------- stopping
-
-# sched::group_alive PGID — does any process of the group still run? Zombies do not count: our own
-# un-reaped job leader is one, and orphans wait as zombies until PID 1 reaps them (some never do).
-sched::group_alive() {
-  local stat fields
-  [[ -r /proc/self/stat ]] || { kill -0 -- "-$1" 2>/dev/null; return; }
-  for stat in /proc/[0-9]*/stat; do
-    fields=""
-    read -r -d '' fields 2>/dev/null <"$stat" || true # whole: a process name may hold a newline
-    read -r -a fields <<<"${fields##*) }"                           # state ppid pgrp ...
-    [[ ${fields[2]:-} == "$1" && ${fields[0]} != Z ]] && return 0
-  done
-  return 1
-}
-
-# sched::term_all — TERM, then CONT (a job stopped by hand acts on it), to each running job's process group
-# not sent them yet. The stop's traps call it themselves, so no message that a stalled terminal or pipe
-# holds up holds the TERM; the stop calls it again for a job forked meanwhile. The first call marks the
-# stop's time (the file term).
-sched::term_all() {
-  local name pid
-  [[ -e $SCHED_STATE/term ]] || : 2>/dev/null >"$SCHED_STATE/term" || true
-  for name in "${!pids[@]}"; do
-    pid=${pids[$name]}
-    [[ -z ${SCHED_TERMED[$pid]:-} ]] || continue
-    SCHED_TERMED[$pid]=1
-    { kill -TERM -- "-$pid" && kill -CONT -- "-$pid"; } 2>/dev/null || true
-  done
-}
-
-# sched::stop_all — TERM every running job's process group, then wait up to GRACE seconds for them to
-# save and exit; what is left then (or at once, on a second Ctrl-C/TERM) gets KILL.
-sched::stop_all() {
-  local name pid deadline alive rc
-  ((${#pids[@]})) || return 0
-  SCHED_AGAIN=""
-  trap 'SCHED_AGAIN=1' INT TERM
-  sched::term_all
-  log::warn "stopping ${#pids[@]} running job(s): TERM now, KILL after ${GRACE}s (--grace) unless they end; press Ctrl-C again to KILL them now"
-  core::now_ms
-  deadline=$((CORE_NOW_MS + GRACE * 1000))
-  while [[ -z $SCHED_AGAIN ]]; do
-    alive=0
-    for name in "${!pids[@]}"; do
-      if sched::group_alive "${pids[$name]}"; then alive=1 && break; fi
-    done
-    core::now_ms
-    ((alive && CORE_NOW_MS < deadline)) || break
-    core::sleep_ms 100
-  done
-  [[ -z $SCHED_AGAIN ]] || log::warn "second stop signal: killing the running jobs now"
-  for name in "${!pids[@]}"; do
-    pid=${pids[$name]}
-    if sched::group_alive "$pid"; then
-      JOB[${SCHED_BY_NAME[$name]},detail]="killed after grace (no checkpoint)"
-      kill -KILL -- "-$pid" 2>/dev/null || true
-    fi
-  done
-  for name in "${!pids[@]}"; do
-    pid=${pids[$name]} rc=0
-    wait "$pid" 2>/dev/null || rc=$?
-    sched::_ended "$pid" "$rc"
-  done
-  sched::_settle
 }

@@ -200,6 +200,39 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   assert_equal "$(grep WARN <<<"$stderr")" \
     "[WARN] job1: its command ended, but 1 process(es) it started run on, holding its slot and lock until they end: $(cat leftover2.pid) sleep 300"
   assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' one/summary_*.json)" "succeeded (left running: $(cat leftover2.pid) sleep 300)"
+  assert_equal "$(grep $'^end\tjob1\t' one/sweep_*.events | tail -1 | cut -f6)" "left running: $(cat leftover2.pid) sleep 300" # --status's source
+}
+
+@test "Ctrl-C also stops what finished jobs left running (TERM, then KILL after --grace), and their records say so" {
+  # job1 ends at once, leaving a process that saves on TERM; job2 ends, leaving one that ignores TERM;
+  # job3 runs until the stop
+  printf '%s\n' "bash -c 'trap \"echo saved >saved.txt; exit 0\" TERM; echo \$\$ >left1.pid; while :; do sleep 0.05; done' &" \
+    "bash -c 'trap \"\" TERM; echo \$\$ >left2.pid; while :; do sleep 0.05; done' &" \
+    ': >started3; until [[ -e release ]]; do sleep 0.05; done' >"$WORK/jobs.txt"
+  env --default-signal=INT bash "$ROOT/gpu_queue.sh" --gpus 0,1,2 --grace 2 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! rc=0 pid1 pid2
+  ended() { [[ -s left1.pid && -s left2.pid && -e started3 ]] && (($(grep -c $'^end\tjob[12]\tsucceeded' logs/gpu_queue/sweep_*.events) == 2)); }
+  wait_for 30 "jobs 1 and 2 to end, leaving their processes, and job 3 to start" ended
+  pid1=$(cat left1.pid) pid2=$(cat left2.pid)
+  kill -INT "$launcher"
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 130
+  assert_equal "$(cat saved.txt)" saved # it got the TERM
+  gone() { [[ ! -e /proc/$1 || $(cut -d' ' -f3 "/proc/$1/stat") == Z ]]; } # (an orphan's zombie may stay: PID 1 here may not reap)
+  gone "$pid1"
+  gone "$pid2" # killed after the grace period
+  # (job3 may have ended on its TERM, and been collected, before the stop's message)
+  grep -qE "stopping (1 running job\(s\) and )?the processes 2 ended job\(s\) left running: TERM now, KILL after 2s" "$WORK/err"
+  run jq -r '.configs[] | "\(.name) \(.status): \(.detail)"' logs/gpu_queue/summary_*.json
+  assert_line --index 0 --regexp "^job1 succeeded: left running, ended on the stop's TERM: $pid1 bash -c trap .*$"
+  assert_line --index 1 --regexp "^job2 succeeded: left running, killed after grace: $pid2 bash -c trap .*$"
+  assert_line --index 2 --regexp "^job3 interrupted: "
+  # --status tells the same: the end events carry the detail too
+  local detail
+  detail=$(jq -r '.configs[1].detail' logs/gpu_queue/summary_*.json)
+  run bash "$ROOT/gpu_queue.sh" --status --json
+  assert_success
+  assert_equal "$(jq -r '.jobs[1].detail' <<<"$output")" "$detail"
 }
 
 @test "a process anywhere whose name holds a newline and a parenthesis never breaks a stop's scan of the process table" {

@@ -1,0 +1,175 @@
+# shellcheck shell=bash disable=SC2034  # part of sched.sh: the same job records and globals
+# sched:: (continued) — stopping: TERM to every job's process group (and to what finished jobs left
+# running), the grace period, KILL, how each stopped job ended; and what jobs left running at a sweep's
+# end. Sourced by sched.sh only.
+
+declare -A JOB pids SCHED_TERMED=() # sched.sh's job records and running-job table (declared there); groups sent TERM
+SCHED_LEFT_TERMED=() # entries of SCHED_LEFT (JOB:PGID) that a stop sent TERM, with what ran then (SCHED_LEFT_SAID)
+declare -A SCHED_LEFT_SAID=()
+
+# sched::group_alive PGID — does any process of the group still run? Zombies do not count: our own
+# un-reaped job leader is one, and orphans wait as zombies until PID 1 reaps them (some never do).
+sched::group_alive() {
+  local stat fields
+  [[ -r /proc/self/stat ]] || { kill -0 -- "-$1" 2>/dev/null; return; }
+  for stat in /proc/[0-9]*/stat; do
+    fields=""
+    read -r -d '' fields 2>/dev/null <"$stat" || true # whole: a process name may hold a newline
+    read -r -a fields <<<"${fields##*) }"                           # state ppid pgrp ...
+    [[ ${fields[2]:-} == "$1" && ${fields[0]} != Z ]] && return 0
+  done
+  return 1
+}
+
+# sched::term_all — TERM, then CONT (a job stopped by hand acts on it), to each running job's process group
+# not sent them yet, and to the groups of ended jobs whose processes still run (SCHED_LEFT: a stop reaches
+# everything the sweep started). The stop's traps call it themselves, so no message that a stalled terminal
+# or pipe holds up holds the TERM; the stop calls it again for a job forked meanwhile. The first call marks
+# the stop's time (the file term).
+sched::term_all() {
+  local name pid entry found=()
+  [[ -e $SCHED_STATE/term ]] || : 2>/dev/null >"$SCHED_STATE/term" || true
+  for name in "${!pids[@]}"; do
+    pid=${pids[$name]}
+    [[ -z ${SCHED_TERMED[$pid]:-} ]] || continue
+    SCHED_TERMED[$pid]=1
+    { kill -TERM -- "-$pid" && kill -CONT -- "-$pid"; } 2>/dev/null || true
+  done
+  for entry in "${SCHED_LEFT[@]}"; do
+    [[ -z ${SCHED_TERMED[left:$entry]:-} ]] || continue
+    SCHED_TERMED[left:$entry]=1
+    sched::_left_members "${entry%%:*}" "${entry#*:}" found
+    ((${#found[@]})) || continue
+    sched::_said "${found[@]}"
+    SCHED_LEFT_TERMED+=("$entry") SCHED_LEFT_SAID[$entry]=$SCHED_SAID
+    { kill -TERM -- "-${entry#*:}" && kill -CONT -- "-${entry#*:}"; } 2>/dev/null || true
+  done
+}
+
+# sched::stop_all — TERM every running job's process group (and what ended jobs left running), then wait up
+# to GRACE seconds for them to save and exit; what is left then (or at once, on a second Ctrl-C/TERM) gets
+# KILL. Each ended job whose processes were stopped says so in its record.
+sched::stop_all() {
+  local name pid deadline alive rc entry
+  SCHED_AGAIN=""
+  trap 'SCHED_AGAIN=1' INT TERM
+  sched::term_all
+  ((${#pids[@]} + ${#SCHED_LEFT_TERMED[@]})) || return 0
+  local what=""
+  ((${#pids[@]} == 0)) || what="${#pids[@]} running job(s)"
+  ((${#SCHED_LEFT_TERMED[@]} == 0)) || what+="${what:+ and }the processes ${#SCHED_LEFT_TERMED[@]} ended job(s) left running"
+  log::warn "stopping $what: TERM now, KILL after ${GRACE}s (--grace) unless they end; press Ctrl-C again to KILL them now"
+  core::now_ms
+  deadline=$((CORE_NOW_MS + GRACE * 1000))
+  while [[ -z $SCHED_AGAIN ]]; do
+    alive=0
+    for name in "${!pids[@]}"; do
+      if sched::group_alive "${pids[$name]}"; then alive=1 && break; fi
+    done
+    for entry in "${SCHED_LEFT_TERMED[@]}"; do
+      if ((!alive)) && sched::group_alive "${entry#*:}"; then alive=1 && break; fi
+    done
+    core::now_ms
+    ((alive && CORE_NOW_MS < deadline)) || break
+    core::sleep_ms 100
+  done
+  [[ -z $SCHED_AGAIN ]] || log::warn "second stop signal: killing the running jobs now"
+  for name in "${!pids[@]}"; do
+    pid=${pids[$name]}
+    if sched::group_alive "$pid"; then
+      JOB[${SCHED_BY_NAME[$name]},detail]="killed after grace (no checkpoint)"
+      kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+  done
+  sched::_stop_left
+  for name in "${!pids[@]}"; do
+    pid=${pids[$name]} rc=0
+    wait "$pid" 2>/dev/null || rc=$?
+    sched::_ended "$pid" "$rc"
+  done
+  sched::_settle
+}
+
+# sched::_stop_left — after a stop's grace: KILL what ended jobs left running and still runs (its
+# environment names the job), and add to each such job's record what was stopped, and how.
+sched::_stop_left() {
+  local entry job how members=()
+  for entry in "${SCHED_LEFT_TERMED[@]}"; do
+    job=${entry%%:*} how="ended on the stop's TERM"
+    sched::_left_members "$job" "${entry#*:}" members
+    if ((${#members[@]})); then
+      kill -KILL -- "-${entry#*:}" 2>/dev/null || true
+      how="killed after grace"
+    fi
+    JOB[$job,detail]="${JOB[$job,detail]:+${JOB[$job,detail]}; }left running, $how: ${SCHED_LEFT_SAID[$entry]}"
+    sched::_record "$job" # again, with it
+  done
+}
+
+# sched::_stop_detail JOB STATUS — how a job stopped by us ended: it saved a checkpoint after the TERM
+# (a checkpoint_*.pt newer than the stop), it ended within the grace period, or it was killed.
+sched::_stop_detail() {
+  local job=$1 out=${JOB[$1,out]} saved=""
+  [[ -z ${JOB[$job,detail]} ]] || return 0
+  if [[ -n $out && -d $out && -e $SCHED_STATE/term ]]; then
+    saved=$(find "$out" -maxdepth 1 -name 'checkpoint_*.pt' -newer "$SCHED_STATE/term" -print -quit 2>/dev/null) || true
+  fi
+  if [[ -n $saved ]]; then
+    JOB[$job,detail]="checkpoint saved"
+  else
+    JOB[$job,detail]="stopped within the grace period (exit $2)"
+  fi
+}
+
+# sched::_left_members JOB PGID ARRAY — into the array named ARRAY, "pid command" (60 characters at most)
+# of each process still running in the group of a job whose command ended. A process counts only if its
+# environment names the job (a group id reused since is another's).
+sched::_left_members() {
+  local job=$1 group=$2 stat line fields cmd env e mine
+  local -n _members=$3
+  _members=()
+  for stat in /proc/[0-9]*/stat; do
+    line=""
+    read -r -d '' line 2>/dev/null <"$stat" || true # whole: a process name may hold a newline
+    read -r -a fields <<<"${line##*) }"                         # state ppid pgrp ...
+    [[ ${fields[2]:-} == "$group" && ${fields[0]} != Z ]] || continue
+    env=() cmd=() mine=""
+    mapfile -d '' -t env 2>/dev/null <"${stat%stat}environ" || true
+    for e in "${env[@]}"; do [[ $e != "MGPU_CONFIG_NAME=${JOB[$job,name]}" ]] || { mine=1 && break; }; done
+    [[ -n $mine ]] || continue
+    mapfile -d '' -t cmd 2>/dev/null <"${stat%stat}cmdline" || true
+    line="${stat//[!0-9]/} ${cmd[*]//[[:cntrl:]]/ }"
+    _members+=("${line:0:60}")
+  done
+}
+
+# sched::_said MEMBERS... — the first three, "; "-separated (and "; ..." for more), into SCHED_SAID.
+sched::_said() {
+  printf -v SCHED_SAID '%s; ' "${@:1:3}"
+  SCHED_SAID="${SCHED_SAID%; }${4:+; ...}"
+}
+
+# sched::_leftovers — the jobs whose command ended but left processes running in its process group
+# (`cmd &`; sched::_ended notes them in SCHED_LEFT as JOB:PGID): each said, with them, and added to its
+# record's detail; they hold its slot's lease and its folder's lock until they end. They get a second to
+# end first (a trainer's data workers exit after it).
+sched::_leftovers() {
+  local entry job group deadline members=()
+  core::now_ms
+  deadline=$((CORE_NOW_MS + 1000))
+  for entry in "${SCHED_LEFT[@]}"; do
+    job=${entry%%:*} group=${entry#*:}
+    while sched::group_alive "$group"; do
+      core::now_ms
+      ((CORE_NOW_MS < deadline)) || break
+      core::sleep_ms 100
+    done
+    sched::group_alive "$group" || continue
+    sched::_left_members "$job" "$group" members
+    ((${#members[@]})) || continue
+    sched::_said "${members[@]}"
+    JOB[$job,detail]="${JOB[$job,detail]:+${JOB[$job,detail]}; }left running: $SCHED_SAID"
+    sched::_record "$job" # again, with it
+    log::warn "${JOB[$job,name]}: its command ended, but ${#members[@]} process(es) it started run on, holding its slot and lock until they end: $SCHED_SAID"
+  done
+}
