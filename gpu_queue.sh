@@ -57,6 +57,14 @@ markers() {
   done
 }
 
+# too_long LINE N — refuse a command longer than Linux passes as one argument (bash -c LINE; 128 KiB,
+# MAX_ARG_STRLEN), before anything runs: its job could only fail with "Argument list too long".
+too_long() {
+  local LC_ALL=C # bytes, not characters
+  ((${#1} > 131071)) || return 0
+  DIE_STATUS=2 die "jobs file '$source' line $2: its command is ${#1} bytes, and Linux passes at most 131071 bytes as one argument (bash -c LINE): put it in a script and run that"
+}
+
 main() {
   local source="" line n=0 input crlf=0
   sweep::parse "$@"
@@ -80,6 +88,7 @@ main() {
     ((n > 1)) || line=${line#$'\xef\xbb\xbf'} # a byte-order mark (Windows Notepad) is no part of a command
     [[ $line != *$'\r' ]] || { line=${line%$'\r'} && crlf=1; }
     [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+    ((${#line} < 32768)) || too_long "$line" "$n" # (characters: a line this short is short enough in bytes too)
     if [[ $line == -* ]]; then # bash would take it for its own option; other lines keep their argv (--resume)
       sched::add "job$n" "" "" "" "" -- bash -c -- "$line"
     else

@@ -154,7 +154,8 @@ ledger::show_tail() {
     return 0
   fi
   log::error "${JOB[$1,name]} failed; the last lines of $log:"
-  tail -n "$MGPU_TAIL_LINES" "$log" | sed 's/^/    | /' >&2 || true # stderr gone: lost, never fatal
+  # a line over 500 characters (a long command in the header, a progress bar redrawn with \r) is cut
+  tail -n "$MGPU_TAIL_LINES" "$log" | sed -E 's/^(.{500}).{4,}$/\1 .../; s/^/    | /' >&2 || true # stderr gone: lost, never fatal
 }
 
 # ledger::_str TEXT — TEXT as a JSON string (or null when empty) into LEDGER_STR, without a fork.
@@ -238,10 +239,11 @@ ledger::record() {
     "$status" "$shown" "${JOB[$job,retries]}" "$seconds" "${JOB[$job,waited]}" "$peak_shown" "$metric" "${JOB[$job,log]:--}"
   [[ -z $LEDGER_COMMANDS ]] || LEDGER_ROW[job]+=$'\t'${command:0:60}
   [[ $gpu_s != null ]] || gpu_s=""
-  printf -v 'LEDGER_TSV[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${JOB[$job,name]}" \
-    "${JOB[$job,gpu]}" "${JOB[$job,status]}" "$exit" "${JOB[$job,kind]}" "${JOB[$job,retries]}" "$seconds" \
-    "${JOB[$job,waited]}" "$gpu_s" "$peak" "$LEDGER_METRIC_NAME" "$LEDGER_METRIC_VALUE" "${JOB[$job,log]}" \
-    "${JOB[$job,detail]}" "$LEDGER_CAUSE" "$command"
+  local tsv=("${JOB[$job,name]}" "${JOB[$job,gpu]}" "${JOB[$job,status]}" "$exit" "${JOB[$job,kind]}" "${JOB[$job,retries]}"
+    "$seconds" "${JOB[$job,waited]}" "$gpu_s" "$peak" "$LEDGER_METRIC_NAME" "$LEDGER_METRIC_VALUE" "${JOB[$job,log]}"
+    "${JOB[$job,detail]}" "$LEDGER_CAUSE" "$command")
+  tsv=("${tsv[@]//[$'\t\n\r']/ }") # one row a job, whatever a field holds (a LOG_DIR with a newline in its name)
+  printf -v 'LEDGER_TSV[job]' '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s' "${tsv[@]}"
 }
 
 # ledger::_metrics FILE — LEDGER_METRICS (compact JSON), LEDGER_METRIC_NAME and LEDGER_METRIC_VALUE (the

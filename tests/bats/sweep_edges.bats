@@ -59,7 +59,25 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   [[ $stderr == *"[WARN] jobs file '$WORK/jobs.txt' has Windows line ends (CRLF): its lines are read without their carriage returns"* ]]
 }
 
-@test "bytes that are not UTF-8 in a command (a Latin-1 or GBK file) leave the summary valid JSON; --compare names a summary it cannot read" {
+@test "a command longer than Linux passes as one argument is refused before anything runs, naming its line; a failed long command's log tail is cut" {
+  local a
+  printf -v a '%*s' 131066 '' && a=${a// /a}
+  printf '%s\n' 'touch ran' "echo ${a}b" >"$WORK/jobs.txt" # 131072 bytes: one too many
+  queue --gpus 0 "$WORK/jobs.txt"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] jobs file '$WORK/jobs.txt' line 2: its command is 131072 bytes, and Linux passes at most 131071 bytes as one argument (bash -c LINE): put it in a script and run that"
+  assert [ ! -e ran ]
+  printf '%s\n' "echo ${a:19} >/dev/null; exit 3" >"$WORK/jobs.txt" # 131071 bytes, the limit: it runs (and fails)
+  queue --gpus 0 "$WORK/jobs.txt"
+  assert_failure 1
+  assert_equal "$(jq -r '.configs[0].exit_code' logs/gpu_queue/summary_*.json)" 3
+  local header
+  header=$(grep -F '| # command: bash -c echo' <<<"$stderr")
+  assert_equal "${#header}" $((6 + 500 + 4)) # "    | " and 500 characters of it, then " ..."
+  [[ $header == *aaa\ ... ]]
+}
+
+@test "bytes that are not UTF-8 in a command (a Latin-1 or GBK file) leave the summary valid JSON, a LOG_DIR with a newline one table row a job; --compare names a summary it cannot read" {
   printf 'echo caf\xe9 \xd6\xd0\xce\xc4\necho \xe4\xb8\xad\xe6\x96\x87 \xe4\xb8\n' >"$WORK/jobs.txt"
   queue --gpus 0 "$WORK/jobs.txt"
   assert_success
@@ -79,6 +97,10 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   assert_failure 1
   assert_equal "$output" ""
   assert_equal "${stderr##*$'\n'}" "mgpu.status: no readable summary_*.json in logs/gpu_queue: 1 left out (see above)"
+  queue --gpus 0 --log-dir $'odd\nlogs' "$WORK/jobs.txt"
+  assert_success
+  run awk -F '\t' '{ print NF }' $'odd\nlogs'/summary_*.tsv
+  assert_output $'16\n16\n16' # the header and two rows, each of 16 fields
 }
 
 @test "--resume knows a gpu_queue.sh job by its command, not its line: lines added, removed or listed twice, and markers an earlier version named by line" {
