@@ -57,12 +57,14 @@ markers() {
   done
 }
 
-# too_long LINE N — refuse a command longer than Linux passes as one argument (bash -c LINE; 128 KiB,
-# MAX_ARG_STRLEN), before anything runs: its job could only fail with "Argument list too long".
+# too_long LINE N — refuse a command longer than Linux passes as one argument (bash -c LINE; MAX_ARG_STRLEN,
+# 32 pages: 131071 bytes with 4 KiB pages), before anything runs: its job could only fail with "Argument
+# list too long".
 too_long() {
-  local LC_ALL=C # bytes, not characters
-  ((${#1} > 131071)) || return 0
-  DIE_STATUS=2 die "jobs file '$source' line $2: its command is ${#1} bytes, and Linux passes at most 131071 bytes as one argument (bash -c LINE): put it in a script and run that"
+  local LC_ALL=C max # bytes, not characters
+  max=$(($(getconf PAGESIZE 2>/dev/null || echo 4096) * 32 - 1))
+  ((${#1} > max)) || return 0
+  DIE_STATUS=2 die "jobs file '$source' line $2: its command is ${#1} bytes, and Linux passes at most $max bytes as one argument (bash -c LINE): put it in a script and run that"
 }
 
 main() {

@@ -54,13 +54,14 @@ ledger::event() {
 }
 
 # ledger::is_done JOB — did an earlier run finish this exact job (same hash) with exit 0?
-# (JOB[<i>,marker_old]: where an older mgpu wrote it, read too.)
+# (JOB[<i>,marker_old]: where an earlier version wrote it, read too; LEDGER_DONE_OLD set when it said so.)
 ledger::is_done() {
   local marker line
+  LEDGER_DONE_OLD=""
   for marker in "${JOB[$1,marker]}" ${JOB[$1,marker_old]:+"${JOB[$1,marker_old]}"}; do
     line=""
     [[ -f $marker ]] && read -r line <"$marker" 2>/dev/null
-    [[ -z $line || $line != "${JOB[$1,hash]}" ]] || return 0
+    [[ -z $line || $line != "${JOB[$1,hash]}" ]] || { [[ $marker == "${JOB[$1,marker]}" ]] || LEDGER_DONE_OLD=1; return 0; }
   done
   return 1
 }
@@ -155,7 +156,9 @@ ledger::show_tail() {
   fi
   log::error "${JOB[$1,name]} failed; the last lines of $log:"
   # a line over 500 characters (a long command in the header, a progress bar redrawn with \r) is cut
-  tail -n "$MGPU_TAIL_LINES" "$log" | sed -E 's/^(.{500}).{4,}$/\1 .../; s/^/    | /' >&2 || true # stderr gone: lost, never fatal
+  # (then at 2,000 bytes, for a line holding bytes that are not characters, which `.` does not match)
+  tail -n "$MGPU_TAIL_LINES" "$log" | sed -E 's/^(.{500}).{4,}$/\1 .../' | LC_ALL=C sed -E 's/^(.{2000}).{4,}$/\1 .../; s/^/    | /' >&2 ||
+    true # stderr gone: lost, never fatal
 }
 
 # ledger::_str TEXT — TEXT as a JSON string (or null when empty) into LEDGER_STR, without a fork.
@@ -169,22 +172,22 @@ ledger::_str() {
 }
 
 # ledger::_utf8 TEXT — TEXT as valid UTF-8 into LEDGER_UTF8: each byte that starts no valid sequence (a name
-# or command in Latin-1 or GBK), and each cut-off character, becomes one U+FFFD, as Python's
-# errors="replace" does. JSON must be UTF-8: Python's json refuses the whole summary over one such byte.
+# or command in Latin-1 or GBK), and each cut-off character, becomes one U+FFFD, by Python's own decoder
+# (errors="replace"; a bash loop was quadratic on long strings). JSON must be UTF-8: Python's json refuses
+# a whole summary over one such byte. Without Python, each byte that is not ASCII becomes "?".
 ledger::_utf8() {
-  local s=$1 out="" LC_ALL=C # bytes, whatever the user's locale
-  local re=$'^([\x01-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf][\x80-\xbf]|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf][\x80-\xbf][\x80-\xbf]|\xf4[\x80-\x8f][\x80-\xbf][\x80-\xbf])+'
-  local cut=$'^(\xe0[\xa0-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]|\xed[\x80-\x9f]|\xf0[\x90-\xbf][\x80-\xbf]?|[\xf1-\xf3][\x80-\xbf][\x80-\xbf]?|\xf4[\x80-\x8f][\x80-\xbf]?)'
-  while [[ -n $s ]]; do
-    if [[ $s =~ $re ]]; then
-      out+=${BASH_REMATCH[0]} s=${s:${#BASH_REMATCH[0]}}
-    elif [[ $s =~ $cut ]]; then # the start of a character cut off: one U+FFFD for all of it
-      out+=$'\xef\xbf\xbd' s=${s:${#BASH_REMATCH[0]}}
-    else
-      out+=$'\xef\xbf\xbd' s=${s:1}
-    fi
-  done
-  LEDGER_UTF8=$out
+  local LC_ALL=C # bytes, whatever the user's locale
+  local re=$'^([\x01-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf][\x80-\xbf]|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf][\x80-\xbf][\x80-\xbf]|\xf4[\x80-\x8f][\x80-\xbf][\x80-\xbf])*$'
+  if [[ $1 =~ $re ]]; then
+    LEDGER_UTF8=$1 # valid already (Chinese, say): the common case, without a process
+    return 0
+  fi
+  core::python
+  if LEDGER_UTF8=$("$CORE_PYTHON" -c 'import sys; sys.stdout.buffer.write(sys.stdin.buffer.read()[:-1].decode("utf-8", "replace").encode() + b".")' 2>/dev/null <<<"$1"); then
+    LEDGER_UTF8=${LEDGER_UTF8%.} # (the dot keeps the newlines a command substitution would drop)
+  else
+    LEDGER_UTF8=${1//[$'\x80'-$'\xff']/?}
+  fi
 }
 
 # ledger::record JOB — the job's final record, one JSON line and one table row, kept by job index for

@@ -250,6 +250,10 @@ sched::run() {
     sched::stop_all
   else
     sched::_leftovers
+    if [[ -n $SCHED_STOP ]]; then # a stop during that second: what they left gets it too
+      log::warn "got SIG$SCHED_STOP"
+      sched::stop_all
+    fi
   fi
   [[ -z $SCHED_TIMER ]] || kill "$SCHED_TIMER" 2>/dev/null || true
   sched::finish

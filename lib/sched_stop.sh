@@ -6,6 +6,7 @@
 declare -A JOB pids SCHED_TERMED=() # sched.sh's job records and running-job table (declared there); groups sent TERM
 SCHED_LEFT_TERMED=() # entries of SCHED_LEFT (JOB:PGID) that a stop sent TERM, with what ran then (SCHED_LEFT_SAID)
 declare -A SCHED_LEFT_SAID=()
+SCHED_SID="" # the launcher's session (sched::_left_members)
 
 # sched::group_alive PGID — does any process of the group still run? Zombies do not count: our own
 # un-reaped job leader is one, and orphans wait as zombies until PID 1 reaps them (some never do).
@@ -22,12 +23,12 @@ sched::group_alive() {
 }
 
 # sched::term_all — TERM, then CONT (a job stopped by hand acts on it), to each running job's process group
-# not sent them yet, and to the groups of ended jobs whose processes still run (SCHED_LEFT: a stop reaches
-# everything the sweep started). The stop's traps call it themselves, so no message that a stalled terminal
-# or pipe holds up holds the TERM; the stop calls it again for a job forked meanwhile. The first call marks
-# the stop's time (the file term).
+# not sent them yet. The stop's traps call it themselves, so no message that a stalled terminal or pipe
+# holds up holds the TERM; the stop calls it again for a job forked meanwhile. The first call marks the
+# stop's time (the file term). Nothing here reads a file: in bash 5.2 a `read` inside a trap cancels the
+# timeout of the `read -t` it interrupted (core::sleep_ms), which then never returns.
 sched::term_all() {
-  local name pid entry found=()
+  local name pid
   [[ -e $SCHED_STATE/term ]] || : 2>/dev/null >"$SCHED_STATE/term" || true
   for name in "${!pids[@]}"; do
     pid=${pids[$name]}
@@ -35,6 +36,12 @@ sched::term_all() {
     SCHED_TERMED[$pid]=1
     { kill -TERM -- "-$pid" && kill -CONT -- "-$pid"; } 2>/dev/null || true
   done
+}
+
+# sched::_term_left — TERM and CONT to the groups of ended jobs whose processes still run (SCHED_LEFT): a
+# stop reaches everything the sweep started. What ran is kept for the records (SCHED_LEFT_SAID).
+sched::_term_left() {
+  local entry found=()
   for entry in "${SCHED_LEFT[@]}"; do
     [[ -z ${SCHED_TERMED[left:$entry]:-} ]] || continue
     SCHED_TERMED[left:$entry]=1
@@ -54,6 +61,7 @@ sched::stop_all() {
   SCHED_AGAIN=""
   trap 'SCHED_AGAIN=1' INT TERM
   sched::term_all
+  sched::_term_left
   ((${#pids[@]} + ${#SCHED_LEFT_TERMED[@]})) || return 0
   local what=""
   ((${#pids[@]} == 0)) || what="${#pids[@]} running job(s)"
@@ -122,17 +130,22 @@ sched::_stop_detail() {
 }
 
 # sched::_left_members JOB PGID ARRAY — into the array named ARRAY, "pid command" (60 characters at most)
-# of each process still running in the group of a job whose command ended. A process counts only if its
-# environment names the job (a group id reused since is another's).
+# of each process still running in the group of a job whose command ended. A process counts only if it is
+# in the launcher's session and its environment names the job (a group id reused since is another's).
 sched::_left_members() {
   local job=$1 group=$2 stat line fields cmd env e mine
   local -n _members=$3
   _members=()
+  if [[ -z $SCHED_SID ]]; then
+    read -r -d '' line 2>/dev/null </proc/$$/stat || true
+    read -r -a fields <<<"${line##*) }"
+    SCHED_SID=${fields[3]:-none}
+  fi
   for stat in /proc/[0-9]*/stat; do
     line=""
     read -r -d '' line 2>/dev/null <"$stat" || true # whole: a process name may hold a newline
-    read -r -a fields <<<"${line##*) }"                         # state ppid pgrp ...
-    [[ ${fields[2]:-} == "$group" && ${fields[0]} != Z ]] || continue
+    read -r -a fields <<<"${line##*) }"                         # state ppid pgrp session ...
+    [[ ${fields[2]:-} == "$group" && ${fields[0]} != Z && ${fields[3]} == "$SCHED_SID" ]] || continue
     env=() cmd=() mine=""
     mapfile -d '' -t env 2>/dev/null <"${stat%stat}environ" || true
     for e in "${env[@]}"; do [[ $e != "MGPU_CONFIG_NAME=${JOB[$job,name]}" ]] || { mine=1 && break; }; done
@@ -159,11 +172,12 @@ sched::_leftovers() {
   deadline=$((CORE_NOW_MS + 1000))
   for entry in "${SCHED_LEFT[@]}"; do
     job=${entry%%:*} group=${entry#*:}
-    while sched::group_alive "$group"; do
+    while [[ -z $SCHED_STOP ]] && sched::group_alive "$group"; do
       core::now_ms
       ((CORE_NOW_MS < deadline)) || break
       core::sleep_ms 100
     done
+    [[ -z $SCHED_STOP ]] || return 0 # a stop came meanwhile: sched::run stops them instead
     sched::group_alive "$group" || continue
     sched::_left_members "$job" "$group" members
     ((${#members[@]})) || continue

@@ -184,18 +184,18 @@ def render_status(sweep: Sweep) -> str:
     return f"{head}\n{where}\n{table(status_rows(sweep, now))}"
 
 
-def compare(log_dir: str) -> list[dict]:
-    """The newest record of every config across LOG_DIR's summaries, best key metric first."""
+def compare(log_dir: str, left_out: list[str] | None = None) -> list[dict]:
+    """The newest record of every config across LOG_DIR's summaries, best key metric first. A summary that
+    cannot be read is left out, and said in LEFT_OUT ("<path>: <why>")."""
     latest: dict[str, dict] = {}
-    unreadable = []
+    unreadable = [] if left_out is None else left_out
     for path in sorted(Path(log_dir).glob("summary_*.json")):
         try:  # bytes that are not UTF-8 (a summary from an older mgpu) cost only those characters
             doc = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:  # cut short by a full disk, say
-            unreadable.append(path)
-            print(f"mgpu.status: left out {path}: {exc}", file=sys.stderr)
+            unreadable.append(f"{path}: {exc}")
             continue
         for config in doc.get("configs", []):
             if config.get("status") == "skipped" and config.get("name") in latest:
@@ -239,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.compare:
-            rows = compare(args.log_dir)
+            left_out: list[str] = []
+            try:
+                rows = compare(args.log_dir, left_out)
+            finally:
+                for why in left_out:
+                    print(f"mgpu.status: left out {why}", file=sys.stderr)
             print(json.dumps(rows, indent=2) if args.json else render_compare(rows))
             return 0
         while True:

@@ -113,7 +113,7 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   queue --gpus 0 --resume "$WORK/jobs.txt"
   assert_success
   assert_equal "$(tr '\n' ' ' <ran.txt)" "a b b new "
-  assert_equal "$(jq -r '[.configs[] | "\(.name) \(.status)"] | join(", ")' logs/gpu_queue/summary_*.json | tail -1)" \
+  assert_equal "$(jq -r '[.configs[] | "\(.name) \(.status)"] | join(", ")' "$(find logs/gpu_queue -name 'summary_*.json' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d ' ' -f 2-)")" \
     "job1 succeeded, job3 skipped"
   # the third `echo b` is a job of its own (the second with that command: done earlier as well)
   echo 'echo b >>ran.txt' >>"$WORK/jobs.txt"
@@ -132,6 +132,11 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   assert_success
   assert_equal "$(cat ran.txt)" "c"
   assert [ -s "$(queue_marker logs/gpu_queue 'echo c >>ran.txt')" ]
+  assert [ -s "$(queue_marker logs/gpu_queue 'echo a >>ran.txt')" ] # the old marker's job: today's marker too
+  printf '%s\n' 'echo new >>ran.txt' 'echo a >>ran.txt' 'echo c >>ran.txt' >"$WORK/jobs.txt" # so it stays done
+  queue --gpus 0 --resume "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(tr '\n' ' ' <ran.txt)" "c new "
 }
 
 @test "two jobs files sharing a LOG_DIR run side by side: neither's job is 'running elsewhere' for the other's different command" {
@@ -145,7 +150,8 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   assert_success
   assert_line --regexp '^job1 +1 +succeeded '
   : >release
-  wait "$launcher" || rc=$?
+  wait_child 120 "$launcher"
+  rc=$CHILD_RC
   assert_equal "$rc" 0
   assert_equal "$(sort ran.txt | tr '\n' ' ')" "a b "
 }
@@ -198,7 +204,8 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   kill -STOP "$(cat job.pid)"
   start=$SECONDS
   kill -TERM "$launcher"
-  wait "$launcher" || rc=$?
+  wait_child 120 "$launcher"
+  rc=$CHILD_RC
   assert_equal "$rc" 143
   assert [ $((SECONDS - start)) -lt 50 ] # well within --grace 100
   assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' logs/gpu_queue/summary_*.json)" \
@@ -213,7 +220,8 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   wait_for 30 "the second job to wait for the first one's leftover" waits
   grep -q "job2 waits: GPU 0 slot 0 is held by pid $(cat leftover.pid): bash .* (of mgpu job job1);" "$WORK/err"
   : >release
-  wait "$launcher" || rc=$?
+  wait_child 120 "$launcher"
+  rc=$CHILD_RC
   assert_equal "$rc" 0
   refute grep -q "run on, holding" "$WORK/err" # it ended before the sweep did: nothing to say at the end
   echo 'sleep 300 & echo $! >leftover2.pid' >"$WORK/one.txt"
@@ -237,7 +245,8 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   wait_for 30 "jobs 1 and 2 to end, leaving their processes, and job 3 to start" ended
   pid1=$(cat left1.pid) pid2=$(cat left2.pid)
   kill -INT "$launcher"
-  wait "$launcher" || rc=$?
+  wait_child 120 "$launcher"
+  rc=$CHILD_RC
   assert_equal "$rc" 130
   assert_equal "$(cat saved.txt)" saved # it got the TERM
   gone() { [[ ! -e /proc/$1 || $(cut -d' ' -f3 "/proc/$1/stat") == Z ]]; } # (an orphan's zombie may stay: PID 1 here may not reap)
@@ -246,8 +255,9 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   # (job3 may have ended on its TERM, and been collected, before the stop's message)
   grep -qE "stopping (1 running job\(s\) and )?the processes 2 ended job\(s\) left running: TERM now, KILL after 2s" "$WORK/err"
   run jq -r '.configs[] | "\(.name) \(.status): \(.detail)"' logs/gpu_queue/summary_*.json
-  assert_line --index 0 --regexp "^job1 succeeded: left running, ended on the stop's TERM: $pid1 bash -c trap .*$"
-  assert_line --index 1 --regexp "^job2 succeeded: left running, killed after grace: $pid2 bash -c trap .*$"
+  # (in the order of the process table: its `sleep 0.05` may come first)
+  assert_line --index 0 --regexp "^job1 succeeded: left running, ended on the stop's TERM: (.*; )?$pid1 bash -c trap "
+  assert_line --index 1 --regexp "^job2 succeeded: left running, killed after grace: (.*; )?$pid2 bash -c trap "
   assert_line --index 2 --regexp "^job3 interrupted: "
   # --status tells the same: the end events carry the detail too
   local detail
@@ -255,6 +265,43 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   run bash "$ROOT/gpu_queue.sh" --status --json
   assert_success
   assert_equal "$(jq -r '.jobs[1].detail' <<<"$output")" "$detail"
+}
+
+@test "a stop that comes while the launcher sleeps, with a finished job's process left running, never hangs it (nothing in a trap reads)" {
+  # bash 5.2: a `read` inside a trap cancels the timeout of the `read -t` it interrupted (core::sleep_ms),
+  # which then waits for good; the stop's trap must not read (the scan of what jobs left runs after it)
+  cat >"$WORK/entry.sh" <<'ENTRY'
+set -Eeuo pipefail
+source "$1/lib/sweep.sh"
+GRACE=5 LOG_DIR=$2
+sched::init
+sched::new job1 "" "" "" "$2/.mgpu_done/job1"
+set -m
+MGPU_CONFIG_NAME=job1 sleep 300 & # what job1 left running, in a group of its own (as a job's is)
+set +m
+SCHED_LEFT=("0:$!")
+trap 'SCHED_STOP=${SCHED_STOP:-INT} && sched::term_all' INT # as sched::run sets it
+: >"$2/sleeping"
+core::sleep_ms 3000
+echo "slept; stop: $SCHED_STOP"
+sched::stop_all
+sched::group_alive "${SCHED_LEFT[0]#*:}" || echo "what it left is gone"
+ENTRY
+  mkdir -p "$WORK/logs"
+  env --default-signal=INT timeout 60 bash "$WORK/entry.sh" "$ROOT" "$WORK/logs" >"$WORK/out" 2>"$WORK/err" &
+  local entry=$! script
+  sleeping() {
+    [[ -e $WORK/logs/sleeping ]] || return 1
+    # in `read -t`: poll_schedule_timeout (do_select on older kernels)
+    script=$(pgrep -P "$entry" bash) && [[ $(cat "/proc/$script/wchan" 2>/dev/null) == *@(poll|select)* ]]
+  }
+  wait_for 30 "the script to sleep in core::sleep_ms" sleeping
+  kill -INT "$script"
+  wait_child 90 "$entry"
+  assert_equal "$CHILD_RC" 0 # not 124: the sleep ended
+  run cat "$WORK/out"
+  assert_line "slept; stop: INT"
+  assert_line "what it left is gone"
 }
 
 @test "a process anywhere whose name holds a newline and a parenthesis never breaks a stop's scan of the process table" {
@@ -271,7 +318,8 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   up() { grep -q '^up$' logs/gpu_queue/job1_gpu0_*.log 2>/dev/null; }
   wait_for 30 "the job to start" up
   kill -TERM "$launcher"
-  wait "$launcher" || rc=$?
+  wait_child 120 "$launcher"
+  rc=$CHILD_RC
   : >release
   assert_equal "$rc" 143 # not 1: "fields[2]: unbound variable" in the scan
   assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' logs/gpu_queue/summary_*.json)" \

@@ -103,3 +103,23 @@ queue_marker() {
   sum=$(printf '%s\0' bash -c "$2" | sha256sum)
   echo "$1/.mgpu_done/${sum%% *}-${3:-1}"
 }
+
+# wait_child SECONDS PID — wait for a child of the test to end; its exit status into CHILD_RC. After
+# SECONDS it is killed and the test fails, saying so: a hang fails the test instead of holding the suite.
+wait_child() {
+  if ! wait_for "$1" "process $2 to end" child_ended "$2"; then
+    kill -KILL "$2" 2>/dev/null || true
+    return 1
+  fi
+  # shellcheck disable=SC2034  # read by the tests
+  CHILD_RC=0 && wait "$2" || CHILD_RC=$?
+}
+
+# child_ended PID — has the process ended (gone, or a zombie not yet waited for)?
+child_ended() {
+  local state=""
+  [[ -e /proc/$1 ]] || return 0
+  read -r state 2>/dev/null </proc/"$1"/stat || return 0
+  state=${state##*) }
+  [[ ${state%% *} == Z ]]
+}

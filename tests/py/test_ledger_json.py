@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 from pathlib import Path
@@ -12,8 +13,8 @@ SCRIPT = f"""source {LIB}/core.sh; source {LIB}/ledger.sh
 for s in "$@"; do ledger::_str "$s"; printf '%s\\0' "$LEDGER_STR"; done"""
 
 
-def json_strings(texts: list[bytes]) -> list[bytes]:
-    out = subprocess.run(["bash", "-c", SCRIPT, "ledger", *texts], capture_output=True, check=True).stdout
+def json_strings(texts: list[bytes], env: dict | None = None) -> list[bytes]:
+    out = subprocess.run(["bash", "-c", SCRIPT, "ledger", *texts], capture_output=True, check=True, env=env).stdout
     return out.split(b"\0")[:-1]
 
 
@@ -25,6 +26,9 @@ def test_bytes_that_are_not_utf8_are_replaced_exactly_as_pythons_decoder_replace
     texts = [bytes(rng.choice(edges) if rng.random() < 0.6 else rng.randint(0x20, 0xFF)
                    for _ in range(rng.randint(1, 14))) for _ in range(3000)]
     texts += ["中文 café ✓ 𝄞".encode(), "中".encode()[:2], b"caf\xe9", b"\xd6\xd0\xce\xc4", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
+    # valid UTF-8 (taken as it is, without Python): characters from every range, surrogates aside
+    points = [p for p in (rng.randint(0x20, 0x10FFFF) for _ in range(6000)) if not 0xD800 <= p <= 0xDFFF]
+    texts += ["".join(map(chr, points[k:k + 12])).encode() for k in range(0, len(points), 12)]
     got = json_strings(texts)
     assert len(got) == len(texts)
     for text, line in zip(texts, got):
@@ -35,3 +39,8 @@ def test_ascii_and_escapes_are_unchanged() -> None:
     texts = [b'plain', b'a "quoted" \\ back\tslash\nnew', "中文\t\"x\"".encode()]
     got = json_strings(texts)
     assert [json.loads(g.decode()) for g in got] == [t.decode() for t in texts]
+
+
+def test_without_python_each_byte_that_is_not_ascii_becomes_a_question_mark() -> None:
+    got = json_strings([b"caf\xe9 ok", "中文".encode()], env={**os.environ, "PYTHON": "/nonexistent/python"})
+    assert [json.loads(g.decode()) for g in got] == ["caf? ok", "中文"]  # valid UTF-8 needs no Python
