@@ -7,9 +7,8 @@
 # fails; a requeued trainer continues with --resume auto. Needs core.sh, sched.sh (the queue and the job
 # records), ledger.sh. The task side is libexec/slurm_task.sh (with lib/slurm_job.sh).
 # A submission writes LOG_DIR/slurm_<YYYYmmdd_HHMMSS>/:
-#   task<i>.meta     the task's name, image encoder, text encoder, output dir, marker, hash, LOG_DIR
-#                    (as given: tasks run in the folder the sweep was submitted from), requeue
-#                    (true|false), signal lead (seconds) and retries, a line each
+#   task<i>.meta     the task's name, image encoder, text encoder, output dir, marker, hash, LOG_DIR (as given:
+#                    tasks run where the sweep was submitted), requeue (true|false), lead (s), retries; a line each
 #   task<i>.argv     its command, NUL-separated (never evaluated by a shell)
 #   sweep.sbatch     the batch script; job_id: the array's job id once submitted
 #   task<i>.started, task<i>.result, task<i>.requeues    written by the task itself (libexec/slurm_task.sh)
@@ -74,8 +73,7 @@ slurm::validate() {
     problem="--time must be a Slurm time limit like 90, 4:00:00 or 2-00:00:00, got '$SB_TIME'"
   [[ -z $SB_MEM || $SB_MEM =~ ^[0-9]+[KMGT]?$ ]] || problem="--mem must be a size like 32G or 16000M, got '$SB_MEM'"
   for pair in partition:SB_PARTITION account:SB_ACCOUNT qos:SB_QOS gres:SB_GRES; do
-    var=${pair#*:}
-    value=${!var}
+    var=${pair#*:} && value=${!var}
     [[ -z $value || $value =~ ^[A-Za-z0-9_.:,=-]+$ ]] || problem="--${pair%%:*} must be a Slurm name like gpu or gpu:a100:1 (letters, digits, _.:,=-), got '$value'"
   done
   for arg in "${SB_EXTRA[@]}"; do
@@ -259,6 +257,7 @@ slurm::_requeues() {
 # written once the task will not run again); while Slurm holds the task pending again, that is its state.
 slurm::_task() {
   local base=$1 k=$2 state=$3 acct=$4 started=() result=() status kind="" reason="Slurm job ${SB_JOB_ID}_$2" detail
+  local lost="cancelled before it started, or its node failed"
   slurm::_requeues "$base" "$k"
   detail=$SB_DETAIL
   [[ ! -f $base.started ]] || mapfile -t started <"$base.started" # gpu node log start_ms restart
@@ -289,8 +288,9 @@ slurm::_task() {
     status=interrupted kind=cancelled
   elif [[ -n $acct ]]; then
     status=failed kind=${acct,,}
-  else
-    status=failed kind=lost reason+=": ended without writing its record (cancelled before it started, or its node failed)"
+  else # its script never began, or began and ended on an error of its own (its output says which)
+    ((${#started[@]} < 4)) || lost="it started: see ${base%/*}/task_$k.out"
+    status=failed kind=lost reason+=": ended without writing its record ($lost)"
   fi
   sched::set "$k" "status=$status" "kind=$kind" "reason=$reason" "detail=$detail"
 }

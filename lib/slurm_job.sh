@@ -198,7 +198,7 @@ slurm_job::_tick() {
 # shell's own output for "-") to its end under the watch above. SJ_RC is its exit status, SJ_STOP what stopped it (USR1, watch, TERM, INT,
 # or "" when nothing did), SJ_CAUSE "preempted", "time limit" or "". Leaves no process of it behind.
 slurm_job::run() {
-  local log=$1 timer ended rc period end
+  local log=$1 timer="" ended rc period end # (no timer when the command ended before the first look)
   shift
   SJ_GOT="" SJ_STOP="" SJ_CAUSE="" SJ_ASKED=0 SJ_SENT=0 SJ_KILLED=0 SJ_RC=0 SJ_END_READ=0
   slurm_job::end_time
@@ -230,8 +230,7 @@ slurm_job::run() {
     [[ ${ended:-} == "$timer" ]] || { kill "$timer" 2>/dev/null; wait "$timer" 2>/dev/null; } || true
     slurm_job::_tick "$EPOCHSECONDS"
   done
-  kill "$timer" 2>/dev/null || true
-  wait "$timer" 2>/dev/null || true
+  [[ -z $timer ]] || { kill "$timer" 2>/dev/null; wait "$timer" 2>/dev/null; } || true
   # bash may lose a child's status when it ends while a trap runs (`wait` then says -1 or 127): the
   # command's own record has it
   read -r rc 2>/dev/null <"$end" && [[ $rc =~ ^[0-9]+$ ]] && SJ_RC=$rc

@@ -106,6 +106,33 @@ wait_job() {
   return 1
 }
 
+@test "a task whose command ends before the task's script first looks at it still records its exit status (the script ended on an unset variable, its record unwritten)" {
+  cat >"$WORK/task.sh" <<'TASK'
+set -Eeuo pipefail
+source "$1/lib/core.sh"
+source "$1/lib/slurm_job.sh"
+# the first look comes after the command ended (a loaded machine descheduled this shell after the fork)
+slurm_job::_alive() {
+  local stat="" i
+  for ((i = 0; i < 100; i++)); do
+    read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]] || return 1
+    sleep 0.05
+  done
+  echo "the command did not end within 5 s" >&2
+  exit 9
+}
+slurm_job::run "$2" bash -c 'echo hi; exit 3'
+echo "rc=$SJ_RC"
+TASK
+  run --separate-stderr timeout 60 bash "$WORK/task.sh" "$ROOT" "$WORK/task.log"
+  assert_success
+  assert_output "rc=3"
+  assert_equal "$stderr" ""
+  grep -qx hi "$WORK/task.log"
+}
+
 @test "six configs on Slurm: one array, a GPU a task, the local names, logs, outputs and summary" {
   FAKE_TRAIN_SLEEP=2 slurm_sweep --wait --max-parallel 3 --cpus-per-task 1 --image-encoders s1,s2,s3 \
     --text-encoders clip:ViT-B/32,bert-base-chinese -- --epochs 2
