@@ -100,6 +100,7 @@ main() {
     sweep::resources "$SCHED_NEW" || exit 2
   done <"$input"
   LEDGER_COMMANDS=1
+  SWEEP_NAMES_ARE_LINES=1 # --need-mem auto learns a job's peak by its command only
   markers
   ((!crlf)) || log::warn "jobs file '$source' has Windows line ends (CRLF): its lines are read without their carriage returns"
   ((SCHED_N)) || DIE_STATUS=2 die "no commands in '$source' (blank lines and # comments are skipped)"

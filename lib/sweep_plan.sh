@@ -87,8 +87,10 @@ sweep::order() {
 }
 
 # sweep::learn_needs — --need-mem auto: each job's need is the peak GPU memory an earlier run of the same
-# configuration reached (LOG_DIR's summaries, by config hash, else name), plus 10% and 256 MiB; a job
-# never measured runs alone on its GPU (need "all": every MiB free when it starts), to be measured.
+# configuration reached (LOG_DIR's summaries, by config hash, else by name unless SWEEP_NAMES_ARE_LINES),
+# plus 10% and 256 MiB; a job never measured runs alone on its GPU (need "all": every MiB free when it
+# starts), to be measured.
+SWEEP_NAMES_ARE_LINES="" # gpu_queue.sh: a name (job<line>) says where a command stood, not what it is
 sweep::learn_needs() {
   local job hash name peak line learned=0 unknown=0
   local -A by_hash=() by_name=()
@@ -102,7 +104,8 @@ sweep::learn_needs() {
   fi
   for ((job = 0; job < SCHED_N; job++)); do
     [[ ${JOB[$job,need]} == auto ]] || continue
-    peak=${by_hash[${JOB[$job,hash]}]:-${by_name[${JOB[$job,name]}]:-}}
+    peak=${by_hash[${JOB[$job,hash]}]:-}
+    [[ -n $peak || -n $SWEEP_NAMES_ARE_LINES ]] || peak=${by_name[${JOB[$job,name]}]:-}
     if [[ -n $peak ]]; then
       JOB[$job,need]=$((peak + peak / 10 + 256)) learned=$((learned + 1))
     else

@@ -171,6 +171,19 @@ JSON
   assert_equal "$(overlap)" 2 # learned: about 22 GiB each, two fit
 }
 
+@test "gpu_queue.sh --need-mem auto learns a job's peak by its command, never by its line: an edited line is measured again" {
+  printf '%s\n' "$ROOT/tests/fakes/fake-trainer --lr 1" "$ROOT/tests/fakes/fake-trainer --lr 2" >"$WORK/jobs.txt"
+  FAKE_TRAIN_SLEEP=0.4 FAKE_TRAIN_MEM_MIB=20000 run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 --need-mem auto "$WORK/jobs.txt"
+  assert_success
+  [[ $stderr == *"--need-mem auto: 0 need(s) learned from LOG_DIR's summaries (peak + 10% + 256 MiB); 2 config(s) never measured"* ]]
+  assert_equal "$(jq -s '[.[].configs[].peak_mem_mib | select(. >= 15000)] | length' logs/gpu_queue/summary_*.json)" 2
+  # line 1 is another command now (job1 by name, as before): its peak is unknown; line 2 is still known
+  printf '%s\n' "$ROOT/tests/fakes/fake-trainer --lr 3" "$ROOT/tests/fakes/fake-trainer --lr 2" >"$WORK/jobs.txt"
+  FAKE_TRAIN_SLEEP=0.4 FAKE_TRAIN_MEM_MIB=20000 run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 --need-mem auto --dry-run "$WORK/jobs.txt"
+  assert_success
+  [[ $stderr == *"--need-mem auto: 1 need(s) learned from LOG_DIR's summaries (peak + 10% + 256 MiB); 1 config(s) never measured"* ]]
+}
+
 @test "--on-oom halve-batch: half the batch, twice the accumulation, resumed; the summary says what changed" {
   FAKE_TRAIN_OOM_ABOVE=16 sweep --gpus 0 --on-oom halve-batch --image-encoders a --text-encoders t -- --batch-size 64
   assert_success
