@@ -26,11 +26,13 @@ lease::shared() {
 lease::private() { umask "$LEASE_UMASK"; }
 
 # lease::_open FILE SETTING — open FILE (made if missing) into LEASE_OPEN_FD, without a child process;
-# 2 (logged) when it is no regular file or cannot be made.
+# 2 (logged, and the cause in LEASE_OPEN_WHY) when it is no regular file or cannot be made.
 lease::_open() {
   local file=$1 setting=$2
+  LEASE_OPEN_WHY=""
   if [[ -L $file || (-e $file && ! -f $file) ]]; then
-    log::error "$setting: refusing the lock file $file: it is a symbolic link or not a regular file"
+    LEASE_OPEN_WHY="it is a symbolic link or not a regular file"
+    log::error "$setting: refusing the lock file $file: $LEASE_OPEN_WHY"
     return 2
   fi
   if [[ ! -e $file ]]; then
@@ -43,11 +45,29 @@ lease::_open() {
     { exec {LEASE_OPEN_FD}<>"$file"; } 2>/dev/null && return 0
   else
     { exec {LEASE_OPEN_FD}<"$file"; } 2>/dev/null && return 0
+    LEASE_OPEN_WHY="it is another user's, made under a umask that keeps others from reading it"
     log::error "$setting: cannot read the lock file $file, made by another user whose umask kept it from others: they can run chmod a+r on it (another MGPU_LOCK_DIR would stop sharing GPUs with them)"
     return 2
   fi
-  log::error "$setting: cannot open the lock file $file (set MGPU_LOCK_DIR to a writable folder)"
+  lease::_why "$file"
+  log::error "$setting: cannot open the lock file $file: $LEASE_OPEN_WHY (set MGPU_LOCK_DIR to a writable folder)"
   return 2
+}
+
+# lease::_why FILE — why FILE could not be opened, into LEASE_OPEN_WHY: the system's words (No space left
+# on device, Permission denied), or the open-file limit when this process has no descriptor left (then not
+# even the pipe of $(...) can be made).
+lease::_why() {
+  local probe
+  if ! { exec {probe}</dev/null; } 2>/dev/null; then
+    LEASE_OPEN_WHY="too many open files (this launcher has reached its open-file limit, ulimit -n)"
+    return 0
+  fi
+  exec {probe}<&-
+  lease::shared # as the open that failed (a file made now is made as lease files are)
+  LEASE_OPEN_WHY=$({ : <>"$1"; } 2>&1) LEASE_OPEN_WHY=${LEASE_OPEN_WHY##*: }
+  lease::private
+  LEASE_OPEN_WHY=${LEASE_OPEN_WHY:-it cannot be made or opened}
 }
 
 # lease::open GPU SLOT — open the lease file of this GPU slot into LEASE_FD (not locked yet: the job

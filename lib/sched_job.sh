@@ -26,7 +26,7 @@ sched::_prepare() {
       SCHED_DIR_FD=$LEASE_OPEN_FD
       return 0
     fi
-    SCHED_CAUSE="its lock file $SCHED_DIR_LOCK is not a regular file or cannot be made"
+    SCHED_CAUSE="its lock file $SCHED_DIR_LOCK: $LEASE_OPEN_WHY"
   fi
   printf 'mgpu: %s could not start: %s\n' "${JOB[$job,name]}" "$SCHED_CAUSE" 2>/dev/null >>"$LEDGER_LOG"
   return 1

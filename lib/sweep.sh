@@ -254,6 +254,17 @@ sweep::resources() {
   ((gpus <= SWEEP_MAX_GPUS)) || SWEEP_MAX_GPUS=$gpus
 }
 
+# sweep::fd_room — the launcher keeps a lease file open for each slot (bash numbers them from 10 up) and a
+# few more for a moment. Under an open-file limit (ulimit -n) too low for that every job would fail as
+# "could not start"; it is said before anything runs, with what to do. 2 then.
+sweep::fd_room() {
+  local limit need=$((10 + ${#SCHED_SLOTS[@]} + 8))
+  limit=$(ulimit -Sn)
+  [[ $limit != unlimited ]] && ((limit < need)) || return 0
+  log::error "the open-file limit (ulimit -n) is $limit, and ${#SCHED_SLOTS[@]} job slot(s) need at least $need open files: raise it (ulimit -n 4096) or run fewer slots (--gpus, --jobs-per-gpu, --cpu-slots)"
+  return 2
+}
+
 # sweep::launch — --resume, --order, then the backend: Slurm, --dry-run's plan, or the sweep on this
 # machine. Returns the exit status for the entry script (0 all done, 1 some not, 2 usage, 130/143).
 sweep::launch() {
@@ -264,6 +275,7 @@ sweep::launch() {
     return
   fi
   sweep::slots || return
+  sweep::fd_room || return
   sweep::learn_needs
   if [[ $DRY_RUN == true ]]; then
     sweep::dry_run

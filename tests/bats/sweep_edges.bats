@@ -173,6 +173,23 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   assert_equal "$stderr" "[ERROR] TMPDIR '$WORK/missing': cannot make the launcher's private folder there: No such file or directory (set TMPDIR to a writable folder)"
 }
 
+@test "an open-file limit (ulimit -n) too low for the slots is refused before anything runs, naming it; a lock that cannot be opened at run time says why" {
+  echo 'touch ran' >"$WORK/jobs.txt"
+  run --separate-stderr bash -c 'ulimit -n 22 && exec bash "$1/gpu_queue.sh" --gpus 0,1,2,3 --jobs-per-gpu 2 "$2"' _ "$ROOT" "$WORK/jobs.txt"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] the open-file limit (ulimit -n) is 22, and 8 job slot(s) need at least 26 open files: raise it (ulimit -n 4096) or run fewer slots (--gpus, --jobs-per-gpu, --cpu-slots)"
+  assert [ ! -e ran ]
+  run --separate-stderr bash -c 'ulimit -n 22 && exec bash "$1/gpu_queue.sh" --gpus 0,1 --jobs-per-gpu 2 "$2"' _ "$ROOT" "$WORK/jobs.txt"
+  assert_success
+  assert [ -e ran ]
+  # no descriptor left at run time: the cause is the limit, not "cannot be made" (the pipe of $(...) fails too)
+  run bash -c 'source "$1/lib/core.sh" && source "$1/lib/lease.sh" && ulimit -n 32 || exit
+    for i in {1..32}; do { exec {fd}</dev/null; } 2>/dev/null || break; done
+    lease::_open "$2/x.lock" "the lock of job1" 2>&1; echo "rc=$? why=$LEASE_OPEN_WHY"' _ "$ROOT" "$WORK"
+  assert_line "[ERROR] the lock of job1: cannot open the lock file $WORK/x.lock: too many open files (this launcher has reached its open-file limit, ulimit -n) (set MGPU_LOCK_DIR to a writable folder)"
+  assert_line "rc=2 why=too many open files (this launcher has reached its open-file limit, ulimit -n)"
+}
+
 @test "under umask 077 the lock files of a shared lock folder are still readable by all: other users can take those GPU slots" {
   echo true >"$WORK/jobs.txt"
   (umask 077 && bash "$ROOT/gpu_queue.sh" --gpus 0,1 "$WORK/jobs.txt" >/dev/null 2>&1)

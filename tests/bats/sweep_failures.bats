@@ -297,7 +297,7 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
   run --separate-stderr timeout 60 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 1 --image-encoders a,b --text-encoders t
   assert_failure 1
   assert_equal "$(summary '[.configs[] | "\(.name)=\(.status)"] | join(" ")')" "a_t=succeeded b_t=failed"
-  [[ $stderr == *"b_t could not start: its lock file checkpoints/clip_models/b_t/.mgpu.lock is not a regular file or cannot be made"* ]]
+  [[ $stderr == *"b_t could not start: its lock file checkpoints/clip_models/b_t/.mgpu.lock: it is a symbolic link or not a regular file"* ]]
 }
 
 @test "a slot held by another process: the wait names the holder, counts, and obeys --max-wait/--on-timeout" {
