@@ -119,6 +119,7 @@ main() {
   PY=("${CORE_PY[@]}" -m mgpu.infer)
   plan
   sweep::slots
+  sweep::fd_room --cpu-procs || exit 2
   local n=${#SCHED_SLOTS[@]} i opts=() merge=()
   [[ -z $DATA ]] || opts+=(--data "$DATA")
   [[ -z $WORKERS ]] || opts+=(--workers "$WORKERS")

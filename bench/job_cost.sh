@@ -14,13 +14,16 @@ TICK=$(getconf CLK_TCK)
 
 # measure ID LINE — run N copies of LINE (files named by ID); print one table row
 measure() {
-  local id=$1 line=$2 kind="\`$2\`" pid start end last=() stat=()
+  local id=$1 line=$2 kind="\`$2\`" pid start end last=() stat=() i
   for ((i = 0; i < N; i++)); do printf '%s\n' "$line"; done >"$TMP/$id.txt"
   start=$EPOCHREALTIME
   bash "$ROOT/gpu_queue.sh" --gpus 0,1,2,3 --log-dir "$TMP/logs-$id" "$TMP/$id.txt" >/dev/null 2>&1 &
   pid=$!
-  while read -r -a stat 2>/dev/null <"/proc/$pid/stat" && [[ ${stat[2]} != Z ]]; do
-    last=("${stat[@]}") # the fields after the name: a launcher's name (bash) holds no space
+  # (split at spaces: the launcher's name, bash, holds none). Its last counts: from its zombie, which keeps
+  # them until the wait below, else from the last look
+  while read -r -a stat 2>/dev/null <"/proc/$pid/stat"; do
+    last=("${stat[@]}")
+    [[ ${stat[2]} != Z ]] || break
     sleep 0.01
   done
   wait "$pid" || { echo "job_cost.sh: gpu_queue.sh failed on the $kind jobs (exit $?)" >&2 && return 1; }

@@ -26,7 +26,8 @@ lease::shared() {
 lease::private() { umask "$LEASE_UMASK"; }
 
 # lease::_open FILE SETTING — open FILE (made if missing) into LEASE_OPEN_FD, without a child process;
-# 2 (logged, and the cause in LEASE_OPEN_WHY) when it is no regular file or cannot be made.
+# 2 (logged, and the cause in LEASE_OPEN_WHY) when it is no regular file or cannot be made (only then is a
+# process started, to learn why).
 lease::_open() {
   local file=$1 setting=$2
   LEASE_OPEN_WHY=""
@@ -49,19 +50,21 @@ lease::_open() {
     log::error "$setting: cannot read the lock file $file, made by another user whose umask kept it from others: they can run chmod a+r on it (another MGPU_LOCK_DIR would stop sharing GPUs with them)"
     return 2
   fi
-  lease::_why "$file"
-  log::error "$setting: cannot open the lock file $file: $LEASE_OPEN_WHY (set MGPU_LOCK_DIR to a writable folder)"
+  local what="set MGPU_LOCK_DIR to a writable folder"
+  lease::_why "$file" || what="raise it, or run fewer slots"
+  log::error "$setting: cannot open the lock file $file: $LEASE_OPEN_WHY ($what)"
   return 2
 }
 
 # lease::_why FILE — why FILE could not be opened, into LEASE_OPEN_WHY: the system's words (No space left
-# on device, Permission denied), or the open-file limit when this process has no descriptor left (then not
-# even the pipe of $(...) can be made).
+# on device, Permission denied), or, 1, the open-file limit when no descriptor from 10 up is left (the
+# open above needs one, as does this probe of /dev/null; a retry in $(...) would use a lower one and
+# succeed).
 lease::_why() {
   local probe
   if ! { exec {probe}</dev/null; } 2>/dev/null; then
     LEASE_OPEN_WHY="too many open files (this launcher has reached its open-file limit, ulimit -n)"
-    return 0
+    return 1
   fi
   exec {probe}<&-
   lease::shared # as the open that failed (a file made now is made as lease files are)

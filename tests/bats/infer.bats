@@ -76,6 +76,15 @@ wait_for_line() {
   assert_equal "$(jq -r '[.shards[].samples] | map(tostring) | join(" ")' res/metrics.json)" "13 13 14"
 }
 
+@test "an open-file limit (ulimit -n) too low for the processes is refused before any shard runs, naming the option for fewer" {
+  # shellcheck disable=SC2016  # the inner script's own $1 and $2
+  run --separate-stderr bash -c 'ulimit -Sn 16 && exec bash "$1/infer_parallel.sh" --checkpoint "$2" --out res --cpu-procs 3' _ "$ROOT" "$CKPT/model.pt"
+  assert_failure 2
+  assert_regex "$stderr" '\[ERROR\] the open-file limit \(ulimit -n\) is 16, and 3 job slot\(s\) need [0-9]+ open files \(one a slot, [0-9]+ for the launcher\): raise it \(ulimit -n [0-9]+\) or run fewer slots \(--cpu-procs\)$'
+  assert [ ! -e res/shards/.mgpu_done_0_of_3 ]
+  assert [ ! -e res/logs ]
+}
+
 @test "a GPU without room for the model is skipped by the plan, with the numbers" {
   local scenario
   scenario=$(scenario_copy 4x-rtx4090-idle)

@@ -174,19 +174,26 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
 }
 
 @test "an open-file limit (ulimit -n) too low for the slots is refused before anything runs, naming it; a lock that cannot be opened at run time says why" {
-  echo 'touch ran' >"$WORK/jobs.txt"
-  run --separate-stderr bash -c 'ulimit -n 22 && exec bash "$1/gpu_queue.sh" --gpus 0,1,2,3 --jobs-per-gpu 2 "$2"' _ "$ROOT" "$WORK/jobs.txt"
+  local line='>"started.$MGPU_CONFIG_NAME"; for i in {1..400}; do s=(started.*); ((${#s[@]} < 4)) || exit 0; sleep 0.05; done; exit 1'
+  printf '%s\n' "$line" "$line" "$line" "$line" >"$WORK/jobs.txt" # each ends once all four run at once
+  run --separate-stderr bash -c 'ulimit -n 18 && exec bash "$1/gpu_queue.sh" --gpus 0,1 --jobs-per-gpu 2 "$2"' _ "$ROOT" "$WORK/jobs.txt"
   assert_failure 2
-  assert_equal "$stderr" "[ERROR] the open-file limit (ulimit -n) is 22, and 8 job slot(s) need at least 26 open files: raise it (ulimit -n 4096) or run fewer slots (--gpus, --jobs-per-gpu, --cpu-slots)"
-  assert [ ! -e ran ]
-  run --separate-stderr bash -c 'ulimit -n 22 && exec bash "$1/gpu_queue.sh" --gpus 0,1 --jobs-per-gpu 2 "$2"' _ "$ROOT" "$WORK/jobs.txt"
+  [[ $stderr =~ ^'[ERROR] the open-file limit (ulimit -n) is 18, and 4 job slot(s) need '([0-9]+)' open files (one a slot, '[0-9]+' for the launcher): its hard limit is 18: run fewer slots (--gpus, --jobs-per-gpu), or ask for a higher limit'$ ]]
+  local need=${BASH_REMATCH[1]}
+  assert [ ! -e started.job1 ]
+  # the need it names is enough: four slots busy at once under exactly that limit
+  run --separate-stderr bash -c 'ulimit -n "$3" && exec bash "$1/gpu_queue.sh" --gpus 0,1 --jobs-per-gpu 2 "$2"' _ "$ROOT" "$WORK/jobs.txt" "$need"
   assert_success
-  assert [ -e ran ]
-  # no descriptor left at run time: the cause is the limit, not "cannot be made" (the pipe of $(...) fails too)
+  [[ $stderr == *"summary: 4 succeeded, 0 failed"* ]]
+  # a soft limit under a higher hard one: how far to raise it
+  run --separate-stderr bash -c 'ulimit -Sn "$3" && exec bash "$1/gpu_queue.sh" --gpus 0,1,2,3 --jobs-per-gpu 2 --dry-run "$2"' _ "$ROOT" "$WORK/jobs.txt" "$need"
+  assert_failure 2
+  [[ $stderr == "[ERROR] the open-file limit (ulimit -n) is $need, and 8 job slot(s) need $((need + 4)) open files (one a slot, $((need - 4)) for the launcher): raise it (ulimit -n $((need + 4))) or run fewer slots (--gpus, --jobs-per-gpu)" ]]
+  # no descriptor from 10 up left at run time: the cause is the limit, not "cannot be made"
   run bash -c 'source "$1/lib/core.sh" && source "$1/lib/lease.sh" && ulimit -n 32 || exit
     for i in {1..32}; do { exec {fd}</dev/null; } 2>/dev/null || break; done
     lease::_open "$2/x.lock" "the lock of job1" 2>&1; echo "rc=$? why=$LEASE_OPEN_WHY"' _ "$ROOT" "$WORK"
-  assert_line "[ERROR] the lock of job1: cannot open the lock file $WORK/x.lock: too many open files (this launcher has reached its open-file limit, ulimit -n) (set MGPU_LOCK_DIR to a writable folder)"
+  assert_line "[ERROR] the lock of job1: cannot open the lock file $WORK/x.lock: too many open files (this launcher has reached its open-file limit, ulimit -n) (raise it, or run fewer slots)"
   assert_line "rc=2 why=too many open files (this launcher has reached its open-file limit, ulimit -n)"
 }
 

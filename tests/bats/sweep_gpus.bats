@@ -173,7 +173,7 @@ JSON
 
 @test "gpu_queue.sh --need-mem auto learns a job's peak by its command, never by its line: an edited line is measured again" {
   printf '%s\n' "$ROOT/tests/fakes/fake-trainer --lr 1" "$ROOT/tests/fakes/fake-trainer --lr 2" >"$WORK/jobs.txt"
-  FAKE_TRAIN_SLEEP=0.4 FAKE_TRAIN_MEM_MIB=20000 run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 --need-mem auto "$WORK/jobs.txt"
+  FAKE_TRAIN_SLEEP=0.8 FAKE_TRAIN_MEM_MIB=20000 run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 --need-mem auto "$WORK/jobs.txt"
   assert_success
   [[ $stderr == *"--need-mem auto: 0 need(s) learned from LOG_DIR's summaries (peak + 10% + 256 MiB); 2 config(s) never measured"* ]]
   assert_equal "$(jq -s '[.[].configs[].peak_mem_mib | select(. >= 15000)] | length' logs/gpu_queue/summary_*.json)" 2
