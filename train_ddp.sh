@@ -18,13 +18,15 @@ Usage: [CUDA_VISIBLE_DEVICES=0,1] bash train_ddp.sh [--gpus 0,1] [--dry-run] [tr
 Starts python -m mgpu.train_clip with torch.distributed.launch --use_env, one process per visible GPU
 (NPROC_PER_NODE overrides; 2 CPU processes without GPU). MASTER_PORT is used when free, else a free
 port is chosen; NNODES, NODE_RANK, MASTER_ADDR as for train_torchrun.sh. Where this torch has no
-torch.distributed.launch, torchrun is used instead (and it says so).
+torch.distributed.launch, torchrun is used instead (and it says so). Signals and the exit status as for
+train_torchrun.sh (see its --help); MAX_RESTARTS is train_torchrun.sh's only.
 USAGE
 }
 
 main() {
   local dry=0 args=()
   while (($#)); do
+    [[ $1 != --gpus=* ]] || set -- --gpus "${1#*=}" "${@:2}" # this script's own, not the trainer's
     case $1 in
       --dry-run) dry=1 ;;
       --gpus)

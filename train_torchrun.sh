@@ -20,7 +20,8 @@ Usage: [CUDA_VISIBLE_DEVICES=0,1] bash train_torchrun.sh [options] [trainer argu
 Starts python -m mgpu.train_clip under torchrun, one process per visible GPU (CUDA_VISIBLE_DEVICES,
 else every GPU); with no GPU, NPROC_PER_NODE CPU processes (default 2) talking gloo.
 Options of this script:
-  --gpus 0,1           the GPUs to use (the same as CUDA_VISIBLE_DEVICES=0,1; indices or GPU-/MIG- UUIDs)
+  --gpus 0,1           the GPUs to use (the same as CUDA_VISIBLE_DEVICES=0,1; indices or GPU-/MIG- UUIDs;
+                       "0 1" too), numbered as nvidia-smi numbers them (CUDA_DEVICE_ORDER=PCI_BUS_ID)
   --dry-run            print the exact command and exit
   --log-dir DIR        also write each rank's output to DIR (torchrun --log-dir, --tee 3)
   --ranks 0[,1...]     show only these local ranks' output on the console (torchrun --local-ranks-filter)
@@ -35,14 +36,24 @@ Environment:
                        job id RDZV_ID (default $SLURM_JOB_ID, else mgpu)
   MAX_RESTARTS         elastic restarts after a failure (default 0); the trainer then gets --resume auto
   OMP_NUM_THREADS      threads per process (default: cores / processes)
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+                       seconds torchrun waits for its processes to save after a stop, before it KILLs
+                       them (default 60)
   PYTHON               the Python with torch (default: the project's .venv, else python3)
-Exit status: the trainer's (0 done, 2 bad input, 1 failure, 143 stopped); 2 for a bad setting here.
+Ctrl-C, SIGTERM or SIGHUP reach torchrun, which passes them to every process: each saves a checkpoint at
+its next step and ends (a second Ctrl-C ends them at once). If torchrun itself is killed (SIGKILL, the
+OOM killer), the kernel sends its processes SIGTERM, so none trains on alone.
+Exit status: 0 done; 2 a bad setting here; else torchrun's, 1, when a process failed or was stopped (its
+summary lists each rank's exit code: 2 bad input, 1 failure, 130/143/129 stopped after saving).
 USAGE
 }
 
 main() {
   local dry=0 logs="" ranks="" slurm=0 args=()
   while (($#)); do
+    case $1 in # --gpus=0,1: this script's own, not the trainer's
+      --log-dir=* | --ranks=* | --gpus=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
+    esac
     case $1 in
       --dry-run) dry=1 ;;
       --slurm) slurm=1 ;;

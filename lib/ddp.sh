@@ -14,16 +14,26 @@ ddp::python() {
   DDP_PYTHON=$CORE_PYTHON
 }
 
-# ddp::gpus LIST — --gpus 0,1 of the DDP scripts: the same as CUDA_VISIBLE_DEVICES=0,1 (which it sets).
+# ddp::gpus LIST — --gpus 0,1 (or "0 1") of the DDP scripts: the same as CUDA_VISIBLE_DEVICES=0,1 (which
+# it sets); commas and spaces both separate GPUs.
 ddp::gpus() {
-  local list=${1//[[:space:]]/}
-  [[ $list =~ ^[^,]+(,[^,]+)*$ ]] || { log::error "--gpus must list GPUs like 0,1 (indices or GPU-/MIG- UUIDs), got '$1'"; return 2; }
-  export CUDA_VISIBLE_DEVICES=$list
+  local fields field words=() some list
+  IFS=, read -ra fields <<<"$1"
+  for field in "${fields[@]}"; do
+    read -ra some <<<"$field"
+    ((${#some[@]})) || { words=() && break; } # an empty item: "0,,1"
+    words+=("${some[@]}")
+  done
+  ((${#words[@]})) || { log::error "--gpus must list GPUs like 0,1 or \"0 1\" (indices or GPU-/MIG- UUIDs), got '$1'"; return 2; }
+  printf -v list '%s,' "${words[@]}"
+  export CUDA_VISIBLE_DEVICES=${list%,}
 }
 
-# ddp::visible — the entries of CUDA_VISIBLE_DEVICES into DDP_VISIBLE (unset: every GPU of the machine);
-# an entry that is neither an index nor a GPU-/MIG- UUID, or an index the machine lacks, is an error. On
-# a machine without GPU the variable is checked, then ignored with a warning.
+# ddp::visible — the entries of CUDA_VISIBLE_DEVICES into DDP_VISIBLE (unset: every GPU of the machine),
+# checked as CUDA reads them: an entry that is neither an index nor a GPU-/MIG- UUID, one holding a space
+# ("1 2": CUDA reads up to the space), an index the machine lacks, a UUID start that matches no GPU or
+# several, a GPU listed twice (CUDA then shows none) or several MIG instances (CUDA shows only the
+# first) is an error. On a machine without GPU the variable is checked, then ignored with a warning.
 ddp::visible() {
   DDP_VISIBLE=()
   local machine
@@ -32,25 +42,53 @@ ddp::visible() {
     read -ra DDP_VISIBLE <<<"$machine"
     return 0
   fi
+  local setting="CUDA_VISIBLE_DEVICES='$CUDA_VISIBLE_DEVICES'"
   [[ -n $CUDA_VISIBLE_DEVICES ]] ||
     { log::error "CUDA_VISIBLE_DEVICES is set but empty: no GPU is visible (unset it, or list GPUs like 0,1)"; return 2; }
   local entry entries
   IFS=, read -ra entries <<<"$CUDA_VISIBLE_DEVICES"
   for entry in "${entries[@]}"; do
-    entry=${entry// /}
+    entry=${entry#"${entry%%[! ]*}"} entry=${entry%"${entry##*[! ]}"} # spaces around an entry: as CUDA
+    [[ $entry != *[[:space:]]* ]] ||
+      { log::error "$setting: '$entry' holds a space, and CUDA reads a GPU only up to it: separate GPUs with commas (${entry//[[:space:]]/,})"; return 2; }
     [[ $entry =~ ^[0-9]+$ || $entry =~ ^(GPU|MIG)-[0-9A-Fa-f-]+$ ]] ||
-      { log::error "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: '$entry' is neither a GPU index nor a GPU-/MIG- UUID"; return 2; }
+      { log::error "$setting: '$entry' is neither a GPU index nor a GPU-/MIG- UUID"; return 2; }
     DDP_VISIBLE+=("$entry")
   done
   if [[ -z $machine ]]; then
-    log::warn "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES, but this machine has no GPU: running on the CPU"
+    log::warn "$setting, but this machine has no GPU: running on the CPU"
     DDP_VISIBLE=()
     return 0
   fi
+  ddp::_check_visible "$setting" "$machine"
+}
+
+# ddp::_check_visible SETTING MACHINE — DDP_VISIBLE against the machine's GPUs (see ddp::visible).
+ddp::_check_visible() {
+  local setting=$1 machine=$2 entry index uuid i _ n migs=0
+  local -A seen=()
+  gpu::_read || return 2
   for entry in "${DDP_VISIBLE[@]}"; do
-    [[ ! $entry =~ ^[0-9]+$ ]] || gpu::exists "$entry" ||
-      { log::error "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: GPU $entry does not exist (this machine has GPUs: $machine)"; return 2; }
+    if [[ $entry =~ ^[0-9]+$ ]]; then
+      gpu::exists "$entry" ||
+        { log::error "$setting: GPU $entry does not exist (this machine has GPUs: $machine)"; return 2; }
+      index=$((10#$entry))
+    elif [[ $entry == MIG-* ]]; then
+      migs=$((migs + 1)) index=$entry
+    else # a GPU- UUID or the start of one, as CUDA takes it
+      n=0 index=""
+      while IFS=, read -r i uuid _; do [[ ${uuid,,} != "${entry,,}"* ]] || { n=$((n + 1)) && index=$i; }; done <<<"$GPU_LINES"
+      ((n)) || { log::error "$setting: '$entry' matches no GPU's UUID (nvidia-smi -L lists them)"; return 2; }
+      ((n == 1)) || { log::error "$setting: '$entry' is the start of $n GPUs' UUIDs: give more of it"; return 2; }
+    fi
+    [[ -z ${seen[$index]:-} ]] ||
+      { log::error "$setting: GPU $entry is listed twice, and CUDA then shows no GPU at all: list each GPU once"; return 2; }
+    seen[$index]=1
   done
+  ((migs <= 1)) || {
+    log::error "$setting: $migs MIG instances, but a CUDA process sees only the first MIG instance it is given, so processes cannot share them out: name one MIG instance, or whole GPUs"
+    return 2
+  }
 }
 
 # ddp::nproc — processes on this node into DDP_NPROC and the device kind into DDP_KIND (gpu|cpu):
@@ -173,7 +211,23 @@ ddp::launch() {
   exec "$@"
 }
 
-# ddp::python_cmd — into DDP_CMD: env with the threads and mgpu on PYTHONPATH, then the Python.
+# ddp::python_cmd — into DDP_CMD: env with the GPUs, the threads and mgpu on PYTHONPATH, then the Python.
+# GPUs are numbered as nvidia-smi numbers them (CUDA_DEVICE_ORDER=PCI_BUS_ID, as the sweep's jobs get):
+# CUDA's own order, fastest first, would put "0,1" on other GPUs of a server with mixed models, perhaps
+# another user's. CUDA_VISIBLE_DEVICES is written out, so the printed command (--dry-run) is the whole one.
 ddp::python_cmd() {
-  DDP_CMD=(env "OMP_NUM_THREADS=$OMP_NUM_THREADS" "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$DDP_PYTHON")
+  [[ -z ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-} ]] ||
+    log::require_int TORCH_ELASTIC_SHUTDOWN_TIMEOUT "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" 0 || return 2
+  DDP_CMD=(env)
+  if [[ $DDP_KIND == gpu ]]; then
+    if [[ ${CUDA_DEVICE_ORDER:-PCI_BUS_ID} != PCI_BUS_ID ]]; then
+      log::warn "CUDA_DEVICE_ORDER=$CUDA_DEVICE_ORDER: CUDA then numbers the GPUs its own way, not as nvidia-smi does (the GPUs named were checked against nvidia-smi's numbers)"
+    fi
+    DDP_CMD+=("CUDA_DEVICE_ORDER=${CUDA_DEVICE_ORDER:-PCI_BUS_ID}")
+    [[ ! -v CUDA_VISIBLE_DEVICES ]] || DDP_CMD+=("CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES")
+  fi
+  # after passing on a stop, torchrun waits this long for its processes to save before it KILLs them (its
+  # own default, 30 s, is less than a step plus a checkpoint save of a real model; the sweep's --grace is 60)
+  DDP_CMD+=("TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-60}")
+  DDP_CMD+=("OMP_NUM_THREADS=$OMP_NUM_THREADS" "PYTHONPATH=$MGPU_ROOT/py${PYTHONPATH:+:$PYTHONPATH}" "$DDP_PYTHON")
 }

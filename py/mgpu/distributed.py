@@ -4,10 +4,13 @@ torch.distributed initialised."""
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import os
 import re
+import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -41,6 +44,30 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather  # autograd-aware
 
     return torch.cat(all_gather(t), dim=0)
+
+
+def stop_with_agent() -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set) each worker leads a session of its own, so nothing stops it
+    when the agent is killed (SIGKILL, the OOM killer): it would train on as an orphan, holding its GPU.
+    Ask the kernel for SIGTERM when the agent ends (Linux prctl PR_SET_PDEATHSIG); the loop then stops at
+    its next check step, with a checkpoint. The agent starts its workers from its main thread, whose end
+    is the agent's. An agent that died before this request (the worker's parent is then PID 1 or another
+    reaper, not a Python process as the agent is) gets the same answer at once."""
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):
+        return
+    parent = os.getppid()
+    try:
+        agent = "python" in os.path.basename(os.readlink(f"/proc/{parent}/exe"))
+    except OSError:
+        agent = parent != 1  # another user's process cannot be read: only PID 1 is surely not the agent
+    if parent == 1 or not agent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def visible_cuda_devices() -> int:

@@ -21,7 +21,10 @@ import torch.distributed as dist
 
 from . import distributed
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what the launcher and Slurm send before stopping a job
+# What the launcher and Slurm send before stopping a job (TERM, USR1), Ctrl-C (INT; torchrun passes it on to
+# its workers, which lead sessions of their own) and a closed terminal (HUP): each ends the run at the next
+# check step, with a checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 MAX_SKIP_WARNINGS = 10  # per process; further unreadable images are counted
 
 log = logging.getLogger("mgpu.train_clip")
@@ -48,11 +51,22 @@ class Monitor:
         self.signals = {sig: 0 for sig in STOP_SIGNALS}
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 only set a flag; the loop stops at the next check step, with a checkpoint."""
+        """The stop signals only set a flag; the loop stops at the next check step, with a checkpoint. A
+        second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint), as users expect of a second one. A
+        signal this process was started with ignored stays ignored (INT in a background job, HUP under
+        nohup)."""
         def on_signal(signum, _frame):
-            self.signals[signal.Signals(signum)] = 1
+            sig = signal.Signals(signum)
+            if sig == signal.SIGINT and self.signals[sig]:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.signals[sig] = 1
+            if sig == signal.SIGINT and distributed.rank() == 0:
+                log.warning("Ctrl-C: stopping at the next check step, with a checkpoint (press it again to stop "
+                            "at once, without one)")
         for sig in STOP_SIGNALS:
-            signal.signal(sig, on_signal)
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                signal.signal(sig, on_signal)
 
     def add(self, step: int, loss: torch.Tensor, skipped: list[tuple[str, str]], read: int) -> None:
         """Record a finished step: its loss (a device tensor, not read here), the images it read, and those

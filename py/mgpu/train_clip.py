@@ -13,15 +13,16 @@ span all K (exact, see mgpu.step).
 
 Checkpoints are ``<output-dir>/checkpoint_<step>.pt`` (everything needed to continue exactly) and, at the
 end, ``<output-dir>/model.pt`` (the unwrapped weights); ``<output-dir>/metrics.json`` holds the results.
-``--stop-after N`` (or SIGTERM / SIGUSR1, as Slurm sends before preemption) ends early at a step
-boundary with a checkpoint, leaving the schedule of --epochs / --max-steps unchanged; ``--resume auto``
-continues from the newest checkpoint, to the same weights a straight run reaches.
+``--stop-after N`` (or SIGTERM / SIGUSR1, as Slurm sends before preemption, a first Ctrl-C, SIGHUP) ends
+early at a step boundary with a checkpoint, leaving the schedule of --epochs / --max-steps unchanged;
+``--resume auto`` continues from the newest checkpoint, to the same weights a straight run reaches.
 
 The module reads top to bottom as the loop (``train``), the small helpers it calls, and ``main``. The set-up
 is mgpu.train_setup, one step is mgpu.step, the one host sync per check is mgpu.monitor.
 
 Exit codes: 0 done (or stopped on purpose by --stop-after), 2 bad input, 1 a failure during training,
-143 stopped by SIGTERM (138 by SIGUSR1), after saving.
+143 stopped by SIGTERM (138 by SIGUSR1, 130 by Ctrl-C, 129 by SIGHUP), after saving. Under torchrun each
+worker also stops, with a checkpoint, when the agent that started it dies (even by SIGKILL).
 """
 
 from __future__ import annotations
@@ -281,6 +282,7 @@ def _early_rank(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    distributed.stop_with_agent()
     args = parse_args(argv)
     rank = _early_rank(args)
     handler = logging.StreamHandler(sys.stdout)

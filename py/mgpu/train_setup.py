@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,22 @@ def _wrap(model: CLIP, args, device: torch.device, world: int, dp_gpus: int) -> 
     return wrapped
 
 
+def check_output_dir(path: str) -> None:
+    """--output-dir can be made (or is there) and written in, checked before any work without making it: one
+    that cannot fails now, naming the flag and why, not in a traceback at the first save."""
+    if not path.strip():
+        raise TrainError("--output-dir is empty: name a folder (leave it out for the default)")
+    probe = Path(path)
+    while not probe.exists() and probe.parent != probe:  # the nearest folder that is there: the run makes the rest
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TrainError(f"--output-dir {path}: cannot make it: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TrainError(f"--output-dir {path}: cannot write in {probe}: permission denied")
+
+
 def setup(args) -> Run:
+    check_output_dir(args.output_dir)
     device, dp_gpus = distributed.setup(args)
     rank, world = distributed.rank(), distributed.world_size()
     if args.amp == "fp16" and device.type != "cuda":

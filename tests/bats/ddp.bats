@@ -1,5 +1,5 @@
 #!/usr/bin/env bats
-# shellcheck disable=SC2154,SC2012  # $stderr and $output come from bats' run; ls of names we made
+# shellcheck disable=SC2154,SC2012,SC2317  # $stderr and $output come from bats' run; ls of names we made; wait_for calls the small functions
 # train_torchrun.sh and train_ddp.sh: real torchrun, real gloo processes on the CPU, the real trainer.
 
 load test_helper
@@ -24,10 +24,10 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_equal "$stderr" "[ERROR] NNODES=2 needs MASTER_ADDR: the address of node 0, reachable from every node"
   CUDA_VISIBLE_DEVICES=0,gpu1 run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
   assert_failure 2
-  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES=0,gpu1: 'gpu1' is neither a GPU index nor a GPU-/MIG- UUID"
+  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='0,gpu1': 'gpu1' is neither a GPU index nor a GPU-/MIG- UUID"
   MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-idle.json CUDA_VISIBLE_DEVICES=1,6 run --separate-stderr bash "$ROOT/train_ddp.sh" --dry-run
   assert_failure 2
-  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES=1,6: GPU 6 does not exist (this machine has GPUs: 0 1 2 3)"
+  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='1,6': GPU 6 does not exist (this machine has GPUs: 0 1 2 3)"
   NNODES=2 NODE_RANK=2 MASTER_ADDR=h run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
   assert_failure 2
   assert_equal "$stderr" "[ERROR] NODE_RANK must be an integer from 0 to 1, got '2'"
@@ -38,7 +38,51 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_equal "$stderr" "[ERROR] NPROC_PER_NODE=3 is more than the 2 visible GPU(s) (0 1): each process needs a GPU of its own (NCCL refuses two ranks on one GPU); lower NPROC_PER_NODE or make more GPUs visible"
   run --separate-stderr bash "$ROOT/train_ddp.sh" --gpus "0,,1" --dry-run
   assert_failure 2
-  assert_equal "$stderr" "[ERROR] --gpus must list GPUs like 0,1 (indices or GPU-/MIG- UUIDs), got '0,,1'"
+  assert_equal "$stderr" "[ERROR] --gpus must list GPUs like 0,1 or \"0 1\" (indices or GPU-/MIG- UUIDs), got '0,,1'"
+  # what CUDA would read otherwise than meant: a space inside an entry, a GPU twice, a UUID start matching
+  # no GPU or several, two MIG instances
+  local four=$SCENARIOS/4x-rtx4090-idle.json mig=() setting
+  MGPU_FAKE_GPUS=$four CUDA_VISIBLE_DEVICES="1 2" run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='1 2': '1 2' holds a space, and CUDA reads a GPU only up to it: separate GPUs with commas (1,2)"
+  MGPU_FAKE_GPUS=$four CUDA_VISIBLE_DEVICES="0,GPU-5c1e0a7e" run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='0,GPU-5c1e0a7e': GPU GPU-5c1e0a7e is listed twice, and CUDA then shows no GPU at all: list each GPU once"
+  MGPU_FAKE_GPUS=$four run --separate-stderr bash "$ROOT/train_torchrun.sh" --gpus GPU-5c1e --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='GPU-5c1e': 'GPU-5c1e' is the start of 4 GPUs' UUIDs: give more of it"
+  MGPU_FAKE_GPUS=$four run --separate-stderr bash "$ROOT/train_ddp.sh" --gpus GPU-deadbeef --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='GPU-deadbeef': 'GPU-deadbeef' matches no GPU's UUID (nvidia-smi -L lists them)"
+  mapfile -t mig < <(jq -r '.gpus[].mig_devices[]?.uuid' "$SCENARIOS/2x-a100-40gb-mig.json")
+  setting="${mig[0]},${mig[1]}"
+  MGPU_FAKE_GPUS=$SCENARIOS/2x-a100-40gb-mig.json run --separate-stderr bash "$ROOT/train_torchrun.sh" --gpus "$setting" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='$setting': 2 MIG instances, but a CUDA process sees only the first MIG instance it is given, so processes cannot share them out: name one MIG instance, or whole GPUs"
+}
+
+@test "--gpus \"1 2\", --gpus=1,2: the GPUs nvidia-smi numbers 1 and 2, written into the printed command, on a server of mixed models" {
+  export MGPU_FAKE_GPUS=$SCENARIOS/2x-rtx3090-2x-rtx4090.json # CUDA's own order (fastest first) would put 0,1 on the 4090s
+  local script form
+  for script in train_torchrun.sh train_ddp.sh; do
+    for form in --gpus=1,2 "--gpus=1 2"; do
+      run --separate-stderr bash "$ROOT/$script" --dry-run "$form" --max-steps 3
+      assert_success
+      assert_equal "$stderr" "[INFO] Using 2 GPUs for training (world size 2)"
+      assert_output --regexp '^env CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=1\\,2 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60 OMP_NUM_THREADS=[0-9]+ PYTHONPATH=.* -m mgpu.train_clip --max-steps 3$'
+    done
+  done
+  run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run --gpus "1 2"
+  assert_output --regexp '^env CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=1\\,2 '
+  # pasted as printed, the command sees the same GPUs
+  local printed=${output%% -m torch.distributed.run*} probe
+  probe=$(printf %q 'import os; print(os.environ["CUDA_VISIBLE_DEVICES"], os.environ["CUDA_DEVICE_ORDER"])')
+  run bash -c "$printed -c $probe"
+  assert_output "1,2 PCI_BUS_ID"
+  CUDA_DEVICE_ORDER=FASTEST_FIRST run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run --gpus 0
+  assert_success
+  [[ $stderr == *"[WARN] CUDA_DEVICE_ORDER=FASTEST_FIRST: CUDA then numbers the GPUs its own way, not as nvidia-smi does"* ]]
+  assert_output --regexp '^env CUDA_DEVICE_ORDER=FASTEST_FIRST CUDA_VISIBLE_DEVICES=0 '
 }
 
 @test "--dry-run: one process per visible GPU, --standalone, threads per process, elastic restarts resume" {
@@ -46,7 +90,7 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
     run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run --ranks 0 --epochs 2
   assert_success
   assert_equal "$stderr" "[INFO] Using 3 GPUs for training (world size 3)"
-  assert_output --regexp "^env OMP_NUM_THREADS=1 PYTHONPATH=.*/py .*python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 3 --max-restarts 3 --local-ranks-filter 0 -m mgpu.train_clip --epochs 2 --resume auto$"
+  assert_output --regexp "^env CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=2\\\\,5\\\\,7 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60 OMP_NUM_THREADS=1 PYTHONPATH=.*/py .*python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 3 --max-restarts 3 --local-ranks-filter 0 -m mgpu.train_clip --epochs 2 --resume auto$"
   local same=$output # --gpus is the same as CUDA_VISIBLE_DEVICES
   MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json MAX_RESTARTS=3 \
     run --separate-stderr bash "$ROOT/train_torchrun.sh" --gpus 2,5,7 --dry-run --ranks 0 --epochs 2
@@ -144,6 +188,42 @@ PY
   assert_success
   run grep -E "exitcode +: -9 \(pid: ${workers[1]}\)" k.log
   assert_success
+}
+
+@test "Ctrl-C on a DDP run: torchrun passes it on, every rank stops at its next step with one checkpoint, and --resume auto continues" {
+  # as a terminal does: SIGINT to torchrun (the foreground process); its workers lead sessions of their own
+  env --default-signal=INT bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 100000 --log-every 1 --output-dir c \
+    >c.log 2>&1 &
+  local job=$!
+  at_step_2() { grep -q '^step 2/' c.log; }
+  wait_for 120 "step 2 in c.log" at_step_2 || { cat c.log; false; }
+  kill -INT "$job"
+  wait_child 120 "$job" || { cat c.log; false; }
+  assert_equal "$(grep -c 'stopped by signal 2 at step [0-9]* of 100000; checkpoint saved: resume with --resume auto' c.log)" 1
+  run grep -c 'KeyboardInterrupt' c.log
+  assert_output 0
+  local saved=(c/checkpoint_*.pt)
+  assert_equal "${#saved[@]}" 1
+  run --separate-stderr bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 6 --resume auto --output-dir c
+  assert_success
+  assert_line --regexp "^resumed from c/checkpoint_[0-9]+\.pt at step [0-9]+ of 6$"
+}
+
+@test "torchrun killed (SIGKILL, as the OOM killer does): the kernel TERMs its workers, which stop with a checkpoint; none trains on" {
+  bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 100000 --log-every 1 --output-dir o >o.log 2>&1 &
+  local job=$! workers=() w # the script execs torchrun: $job is torchrun, and the workers are its children
+  at_step_2() { grep -q '^step 2/' o.log; }
+  wait_for 120 "step 2 in o.log" at_step_2 || { cat o.log; false; }
+  mapfile -t workers < <(children_of "$job" '*-m mgpu.train_clip *')
+  assert_equal "${#workers[@]}" 2
+  kill -KILL "$job"
+  wait "$job" || true
+  for w in "${workers[@]}"; do
+    wait_for 60 "worker $w to end after its agent was killed" child_ended "$w" || { kill -KILL "${workers[@]}"; cat o.log; false; }
+  done
+  assert_equal "$(grep -c 'stopped by signal 15 at step [0-9]* of 100000; checkpoint saved' o.log)" 1
+  local saved=(o/checkpoint_*.pt)
+  assert_equal "${#saved[@]}" 1
 }
 
 @test "MAX_RESTARTS: a killed worker is restarted and the job resumes from its last checkpoint" {

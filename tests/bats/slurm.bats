@@ -415,7 +415,7 @@ TASK
     MASTER_PORT=29611 run --separate-stderr bash "$ROOT/train_torchrun.sh" --slurm --dry-run --epochs 1
   assert_success
   assert_equal "$stderr" "[INFO] Using 8 CPU processes for training (no GPU: gloo, OMP_NUM_THREADS=2 each) (Slurm job 77: 2 torchrun agent(s) x 4 processes; rendezvous at node3:29611)"
-  assert_output --regexp '^srun --ntasks 2 --kill-on-bad-exit=1 env OMP_NUM_THREADS=2 .* -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint node3:29611 --rdzv-id 77 --nproc-per-node 4 --max-restarts 0 -m mgpu.train_clip --epochs 1$'
+  assert_output --regexp '^srun --ntasks 2 --kill-on-bad-exit=1 env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=[0-9]+ OMP_NUM_THREADS=2 .* -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint node3:29611 --rdzv-id 77 --nproc-per-node 4 --max-restarts 0 -m mgpu.train_clip --epochs 1$'
 }
 
 @test "the test cluster stops and leaves no daemon behind" {

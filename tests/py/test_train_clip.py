@@ -158,6 +158,18 @@ def test_too_many_bad_images_stop_the_run_before_training_with_a_clear_error(tmp
     assert "step 1/" not in res.stdout and not (tmp_path / "o").exists()
 
 
+def test_an_output_dir_that_cannot_be_made_is_named_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    res = trainer(*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "a-file" / "o"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip() == f"mgpu.train_clip: error: --output-dir {tmp_path}/a-file/o: cannot make it: " \
+                                 f"{tmp_path}/a-file is not a folder"
+    assert "Traceback" not in res.stderr and "step 1/" not in res.stdout
+    res = trainer(*TINY, "--max-steps", "2", "--output-dir", "")
+    assert res.returncode == 2
+    assert "--output-dir is empty: name a folder (leave it out for the default)" in res.stderr
+
+
 def test_images_found_bad_only_while_decoding_stop_the_run_while_training(tmp_path):
     data = caption_csv(tmp_path, n=120, bad={i: "truncated" for i in range(0, 120, 3)})
     val = caption_csv(tmp_path / "val", n=12)
