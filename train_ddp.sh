@@ -63,8 +63,9 @@ main() {
     launcher=torch.distributed.run env_flag=()
   fi
   ddp::python_cmd
+  ddp::signals
   local cmd=("${DDP_CMD[@]}" -W ignore::FutureWarning
-    -m "$launcher" "${env_flag[@]}" --nproc_per_node "$DDP_NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+    -m "$launcher" "${env_flag[@]}" "${DDP_SIGNALS[@]}" --nproc_per_node "$DDP_NPROC" --nnodes "$NNODES" --node_rank "$NODE_RANK"
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$DDP_PORT" -m mgpu.train_clip "${args[@]}")
   ddp::launch "$dry" "${cmd[@]}"
 }

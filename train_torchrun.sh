@@ -43,8 +43,11 @@ Environment:
 Ctrl-C, SIGTERM or SIGHUP reach torchrun, which passes them to every process: each saves a checkpoint at
 its next step and ends (a second Ctrl-C ends them at once). If torchrun itself is killed (SIGKILL, the
 OOM killer), the kernel sends its processes SIGTERM, so none trains on alone.
-Exit status: 0 done; 2 a bad setting here; else torchrun's, 1, when a process failed or was stopped (its
-summary lists each rank's exit code: 2 bad input, 1 failure, 130/143/129 stopped after saving).
+Under nohup, torchrun is told to leave SIGHUP alone (--signals-to-handle), so a closed terminal does not
+stop the run.
+Exit status: 0 done; 2 a bad setting here; else torchrun's, 1: when a process failed, its summary names the
+rank and its exit code (2 bad input, 1 failure); when the run was stopped, each process's log says where it
+saved (torchrun prints a traceback of the signal it got).
 USAGE
 }
 
@@ -99,7 +102,8 @@ main() {
     cmd+=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d
       --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-mgpu}}")
   fi
-  cmd+=(--nproc-per-node "$DDP_NPROC" --max-restarts "$MAX_RESTARTS")
+  ddp::signals
+  cmd+=(--nproc-per-node "$DDP_NPROC" --max-restarts "$MAX_RESTARTS" "${DDP_SIGNALS[@]}")
   [[ -z $logs ]] || cmd+=(--log-dir "$logs" --tee 3)
   [[ -z $ranks ]] || cmd+=(--local-ranks-filter "$ranks")
   if ((MAX_RESTARTS > 0)) && [[ " ${args[*]} " != *" --resume "* && " ${args[*]} " != *" --resume="* ]]; then

@@ -48,7 +48,7 @@ ddp::visible() {
   local entry entries
   IFS=, read -ra entries <<<"$CUDA_VISIBLE_DEVICES"
   for entry in "${entries[@]}"; do
-    entry=${entry#"${entry%%[! ]*}"} entry=${entry%"${entry##*[! ]}"} # spaces around an entry: as CUDA
+    entry=${entry#"${entry%%[![:space:]]*}"} entry=${entry%"${entry##*[![:space:]]}"} # around an entry: as CUDA
     [[ $entry != *[[:space:]]* ]] ||
       { log::error "$setting: '$entry' holds a space, and CUDA reads a GPU only up to it: separate GPUs with commas (${entry//[[:space:]]/,})"; return 2; }
     [[ $entry =~ ^[0-9]+$ || $entry =~ ^(GPU|MIG)-[0-9A-Fa-f-]+$ ]] ||
@@ -70,9 +70,9 @@ ddp::_check_visible() {
   gpu::_read || return 2
   for entry in "${DDP_VISIBLE[@]}"; do
     if [[ $entry =~ ^[0-9]+$ ]]; then
-      gpu::exists "$entry" ||
+      index=$((10#$entry)) # 01 is GPU 1, for CUDA as here
+      gpu::exists "$index" ||
         { log::error "$setting: GPU $entry does not exist (this machine has GPUs: $machine)"; return 2; }
-      index=$((10#$entry))
     elif [[ $entry == MIG-* ]]; then
       migs=$((migs + 1)) index=$entry
     else # a GPU- UUID or the start of one, as CUDA takes it
@@ -191,6 +191,23 @@ ddp::free_port() {
   DDP_PORT=$("$DDP_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 }
 
+# ddp::signals — into DDP_SIGNALS: torchrun's --signals-to-handle without SIGHUP when this process was
+# started with SIGHUP ignored (nohup): torchrun would otherwise catch it anyway, and a closed terminal would
+# stop a run started to outlive it. Nothing for a torch whose torchrun lacks that option (it says so).
+ddp::signals() {
+  local line="" dir
+  DDP_SIGNALS=()
+  while read -r line; do [[ $line != SigIgn:* ]] || break; done 2>/dev/null </proc/$$/status
+  line=${line#SigIgn:} line=${line//[[:space:]]/}
+  [[ $line =~ ^[0-9a-fA-F]+$ ]] && (((16#$line) & 1)) || return 0
+  dir=$("$DDP_PYTHON" -c 'import importlib.util as u; print(u.find_spec("torch").submodule_search_locations[0])' 2>/dev/null) || dir=""
+  if [[ -n $dir ]] && grep -q -- '--signals-to-handle' "$dir/distributed/run.py" 2>/dev/null; then
+    DDP_SIGNALS=(--signals-to-handle "SIGTERM,SIGINT,SIGQUIT")
+  else
+    log::warn "SIGHUP is ignored here (nohup), but this torch's torchrun catches it anyway: a closed terminal would stop the run (use setsid or tmux)"
+  fi
+}
+
 # ddp::print_command ARGV... — the exact command, shell-quoted, on stdout (for --dry-run).
 ddp::print_command() {
   local quoted
@@ -224,7 +241,8 @@ ddp::python_cmd() {
       log::warn "CUDA_DEVICE_ORDER=$CUDA_DEVICE_ORDER: CUDA then numbers the GPUs its own way, not as nvidia-smi does (the GPUs named were checked against nvidia-smi's numbers)"
     fi
     DDP_CMD+=("CUDA_DEVICE_ORDER=${CUDA_DEVICE_ORDER:-PCI_BUS_ID}")
-    [[ ! -v CUDA_VISIBLE_DEVICES ]] || DDP_CMD+=("CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES")
+    # (under srun each node's task gets its own GPUs from Slurm: this node's list would override them)
+    [[ ! -v CUDA_VISIBLE_DEVICES || -n ${DDP_SRUN[*]:-} ]] || DDP_CMD+=("CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES")
   fi
   # after passing on a stop, torchrun waits this long for its processes to save before it KILLs them (its
   # own default, 30 s, is less than a step plus a checkpoint save of a real model; the sweep's --grace is 60)

@@ -5,7 +5,8 @@
 # notice), Slurm's own TERM, and the time left (`slurm_job::watch`). A stop reaches the command as
 # SIGTERM, the trainer's "checkpoint at the next step boundary, then exit", on every process of it:
 #   - never as USR1: NCCL can take SIGUSR1 for itself (NCCL_PROXY_DUMP_SIGNAL), and torchrun (torch
-#     2.13) handles only TERM, INT, HUP and QUIT: USR1 kills torchrun and leaves its workers orphaned;
+#     2.13) handles only TERM, INT, HUP and QUIT: USR1 kills torchrun at once, and its workers, though
+#     they then get SIGTERM from the kernel (the trainer asks for it), no longer have its wait to save in;
 #   - to each process, not only the process group: torchrun starts its workers in sessions of their
 #     own (start_new_session), so a signal to torchrun's group misses every rank;
 #   - through `scancel --signal=TERM JOB` for srun steps (train_slurm.sbatch): srun itself turns a TERM

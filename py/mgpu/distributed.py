@@ -51,8 +51,10 @@ def stop_with_agent() -> None:
     when the agent is killed (SIGKILL, the OOM killer): it would train on as an orphan, holding its GPU.
     Ask the kernel for SIGTERM when the agent ends (Linux prctl PR_SET_PDEATHSIG); the loop then stops at
     its next check step, with a checkpoint. The agent starts its workers from its main thread, whose end
-    is the agent's. An agent that died before this request (the worker's parent is then PID 1 or another
-    reaper, not a Python process as the agent is) gets the same answer at once."""
+    is the agent's. A worker whose agent died before this request stops at once: torchrun's own children
+    lead their sessions (start_new_session), and such a one whose parent is no Python process (a reaper
+    took it: init, tini, systemd) has lost its agent. A program between torchrun and the trainer (torchrun
+    --no-python nsys ...) leaves the trainer outside that rule."""
     if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     try:
@@ -61,13 +63,17 @@ def stop_with_agent() -> None:
             return
     except (OSError, AttributeError):
         return
+    if os.getsid(0) != os.getpid():  # not started by the agent itself
+        return
     parent = os.getppid()
     try:
-        agent = "python" in os.path.basename(os.readlink(f"/proc/{parent}/exe"))
+        if "python" in os.path.basename(os.readlink(f"/proc/{parent}/exe")):
+            return
     except OSError:
-        agent = parent != 1  # another user's process cannot be read: only PID 1 is surely not the agent
-    if parent == 1 or not agent:
-        os.kill(os.getpid(), signal.SIGTERM)
+        return  # another user's process: it cannot be told apart, so it is taken for the agent
+    print(f"mgpu.train_clip: torchrun's agent is gone (this process's parent is now pid {parent}): stopping",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def visible_cuda_devices() -> int:

@@ -12,6 +12,7 @@ fail (a loss was not finite on any rank), or go on. ``bench/train_syncs.py`` cou
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections import deque
 from dataclasses import dataclass
@@ -55,13 +56,17 @@ class Monitor:
         second Ctrl-C stops at once (KeyboardInterrupt, no checkpoint), as users expect of a second one. A
         signal this process was started with ignored stays ignored (INT in a background job, HUP under
         nohup)."""
+        main = os.getpid()  # DataLoader workers fork with these handlers: only this process speaks
+
         def on_signal(signum, _frame):
             sig = signal.Signals(signum)
-            if sig == signal.SIGINT and self.signals[sig]:
+            # A second Ctrl-C; under torchrun it comes as TERM (its agent closes the workers with TERM once
+            # a second signal has cut short its wait for them)
+            if self.signals[signal.SIGINT] and sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             self.signals[sig] = 1
-            if sig == signal.SIGINT and distributed.rank() == 0:
+            if sig == signal.SIGINT and distributed.rank() == 0 and os.getpid() == main:
                 log.warning("Ctrl-C: stopping at the next check step, with a checkpoint (press it again to stop "
                             "at once, without one)")
         for sig in STOP_SIGNALS:

@@ -152,12 +152,17 @@ def check_output_dir(path: str) -> None:
     if not path.strip():
         raise TrainError("--output-dir is empty: name a folder (leave it out for the default)")
     probe = Path(path)
-    while not probe.exists() and probe.parent != probe:  # the nearest folder that is there: the run makes the rest
-        probe = probe.parent
+    try:
+        while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+            probe = probe.parent  # the nearest folder that is there: the run makes the rest
+        if probe.is_symlink() and not probe.exists():
+            raise TrainError(f"--output-dir {path}: cannot make it: {probe} is a symbolic link to nothing")
+    except OSError as exc:  # a folder on the way that cannot be searched
+        raise TrainError(f"--output-dir {path}: {exc.strerror}: {exc.filename}") from None
     if not probe.is_dir():
         raise TrainError(f"--output-dir {path}: cannot make it: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise TrainError(f"--output-dir {path}: cannot write in {probe}: permission denied")
+        raise TrainError(f"--output-dir {path}: cannot write in {probe} (no permission, or a read-only file system)")
 
 
 def setup(args) -> Run:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bats
-# shellcheck disable=SC2154,SC2012,SC2317  # $stderr and $output come from bats' run; ls of names we made; wait_for calls the small functions
+# shellcheck disable=SC2154,SC2012,SC2317,SC2016  # $stderr and $output come from bats' run; ls of names we made; wait_for calls the small functions; inner scripts' own $1
 # train_torchrun.sh and train_ddp.sh: real torchrun, real gloo processes on the CPU, the real trainer.
 
 load test_helper
@@ -11,6 +11,9 @@ setup() {
   TINY=(--image-encoder starnet_s050 --text-encoder clip:tiny --embed-dim 32 --image-size 32 --train-size 48
     --val-size 13 --batch-size 8 --workers 0 --warmup 2 --lr 1e-3 --no-tb)
 }
+
+# a test that fails while its torchrun trains stops it here (its workers then get SIGTERM from the kernel)
+teardown() { [[ -z ${DDP_JOB:-} ]] || kill -KILL "$DDP_JOB" 2>/dev/null || true; }
 
 metric() { jq -r "$2" "$1/metrics.json"; }
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
@@ -83,6 +86,18 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_success
   [[ $stderr == *"[WARN] CUDA_DEVICE_ORDER=FASTEST_FIRST: CUDA then numbers the GPUs its own way, not as nvidia-smi does"* ]]
   assert_output --regexp '^env CUDA_DEVICE_ORDER=FASTEST_FIRST CUDA_VISIBLE_DEVICES=0 '
+}
+
+@test "under nohup (SIGHUP ignored) torchrun is told to leave SIGHUP alone, so a closed terminal does not stop the run" {
+  local script
+  for script in train_torchrun.sh train_ddp.sh; do
+    run --separate-stderr bash -c 'trap "" HUP && exec bash "$1" --dry-run' _ "$ROOT/$script"
+    assert_success
+    assert_output --regexp ' --signals-to-handle SIGTERM\\,SIGINT\\,SIGQUIT '
+    run --separate-stderr bash "$ROOT/$script" --dry-run
+    assert_success
+    refute_output --partial "--signals-to-handle"
+  done
 }
 
 @test "--dry-run: one process per visible GPU, --standalone, threads per process, elastic restarts resume" {
@@ -174,6 +189,7 @@ PY
   bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 100000 --log-every 1 --dist-timeout 30 --output-dir k \
     >k.log 2>&1 &
   local job=$! workers=() # the script execs torchrun: $job is torchrun, and the workers are its children
+  DDP_JOB=$job
   at_step_2() { grep -q '^step 2/' k.log; }
   wait_for 120 "step 2 in k.log" at_step_2 || { cat k.log; false; }
   mapfile -t workers < <(children_of "$job" '*-m mgpu.train_clip *')
@@ -195,6 +211,7 @@ PY
   env --default-signal=INT bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 100000 --log-every 1 --output-dir c \
     >c.log 2>&1 &
   local job=$!
+  DDP_JOB=$job
   at_step_2() { grep -q '^step 2/' c.log; }
   wait_for 120 "step 2 in c.log" at_step_2 || { cat c.log; false; }
   kill -INT "$job"
@@ -212,6 +229,7 @@ PY
 @test "torchrun killed (SIGKILL, as the OOM killer does): the kernel TERMs its workers, which stop with a checkpoint; none trains on" {
   bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 100000 --log-every 1 --output-dir o >o.log 2>&1 &
   local job=$! workers=() w # the script execs torchrun: $job is torchrun, and the workers are its children
+  DDP_JOB=$job
   at_step_2() { grep -q '^step 2/' o.log; }
   wait_for 120 "step 2 in o.log" at_step_2 || { cat o.log; false; }
   mapfile -t workers < <(children_of "$job" '*-m mgpu.train_clip *')
@@ -232,6 +250,7 @@ PY
   MAX_RESTARTS=3 timeout 240 bash "$ROOT/train_torchrun.sh" "${TINY[@]}" --max-steps 12 --save-every 3 --log-every 1 \
     --dist-timeout 20 --output-dir r >r.log 2>&1 &
   local job=$! victim
+  DDP_JOB=$job
   saved() { [[ -f r/checkpoint_3.pt ]] && grep -q '^step 4/' r.log; }
   wait_for 120 "checkpoint_3.pt and step 4 in r.log" saved || { cat r.log; false; }
   victim=$(children_of "$(children_of "$job" '*torch.distributed.run*')" '*-m mgpu.train_clip *' | tail -1)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from test_train_clip import ROOT, TINY, run
+from test_train_clip import ROOT, run
 
 PROBE = """
 import os, signal, sys
@@ -21,8 +21,8 @@ m.install_signal_handlers()
 print("hup", "ignored" if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else "caught", flush=True)
 os.kill(os.getpid(), signal.SIGINT)
 print("first", m.check().stop_signal, flush=True)
-try:
-    os.kill(os.getpid(), signal.SIGINT)
+try:  # a second Ctrl-C: INT again, or, under torchrun, the TERM its agent sends after it
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
     print("second: went on", flush=True)
 except KeyboardInterrupt:
     print("second: KeyboardInterrupt", flush=True)
@@ -30,14 +30,15 @@ except KeyboardInterrupt:
 
 
 def test_a_first_ctrl_c_is_a_stop_request_and_a_second_stops_at_once():
-    res = run("-c", PROBE)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == ["hup caught", "first 2", "second: KeyboardInterrupt"]
+    for second in ("SIGINT", "SIGTERM"):
+        res = run("-c", PROBE, second)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines() == ["hup caught", "first 2", "second: KeyboardInterrupt"]
 
 
 def test_a_signal_ignored_at_start_stays_ignored():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "py"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300,
+    res = subprocess.run([sys.executable, "-c", PROBE, "SIGINT"], capture_output=True, text=True, env=env, timeout=300,
                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     assert res.stdout.splitlines()[0] == "hup ignored", res.stdout + res.stderr
 
@@ -45,20 +46,16 @@ def test_a_signal_ignored_at_start_stays_ignored():
 DEATH = """
 import os, signal, sys, time
 from mgpu import distributed
-mode = sys.argv[1]  # early: the agent dies after the worker's request; late: before it
 got = []
 signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
 result_r, result_w = os.pipe()
 ready_r, ready_w = os.pipe()
 agent = os.fork()
-if agent == 0:
+if agent == 0:  # the agent, a Python process: starts the worker, waits for its word, then dies
     os.close(result_r)
     worker = os.fork()
     if worker == 0:
-        me_agent = os.getppid()
-        if mode == "late":
-            while os.getppid() == me_agent:  # the agent is gone: this worker was reparented
-                time.sleep(0.01)
+        os.setsid()  # as torchrun starts its workers (start_new_session)
         distributed.stop_with_agent()
         os.write(ready_w, b"x")
         deadline = time.monotonic() + (60 if "wait" in sys.argv else 2)
@@ -67,8 +64,7 @@ if agent == 0:
         os.write(result_w, b"term" if got else b"none")
         os._exit(0)
     os.close(result_w)
-    if mode == "early":
-        os.read(ready_r, 1)
+    os.read(ready_r, 1)
     os._exit(0)
 os.close(result_w)
 os.close(ready_w)
@@ -76,20 +72,53 @@ os.waitpid(agent, 0)
 print(os.read(result_r, 10).decode())
 """
 
+# a worker whose parent is no Python process (as when a reaper took it: init, tini); "lead" makes it lead a
+# session, as torchrun's own children do
+UNDER_SH = """
+import os, signal, sys, time
+from mgpu import distributed
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+if sys.argv[1] == "lead":
+    os.setsid()
+distributed.stop_with_agent()
+deadline = time.monotonic() + 2
+while not got and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("term" if got else "none")
+"""
 
-def death(mode: str, run_id: str | None) -> str:
+
+def env_with(run_id: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RUN_ID"}
     env.update({"PYTHONPATH": str(ROOT / "py"), "OMP_NUM_THREADS": "1"})
     if run_id is not None:
         env["TORCHELASTIC_RUN_ID"] = run_id
-    res = subprocess.run([sys.executable, "-c", DEATH, mode, *(["wait"] if run_id is not None else [])],
-                         capture_output=True, text=True, env=env, timeout=120)
+    return env
+
+
+def death(run_id: str | None) -> str:
+    res = subprocess.run([sys.executable, "-c", DEATH, *(["wait"] if run_id is not None else [])],
+                         capture_output=True, text=True, env=env_with(run_id), timeout=120)
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()
 
 
-def test_a_torchrun_worker_gets_sigterm_when_its_agent_dies_even_before_it_asked():
-    assert death("early", "t") == "term"  # the kernel's PR_SET_PDEATHSIG
-    assert death("late", "t") == "term"  # reparented before asking: at once
-    assert death("early", "") == "term"  # any value: torchrun sets it
-    assert death("early", None) == "none"  # not under torchrun: left alone
+def under_sh(mode: str) -> subprocess.CompletedProcess:
+    # the shell stays the parent: a second command follows the Python one
+    return subprocess.run(["sh", "-c", 'python="$1"; shift; "$python" "$@"; true', "sh", sys.executable, "-c",
+                           UNDER_SH, mode], capture_output=True, text=True, env=env_with("t"), timeout=120)
+
+
+def test_a_torchrun_worker_gets_sigterm_when_its_agent_dies():
+    assert death("t") == "term"  # the kernel's PR_SET_PDEATHSIG
+    assert death("") == "term"  # any value: torchrun sets it
+    assert death(None) == "none"  # not under torchrun: left alone
+
+
+def test_a_worker_whose_agent_died_before_it_asked_stops_at_once_and_says_why():
+    res = under_sh("lead")
+    assert res.stdout.strip() == "term", res.stdout + res.stderr
+    assert "mgpu.train_clip: torchrun's agent is gone (this process's parent is now pid " in res.stderr
+    res = under_sh("follow")  # not torchrun's own child (torchrun --no-python nsys ... python): left alone
+    assert res.stdout.strip() == "none", res.stdout + res.stderr

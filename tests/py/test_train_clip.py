@@ -168,6 +168,10 @@ def test_an_output_dir_that_cannot_be_made_is_named_before_any_work(tmp_path):
     res = trainer(*TINY, "--max-steps", "2", "--output-dir", "")
     assert res.returncode == 2
     assert "--output-dir is empty: name a folder (leave it out for the default)" in res.stderr
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    res = trainer(*TINY, "--max-steps", "2", "--output-dir", str(tmp_path / "link" / "o"))
+    assert res.returncode == 2
+    assert f"cannot make it: {tmp_path}/link is a symbolic link to nothing" in res.stderr
 
 
 def test_images_found_bad_only_while_decoding_stop_the_run_while_training(tmp_path):
