@@ -91,6 +91,7 @@ main() {
   ddp::threads
   MAX_RESTARTS=${MAX_RESTARTS:-0}
   log::require_int MAX_RESTARTS "$MAX_RESTARTS" 0 || exit 2
+  MAX_RESTARTS=$((10#$MAX_RESTARTS))
 
   ddp::python_cmd
   local cmd=("${DDP_SRUN[@]}" "${DDP_CMD[@]}" -m torch.distributed.run)

@@ -100,7 +100,7 @@ ddp::nproc() {
   ((${#DDP_VISIBLE[@]})) || DDP_KIND=cpu
   if [[ -n ${NPROC_PER_NODE:-} ]]; then
     log::require_int NPROC_PER_NODE "$NPROC_PER_NODE" 1 || return 2
-    DDP_NPROC=$NPROC_PER_NODE
+    DDP_NPROC=$((10#$NPROC_PER_NODE)) # 08 is 8 (bash arithmetic would read it as octal)
     if [[ $DDP_KIND == gpu ]] && ((DDP_NPROC > ${#DDP_VISIBLE[@]})); then
       log::error "NPROC_PER_NODE=$DDP_NPROC is more than the ${#DDP_VISIBLE[@]} visible GPU(s) (${DDP_VISIBLE[*]}): each process needs a GPU of its own (NCCL refuses two ranks on one GPU); lower NPROC_PER_NODE or make more GPUs visible"
       return 2
@@ -127,13 +127,16 @@ ddp::threads() {
 ddp::nodes() {
   NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0}
   log::require_int NNODES "$NNODES" 1 || return 2
+  NNODES=$((10#$NNODES))
   log::require_int NODE_RANK "$NODE_RANK" 0 $((NNODES - 1)) || return 2
+  NODE_RANK=$((10#$NODE_RANK))
   if ((NNODES > 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
     log::error "NNODES=$NNODES needs MASTER_ADDR: the address of node 0, reachable from every node"
     return 2
   fi
   MASTER_PORT=${MASTER_PORT:-29500}
   log::require_int MASTER_PORT "$MASTER_PORT" 1 65535 || return 2
+  MASTER_PORT=$((10#$MASTER_PORT))
 }
 
 # ddp::slurm — inside a Slurm allocation: one torchrun agent per Slurm task (one task per node is the

@@ -119,6 +119,12 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   run --separate-stderr bash "$ROOT/train_ddp.sh" --dry-run -- --epochs 2 --lr 0.1
   assert_success
   assert_output --regexp " -m mgpu.train_clip --epochs 2 --lr 0.1$"
+  # numbers with leading zeros are decimal, as written (bash arithmetic would take 08 for octal and fail)
+  MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json NPROC_PER_NODE=08 MAX_RESTARTS=010 NNODES=02 NODE_RANK=01 MASTER_ADDR=h \
+    MASTER_PORT=029500 run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
+  assert_success
+  assert_equal "$stderr" "[INFO] Using 16 GPUs for training (world size 16) (2 nodes x 8 processes; this is node 1)"
+  assert_output --partial "--nnodes 2 --node-rank 1 --rdzv-backend c10d --rdzv-endpoint h:29500 --rdzv-id mgpu --nproc-per-node 8 --max-restarts 10 "
 }
 
 @test "train_torchrun.sh: 2 gloo processes run the demo preset; only rank 0 writes; world size 2 in metrics.json" {
