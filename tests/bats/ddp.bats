@@ -94,7 +94,7 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
     run --separate-stderr bash -c 'trap "" HUP && exec bash "$1" --dry-run' _ "$ROOT/$script"
     assert_success
     assert_output --regexp ' --signals-to-handle SIGTERM\\,SIGINT\\,SIGQUIT '
-    run --separate-stderr bash "$ROOT/$script" --dry-run
+    run --separate-stderr env --default-signal=HUP bash "$ROOT/$script" --dry-run # (this runner may be under nohup)
     assert_success
     refute_output --partial "--signals-to-handle"
   done
