@@ -200,6 +200,7 @@ ddp::free_port() {
 ddp::signals() {
   local line="" dir
   DDP_SIGNALS=()
+  [[ -z ${DDP_SRUN[*]:-} ]] || return 0 # under srun torchrun runs on each node, not under this shell
   while read -r line; do [[ $line != SigIgn:* ]] || break; done 2>/dev/null </proc/$$/status
   line=${line#SigIgn:} line=${line//[[:space:]]/}
   [[ $line =~ ^[0-9a-fA-F]+$ ]] && (((16#$line) & 1)) || return 0

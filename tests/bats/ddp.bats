@@ -101,14 +101,15 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
 }
 
 @test "--dry-run: one process per visible GPU, --standalone, threads per process, elastic restarts resume" {
+  # (SIGHUP at its default: under nohup torchrun gets --signals-to-handle too, as a test below shows)
   MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json CUDA_VISIBLE_DEVICES=2,5,7 MAX_RESTARTS=3 \
-    run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run --ranks 0 --epochs 2
+    run --separate-stderr env --default-signal=HUP bash "$ROOT/train_torchrun.sh" --dry-run --ranks 0 --epochs 2
   assert_success
   assert_equal "$stderr" "[INFO] Using 3 GPUs for training (world size 3)"
   assert_output --regexp "^env CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=2\\\\,5\\\\,7 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=60 OMP_NUM_THREADS=1 PYTHONPATH=.*/py .*python -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 3 --max-restarts 3 --local-ranks-filter 0 -m mgpu.train_clip --epochs 2 --resume auto$"
   local same=$output # --gpus is the same as CUDA_VISIBLE_DEVICES
   MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json MAX_RESTARTS=3 \
-    run --separate-stderr bash "$ROOT/train_torchrun.sh" --gpus 2,5,7 --dry-run --ranks 0 --epochs 2
+    run --separate-stderr env --default-signal=HUP bash "$ROOT/train_torchrun.sh" --gpus 2,5,7 --dry-run --ranks 0 --epochs 2
   assert_success
   assert_equal "$output" "$same"
   MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 RDZV_ID=job7 \

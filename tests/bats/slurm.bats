@@ -417,6 +417,7 @@ TASK
   assert_equal "$stderr" "[INFO] Using 8 CPU processes for training (no GPU: gloo, OMP_NUM_THREADS=2 each) (Slurm job 77: 2 torchrun agent(s) x 4 processes; rendezvous at node3:29611)"
   assert_output --regexp '^srun --ntasks 2 --kill-on-bad-exit=1 env TORCH_ELASTIC_SHUTDOWN_TIMEOUT=[0-9]+ OMP_NUM_THREADS=2 .* -m torch.distributed.run --nnodes 2 --rdzv-backend c10d --rdzv-endpoint node3:29611 --rdzv-id 77 --nproc-per-node 4 --max-restarts 0 -m mgpu.train_clip --epochs 1$'
   # GPUs: each node's task gets its own from Slurm, so this node's CUDA_VISIBLE_DEVICES is not written over them
+  # (and whatever SIGHUP is here, torchrun on each node handles its default signals: no --signals-to-handle)
   SLURM_JOB_ID=77 SLURM_JOB_NODELIST='node[3-4]' SLURM_NNODES=2 SLURM_NTASKS=2 MASTER_PORT=29611 CUDA_VISIBLE_DEVICES=0,1 \
     MGPU_FAKE_GPUS=$ROOT/examples/scenarios/4x-rtx4090-idle.json run --separate-stderr bash "$ROOT/train_torchrun.sh" --slurm --dry-run
   assert_success
