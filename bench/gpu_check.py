@@ -116,7 +116,7 @@ def sources() -> dict:
              if i in b and a[i]["pids"] != b[i]["pids"]]
     figures = {"gpus": len(first.gpus), "names": sorted({g.name for g in first.gpus}),
                "memory_total_mib": [g.memory_total_mib for g in first.gpus], "driver": second.driver_version,
-               "cuda": second.cuda_version, "sources": list(names),
+               "cuda": first.cuda_version or second.cuda_version, "sources": list(names),
                "processes": {str(i): a[i]["pids"] for i in sorted(a)}, "processes_changed_between_reads": moved}
     if os.environ.get(FAKE) or not first.gpus:
         figures["cuda_mapping"] = "not checked: no CUDA device (smoke mode)"
@@ -234,8 +234,11 @@ def report(folder: str) -> int:
     steps = []
     for path in sorted(Path(folder).glob("step_*.json")):
         steps.append(json.loads(path.read_text()))
+    import torch
+
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": os.uname().nodename,
-               "mode": "smoke" if os.environ.get(FAKE) else "gpu", "steps": steps,
+               "mode": "smoke" if os.environ.get(FAKE) else "gpu", "torch": torch.__version__,
+               "torch_cuda": torch.version.cuda, "python": sys.version.split()[0], "steps": steps,
                "ok": all(s["status"] != "fail" for s in steps)}
     (Path(folder) / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
     width = max((len(s["step"]) for s in steps), default=4)

@@ -5,7 +5,7 @@
 # against a CPU run, and with 2+ GPUs DDP over NCCL, --dp and scaling. Prints a table of what held and
 # the figures; writes them as JSON to $OUT (when set) or --out DIR. --smoke runs the same steps with
 # tiny sizes on the CPU against a scenario file, so the script cannot rot (CI runs it).
-#   bash bench/gpu_check.sh [--smoke] [--out DIR] [--only STEP,...] [--keep] [--dry-run]
+#   bash bench/gpu_check.sh [--smoke] [--out DIR] [--only STEP,...] [--budget SECONDS] [--keep] [--dry-run]
 set -Eeuo pipefail
 
 ROOT=$(readlink -f "${BASH_SOURCE[0]}") ROOT=${ROOT%/bench/*}
@@ -18,15 +18,20 @@ Usage: bash bench/gpu_check.sh [options]
   --out DIR      where the figures go: DIR/gpu_check.json, DIR/step_*.json, DIR/*.log
                  (default: \$OUT when set, else bench/results/gpu_check_<date>)
   --only S,...   run only these steps, in this order: ${STEPS[*]}
+  --budget S     the seconds the steps may take together, counted from the first (default: no limit): a
+                 command still running when they are spent is stopped and its step fails; a step not
+                 started by then is recorded as skipped; the table and JSON are written all the same (on a
+                 lent machine with a hard time limit, set it a minute or two below that limit)
   --keep         keep the scratch folder (checkpoints, sweep logs) and print where it is
   --dry-run      print the steps and each command; run nothing
 Needs: torch (the CUDA build for a GPU), nvidia-ml-py, the driver's nvidia-smi, jq. Without a Python
 that has mgpu's dependencies and without .venv, it runs \`make deps\` first (needs the package index).
+Each command of a step may run GPU_CHECK_LIMIT seconds (default 300).
 Exit status: 0 every step held (or was skipped, with the reason); 1 a step failed; 2 bad usage.
 USAGE
 }
 
-SMOKE=0 KEEP=0 DRY=0 ONLY="" DEST=${OUT:-}
+SMOKE=0 KEEP=0 DRY=0 ONLY="" DEST=${OUT:-} BUDGET=""
 LIMIT=${GPU_CHECK_LIMIT:-300} # seconds one command of a step may take
 while (($#)); do
   case $1 in
@@ -37,6 +42,8 @@ while (($#)); do
     --out=*) DEST=${1#*=} ;;
     --only) [[ $# -ge 2 ]] || { echo "gpu_check: --only needs steps (${STEPS[*]})" >&2; exit 2; }; ONLY=$2; shift ;;
     --only=*) ONLY=${1#*=} ;;
+    --budget) [[ $# -ge 2 ]] || { echo "gpu_check: --budget needs seconds" >&2; exit 2; }; BUDGET=$2; shift ;;
+    --budget=*) BUDGET=${1#*=} ;;
     -h | --help) usage; exit 0 ;;
     *) echo "gpu_check: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -48,6 +55,11 @@ if [[ -n $ONLY ]]; then
     [[ " ${STEPS[*]} " == *" $s "* ]] || { echo "gpu_check: --only: unknown step '$s'; known: ${STEPS[*]}" >&2; exit 2; }
   done
   STEPS=("${chosen[@]}")
+fi
+[[ $LIMIT =~ ^[1-9][0-9]{0,5}$ ]] ||
+  { echo "gpu_check: GPU_CHECK_LIMIT='$LIMIT': allowed: whole seconds from 1 to 999999" >&2; exit 2; }
+if [[ -n $BUDGET ]]; then
+  [[ $BUDGET =~ ^[1-9][0-9]{0,5}$ ]] || { echo "gpu_check: --budget '$BUDGET': allowed: whole seconds from 1 to 999999" >&2; exit 2; }
 fi
 DEST=${DEST:-$ROOT/bench/results/gpu_check_$(date +%Y%m%d_%H%M%S)}
 
@@ -84,15 +96,35 @@ fi
 # ---- helpers ------------------------------------------------------------------------------------------------------
 say() { printf '%s gpu_check: %s\n' "$(date +%T)" "$*" >&2; }
 
-# run_cmd LOG CMD...: print the command, run it (LIMIT seconds at most) with its output in LOG, shown on
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo $((10#$t / 1000)); }
+
+# limit: the seconds a command may take now: GPU_CHECK_LIMIT, or what is left of --budget (rounded up) when
+# that is less; 0 when the budget is spent
+limit() {
+  local left
+  if [[ -z $BUDGET ]]; then echo "$LIMIT"; return; fi
+  left=$((BUDGET_END_MS - $(now_ms)))
+  ((left > 0)) || left=0
+  left=$(((left + 999) / 1000))
+  echo $((left < LIMIT ? left : LIMIT))
+}
+
+# run_cmd LOG CMD...: print the command, run it (limit seconds at most) with its output in LOG, shown on
 # stderr when it fails
 run_cmd() {
-  local log=$1 rc=0
+  local log=$1 rc=0 seconds
   shift
   printf '  $ %s\n' "$*" >&2
   ((DRY)) && return 0
-  timeout -k 10 "$LIMIT" "$@" >"$log" 2>&1 || rc=$?
-  ((rc != 124)) || say "stopped after ${LIMIT}s (GPU_CHECK_LIMIT): $*"
+  seconds=$(limit)
+  if ((seconds == 0)); then
+    say "not run: the --budget of ${BUDGET}s is spent: $*"
+    echo "not run: the --budget of ${BUDGET}s was spent" >"$log"
+    return 124
+  fi
+  timeout -k 10 "$seconds" "$@" >"$log" 2>&1 || rc=$?
+  ((rc != 124)) || say "stopped after ${seconds}s ($( ((seconds < LIMIT)) && echo "the end of --budget ${BUDGET}s" ||
+    echo GPU_CHECK_LIMIT)): $*"
   ((rc == 0)) || { say "exit $rc: $*"; tail -n 25 "$log" | sed 's/^/    | /' >&2; }
   return "$rc"
 }
@@ -194,9 +226,14 @@ fi
 ((SMOKE)) && smoke_scenario
 say "$( ((SMOKE)) && echo "smoke mode (CPU, scenario $MGPU_FAKE_GPUS)" || echo "GPU mode") — steps: ${STEPS[*]}; figures to $DEST"
 STEP_NO=0
+[[ -z $BUDGET ]] || BUDGET_END_MS=$(($(now_ms) + BUDGET * 1000))
 for step in "${STEPS[@]}"; do
   STEP_NO=$((STEP_NO + 1)) STEP_START=$EPOCHSECONDS
   say "== $step"
+  if ((!DRY)) && [[ -n $BUDGET ]] && (($(limit) == 0)); then
+    record "$step" skip "not run: the --budget of ${BUDGET}s was spent before this step"
+    continue
+  fi
   # each step in a subshell of its own, waited for (so a signal is handled at once): a command that fails
   # unexpectedly ends its step, which is recorded as failed, and the next steps still run
   (

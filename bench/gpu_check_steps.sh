@@ -45,7 +45,10 @@ step_sweep() {
   wait_for_line busy "$DEST/burn.log" "$burner" 600 || say "the burner never got GPU 0 busy: $(cat "$DEST/burn.log")"
   ((SMOKE)) || sleep 2 # nvidia-smi's utilization is the busy fraction of the last ~1 s
   printf '  $ %s\n' "${sweep[*]}" >&2
-  timeout -k 30 "$LIMIT" "${sweep[@]}" >"$DEST/sweep.log" 2>&1 &
+  local seconds
+  seconds=$(limit)
+  ((seconds > 0)) || seconds=1 # timeout 0 would mean none
+  timeout -k 30 "$seconds" "${sweep[@]}" >"$DEST/sweep.log" 2>&1 &
   local pid=$!
   wait_for_line " waits: GPU 0 is busy" "$DEST/sweep.log" "$pid" 1200 && sleep "$BURN_S"
   touch "$WORK/stop_burn"

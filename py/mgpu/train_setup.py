@@ -205,7 +205,7 @@ def setup(args) -> Run:
     config = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
     config.update(tokenizer=tokenizer_state(tokenizer), global_batch=global_batch)
     stepper = Stepper(model, wrapped, optimizer, scheduler, scaler, device, args.grad_clip, args.loss_region,
-                      cuda_devices)
+                      cuda_devices, compiled=args.compile)
     stop_at = min(total, step + args.stop_after) if args.stop_after else total
     return Run(args, device, dp_gpus, rank, world, Path(args.output_dir), model, stepper, train_loader, val_loader,
                sampler, steps_per_epoch, total, step, stop_at, global_batch, lr, config, len(train_set), cuda_devices)

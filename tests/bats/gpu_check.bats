@@ -52,3 +52,22 @@ setup() { common_setup; }
   assert_success
   assert_equal "$(jq -r '[.steps[].step] | join(" ")' "$WORK/one/gpu_check.json")" "gpus"
 }
+
+@test "gpu_check.sh --budget: a command running at its end is stopped, later steps are skipped, the table is still written" {
+  cd "$WORK"
+  run --separate-stderr bash "$ROOT/bench/gpu_check.sh" --smoke --only resume,infer --budget 1 --out "$WORK/b"
+  assert_failure 1
+  assert_line --regexp '^resume +fail +[0-9.]+ +a run failed'
+  assert_line --regexp '^infer +skip +[0-9.]+ +not run: the --budget of 1s was spent before this step$'
+  assert_equal "$(jq -r '[.steps[] | .step] | join(" ")' "$WORK/b/gpu_check.json")" "resume infer"
+  # the first trainer run is stopped at the end of the budget; the two after it do not start
+  [[ $stderr == *'stopped after 1s (the end of --budget 1s): '*'mgpu.train_clip'*'/straight'* ]]
+  [[ $stderr == *'gpu_check: not run: the --budget of 1s is spent: '*'--stop-after 2'* ]]
+  [[ $stderr == *'gpu_check: not run: the --budget of 1s is spent: '*'--resume auto'* ]]
+  run --separate-stderr bash "$ROOT/bench/gpu_check.sh" --smoke --budget 0
+  assert_failure 2
+  assert_equal "$stderr" "gpu_check: --budget '0': allowed: whole seconds from 1 to 999999"
+  GPU_CHECK_LIMIT=5m run --separate-stderr bash "$ROOT/bench/gpu_check.sh" --smoke
+  assert_failure 2
+  assert_equal "$stderr" "gpu_check: GPU_CHECK_LIMIT='5m': allowed: whole seconds from 1 to 999999"
+}
