@@ -63,6 +63,7 @@ main() {
       --log-dir | --ranks | --gpus)
         core::need_value "$1" $# "${2:-}" || exit 2
         if [[ $1 == --log-dir ]]; then
+          [[ -n $2 ]] || DIE_STATUS=2 die "--log-dir is empty: name a folder for each rank's output (leave the flag out for none)"
           logs=$2
         elif [[ $1 == --gpus ]]; then
           ddp::gpus "$2"
@@ -105,8 +106,17 @@ main() {
   fi
   ddp::signals
   cmd+=(--nproc-per-node "$DDP_NPROC" --max-restarts "$MAX_RESTARTS" "${DDP_SIGNALS[@]}")
-  [[ -z $logs ]] || cmd+=(--log-dir "$logs" --tee 3)
-  [[ -z $ranks ]] || cmd+=(--local-ranks-filter "$ranks")
+  if [[ -n $logs ]]; then
+    cmd+=(--log-dir "$logs" --tee 3)
+    DDP_NOTES+=("each rank's output also goes to $logs/<run>/attempt_<n>/<local rank>/stdout.log and stderr.log")
+  fi
+  if [[ -n $ranks ]]; then # a rank that does not run would leave the console silent
+    local rank
+    for rank in ${ranks//,/ }; do
+      ((10#$rank < DDP_NPROC)) || DIE_STATUS=2 die "--ranks $ranks: local rank $((10#$rank)) does not run here: the local ranks are 0 to $((DDP_NPROC - 1)) (NPROC_PER_NODE=$DDP_NPROC)"
+    done
+    cmd+=(--local-ranks-filter "$ranks")
+  fi
   if ((MAX_RESTARTS > 0)) && [[ " ${args[*]} " != *" --resume "* && " ${args[*]} " != *" --resume="* ]]; then
     args+=(--resume auto) # a restarted job continues from its newest checkpoint
   fi

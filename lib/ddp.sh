@@ -8,6 +8,8 @@
 # shellcheck source=lib/gpu.sh
 source "$MGPU_LIB/gpu.sh"
 
+DDP_NOTES=() # lines for the user that ddp::launch prints after "Using N GPUs" (an entry script adds them)
+
 # ddp::python — the Python with torch (core::python) into DDP_PYTHON.
 ddp::python() {
   core::python
@@ -219,12 +221,14 @@ ddp::print_command() {
   printf '%s\n' "${quoted% }"
 }
 
-# ddp::launch DRY ARGV... — "Using N GPUs for training", then the command: printed (DRY=1, --dry-run;
-# returns 0) or exec'd, so signals reach the launcher directly and no shell is left waiting.
+# ddp::launch DRY ARGV... — "Using N GPUs for training", the entry script's DDP_NOTES (one [INFO] line each),
+# then the command: printed (DRY=1, --dry-run; returns 0) or exec'd, so signals reach the launcher directly
+# and no shell is left waiting.
 ddp::launch() {
-  local dry=$1
+  local dry=$1 note
   shift
   ddp::announce
+  for note in "${DDP_NOTES[@]}"; do log::info "$note"; done
   if ((dry)); then
     ddp::print_command "$@"
     return 0

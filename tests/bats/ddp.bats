@@ -39,6 +39,14 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
     run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
   assert_failure 2
   assert_equal "$stderr" "[ERROR] NPROC_PER_NODE=3 is more than the 2 visible GPU(s) (0 1): each process needs a GPU of its own (NCCL refuses two ranks on one GPU); lower NPROC_PER_NODE or make more GPUs visible"
+  # --ranks naming a rank that does not run would leave the console silent; an empty --log-dir is no folder
+  MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-idle.json CUDA_VISIBLE_DEVICES=0,1 \
+    run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run --ranks 0,02
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --ranks 0,02: local rank 2 does not run here: the local ranks are 0 to 1 (NPROC_PER_NODE=2)"
+  run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run --log-dir=
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --log-dir is empty: name a folder for each rank's output (leave the flag out for none)"
   run --separate-stderr bash "$ROOT/train_ddp.sh" --gpus "0,,1" --dry-run
   assert_failure 2
   assert_equal "$stderr" "[ERROR] --gpus must list GPUs like 0,1 or \"0 1\" (indices or GPU-/MIG- UUIDs), got '0,,1'"
@@ -136,7 +144,8 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   # --log-dir: each rank's output in its own file as well (torchrun's <dir>/<run>/attempt_0/<rank>/)
   assert_equal "$(find ranks -name stdout.log | wc -l)" 2
   assert_equal "$(find ranks -name stdout.log -exec grep -l "parameters identical" {} + | wc -l)" 1
-  assert_equal "$(head -1 <<<"$stderr")" "[INFO] Using 2 CPU processes for training (no GPU: gloo, OMP_NUM_THREADS=1 each)"
+  assert_equal "$(head -2 <<<"$stderr")" "[INFO] Using 2 CPU processes for training (no GPU: gloo, OMP_NUM_THREADS=1 each)
+[INFO] each rank's output also goes to ranks/<run>/attempt_<n>/<local rank>/stdout.log and stderr.log"
   assert_line "[default0]:Using 2 CPU processes for training (DDP, one process each, backend gloo)" # --tee prefixes
   assert_line --partial "global batch 16 (8 x 2 processes), lr 0.002 (0.001 x 2, --lr-scale linear)"
   assert_line "[default0]:parameters identical on all 2 ranks"
