@@ -117,7 +117,11 @@ ddp::nproc() {
 # ddp::threads — OMP_NUM_THREADS for each process (cores / processes, at least 1) unless already set;
 # the cores are DDP_CORES where set (a Slurm task's CPUs), else nproc.
 ddp::threads() {
-  [[ -n ${OMP_NUM_THREADS:-} ]] && return 0
+  if [[ -n ${OMP_NUM_THREADS:-} ]]; then # each process's torch threads: a typo would fail in every rank
+    log::require_int OMP_NUM_THREADS "$OMP_NUM_THREADS" 1 || return 2
+    OMP_NUM_THREADS=$((10#$OMP_NUM_THREADS))
+    return 0
+  fi
   local cores=${DDP_CORES:-}
   [[ -n $cores ]] || cores=$(nproc 2>/dev/null || echo 1)
   OMP_NUM_THREADS=$((cores / DDP_NPROC))
@@ -139,6 +143,7 @@ ddp::nodes() {
   MASTER_PORT=${MASTER_PORT:-29500}
   log::require_int MASTER_PORT "$MASTER_PORT" 1 65535 || return 2
   MASTER_PORT=$((10#$MASTER_PORT))
+  ((NNODES == 1)) || DDP_NOTES+=("node $NODE_RANK of $NNODES: training starts once all $NNODES nodes have started this command and met at $MASTER_ADDR:$MASTER_PORT; nothing more is printed until then")
 }
 
 # ddp::slurm — inside a Slurm allocation: one torchrun agent per Slurm task (one task per node is the
@@ -148,10 +153,19 @@ ddp::nodes() {
 ddp::slurm() {
   [[ -n ${SLURM_JOB_ID:-} && -n ${SLURM_JOB_NODELIST:-} ]] ||
     { log::error "--slurm runs inside a Slurm allocation (sbatch train_slurm.sbatch, or salloc); SLURM_JOB_ID is not set here"; return 2; }
-  command -v srun >/dev/null 2>&1 || { log::error "--slurm needs srun and scontrol on PATH; srun not found"; return 2; }
+  local tool
+  for tool in srun scontrol; do
+    command -v "$tool" >/dev/null 2>&1 || { log::error "--slurm needs srun and scontrol on PATH; $tool not found"; return 2; }
+  done
   local nodes=${SLURM_NNODES:-1} first
   NNODES=${SLURM_NTASKS:-$nodes} NODE_RANK=0
-  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  local errors rc=0
+  errors=$(mktemp) || return 1
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>"$errors") || rc=$?
+  ((rc == 0)) || log::error "scontrol show hostnames '$SLURM_JOB_NODELIST' failed: $(tail -n 1 "$errors")"
+  rm -f "$errors"
+  ((rc == 0)) || return 1
+  first=${first%%$'\n'*}
   [[ -n $first ]] || { log::error "scontrol could not expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"; return 1; }
   ((NNODES == nodes)) ||
     log::warn "$NNODES Slurm tasks on $nodes node(s): $NNODES torchrun agents (--ntasks-per-node=1 gives one a node)"

@@ -72,6 +72,30 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='$setting': 2 MIG instances, but a CUDA process sees only the first MIG instance it is given, so processes cannot share them out: name one MIG instance, or whole GPUs"
 }
 
+@test "OMP_NUM_THREADS is checked; --slurm names a missing or failing scontrol with its own message" {
+  OMP_NUM_THREADS=auto run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] OMP_NUM_THREADS must be an integer of at least 1, got 'auto'"
+  OMP_NUM_THREADS=04 run --separate-stderr bash "$ROOT/train_ddp.sh" --dry-run
+  assert_success
+  assert_output --partial " OMP_NUM_THREADS=4 "
+  # an allocation whose controller does not answer: scontrol's own words, not a silent exit
+  mkdir -p bin
+  printf '#!/bin/sh\nexit 0\n' >bin/srun
+  printf '#!/bin/sh\necho "scontrol: error: Unable to contact slurm controller (connect failure)" >&2\nexit 1\n' >bin/scontrol
+  chmod +x bin/srun bin/scontrol
+  PATH=$PWD/bin:$PATH SLURM_JOB_ID=9 SLURM_JOB_NODELIST='n[1-2]' run --separate-stderr bash "$ROOT/train_torchrun.sh" --slurm --dry-run
+  assert_failure 1
+  assert_equal "$stderr" "[ERROR] scontrol show hostnames 'n[1-2]' failed: scontrol: error: Unable to contact slurm controller (connect failure)"
+  rm bin/scontrol
+  local dirs=() dir path=$PWD/bin # PATH without any scontrol (CI installs a real one)
+  IFS=: read -ra dirs <<<"$PATH"
+  for dir in "${dirs[@]}"; do [[ -x $dir/scontrol ]] || path+=:$dir; done
+  PATH=$path SLURM_JOB_ID=9 SLURM_JOB_NODELIST='n[1-2]' run --separate-stderr bash "$ROOT/train_torchrun.sh" --slurm --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] --slurm needs srun and scontrol on PATH; scontrol not found"
+}
+
 @test "--gpus \"1 2\", --gpus=1,2: the GPUs nvidia-smi numbers 1 and 2, written into the printed command, on a server of mixed models" {
   export MGPU_FAKE_GPUS=$SCENARIOS/2x-rtx3090-2x-rtx4090.json # CUDA's own order (fastest first) would put 0,1 on the 4090s
   local script form
@@ -123,7 +147,9 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 RDZV_ID=job7 \
     run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
   assert_success
-  assert_equal "$stderr" "[INFO] Using 16 GPUs for training (world size 16) (2 nodes x 8 processes; this is node 1)"
+  # several nodes: torchrun prints nothing until every node has joined, so the wait is said
+  assert_equal "$stderr" "[INFO] Using 16 GPUs for training (world size 16) (2 nodes x 8 processes; this is node 1)
+[INFO] node 1 of 2: training starts once all 2 nodes have started this command and met at 10.0.0.1:29500; nothing more is printed until then"
   assert_output --partial "--nnodes 2 --node-rank 1 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 --rdzv-id job7 --nproc-per-node 8"
   run --separate-stderr bash "$ROOT/train_ddp.sh" --dry-run -- --epochs 2 --lr 0.1
   assert_success
@@ -132,7 +158,7 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   MGPU_FAKE_GPUS=$SCENARIOS/8x-a100-80gb.json NPROC_PER_NODE=08 MAX_RESTARTS=010 NNODES=02 NODE_RANK=01 MASTER_ADDR=h \
     MASTER_PORT=029500 run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
   assert_success
-  assert_equal "$stderr" "[INFO] Using 16 GPUs for training (world size 16) (2 nodes x 8 processes; this is node 1)"
+  [[ ${stderr_lines[0]} == "[INFO] Using 16 GPUs for training (world size 16) (2 nodes x 8 processes; this is node 1)" ]]
   assert_output --partial "--nnodes 2 --node-rank 1 --rdzv-backend c10d --rdzv-endpoint h:29500 --rdzv-id mgpu --nproc-per-node 8 --max-restarts 10 "
 }
 
