@@ -36,14 +36,30 @@ def world_size() -> int:
     return dist.get_world_size() if is_on() else 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own piece, summed over every rank's
+    loss (what torch.distributed.nn.functional.all_gather does; that one warns on every run that it is
+    deprecated, and its suggested replacement is a private module)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss reaches every piece
+        return grad[dist.get_rank()]
+
+
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """All ranks' tensors concatenated in rank order, with gradients flowing back to each owner.
     Every rank must pass the same shape (use drop_last in the sampler)."""
     if world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_gather  # autograd-aware
-
-    return torch.cat(all_gather(t), dim=0)
+    return _GatherWithGrad.apply(t).flatten(0, 1)
 
 
 def stop_with_agent() -> None:
