@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -28,13 +29,20 @@ def _percent(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> float:
+_UNITS = {"": 1.0, "g": 1.0, "gb": 1.0, "gib": 1.0, "m": 1 / 1024, "mb": 1 / 1024, "mib": 1 / 1024}
+
+
+def _gib(text: str) -> float:
+    """--plan: GiB as a number, or with a unit: 15, 15G, 15GiB, 15360M (GB and MB are read as GiB and MiB,
+    as nvidia-smi's figures are)."""
+    number = text.strip().lower().rstrip("gimb")
+    unit = text.strip().lower()[len(number):]
     try:
-        value = float(text)
-    except ValueError:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
         value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of GiB above 0, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be GiB above 0, as 15, 15G or 15360M; got {text!r}")
     return value
 
 
@@ -51,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
                     "and every problem with what to do. MGPU_FAKE_GPUS=<scenario.json> shows a scenario's GPUs.",
         epilog="exit codes: 0 usable GPUs, no problem; 1 usable GPUs with problems; 2 usage error; 3 no usable GPU")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--plan", metavar="GB", type=_positive,
+    p.add_argument("--plan", metavar="GB", type=_gib,
                    help="how many replicas of a model needing GB GiB of GPU memory fit on each visible GPU")
     p.add_argument("--context-mib", metavar="MIB", type=_nonnegative_int, default=512,
                    help="CUDA context memory each replica needs on top of --plan (default: 512)")

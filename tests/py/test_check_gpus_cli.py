@@ -55,6 +55,8 @@ def test_plan_in_json_and_text():
     assert plan["replicas"] == 4 and [g["replicas"] for g in plan["gpus"]] == [1, 1, 1, 1]
     text = run_check_gpus("--plan", "7.5", env={"MGPU_FAKE_GPUS": IDLE}).stdout
     assert "GPU 0 (cuda:0): 23.7 GiB free -> 2 replicas" in text
+    for same in ("7.5G", "7.5GiB", "7680M"):  # a unit, as nvidia-smi and users write memory
+        assert run_check_gpus("--plan", same, env={"MGPU_FAKE_GPUS": IDLE}).stdout == text
 
 
 def test_a_plan_that_fits_nowhere_exits_3():
@@ -63,8 +65,10 @@ def test_a_plan_that_fits_nowhere_exits_3():
 
 
 @pytest.mark.parametrize("args,env,message", [
-    (["--plan", "-1"], {}, "argument --plan: must be a number of GiB above 0, got '-1'"),
-    (["--plan", "lots"], {}, "argument --plan: must be a number of GiB above 0, got 'lots'"),
+    (["--plan", "-1"], {}, "argument --plan: must be GiB above 0, as 15, 15G or 15360M; got '-1'"),
+    (["--plan", "lots"], {}, "argument --plan: must be GiB above 0, as 15, 15G or 15360M; got 'lots'"),
+    (["--plan", "inf"], {}, "argument --plan: must be GiB above 0, as 15, 15G or 15360M; got 'inf'"),
+    (["--plan", "15T"], {}, "argument --plan: must be GiB above 0, as 15, 15G or 15360M; got '15T'"),
     (["--max-util", "150"], {}, "MAX_UTIL must be an integer from 0 to 100, got '150'"),
     ([], {"MAX_UTIL": "high"}, "environment variable MAX_UTIL must be an integer from 0 to 100, got 'high'"),
     (["--context-mib", "x"], {}, "must be a whole number of MiB, 0 or more, got 'x'"),
