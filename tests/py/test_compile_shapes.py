@@ -44,7 +44,7 @@ def token_lengths(monkeypatch):
 
 
 def test_compile_traces_the_model_once_for_every_caption_length(tmp_path, counted_compile, token_lengths):
-    assert train_clip.main([*TINY, "--device", "cpu", "--compile", "--max-steps", "4",
+    assert train_clip.main([*TINY, "--compile", "--max-steps", "4",
                             "--output-dir", str(tmp_path)]) == 0
     assert len(set(token_lengths)) >= 3, token_lengths  # the synthetic captions' lengths do vary
     assert len(counted_compile) == 1, f"{len(counted_compile)} graphs for token counts {token_lengths}"
@@ -54,7 +54,7 @@ def test_without_the_marks_a_second_length_compiles_again(tmp_path, counted_comp
     """The counter can fail: the same run with the marks switched off compiles twice."""
     real_inputs = step.inputs  # the spy, which calls the real one
     monkeypatch.setattr(step, "inputs", lambda batch, device, region, compiled=False: real_inputs(batch, device, region))
-    assert train_clip.main([*TINY, "--device", "cpu", "--compile", "--max-steps", "4",
+    assert train_clip.main([*TINY, "--compile", "--max-steps", "4",
                             "--output-dir", str(tmp_path)]) == 0
     assert len(set(token_lengths)) >= 2
     assert len(counted_compile) == 2, f"{len(counted_compile)} graphs for token counts {token_lengths}"

@@ -18,8 +18,10 @@ from mgpu.checkpoint import read_checkpoint
 from test_data_shards import make_shards
 
 ROOT = Path(__file__).resolve().parents[2]
+# --device cpu: bit-equal weights, gloo ranks and CPU inference on every machine; where there is a GPU the
+# default (auto) would take it
 TINY = ["--image-encoder", "starnet_s050", "--text-encoder", "clip:tiny", "--embed-dim", "32", "--image-size", "32",
-        "--batch-size", "4", "--warmup", "2", "--lr", "1e-3", "--lr-scale", "none", "--no-tb"]
+        "--batch-size", "4", "--warmup", "2", "--lr", "1e-3", "--lr-scale", "none", "--no-tb", "--device", "cpu"]
 
 
 def trainer(*args: str) -> subprocess.CompletedProcess:
@@ -77,7 +79,7 @@ def test_inference_on_tar_shards_encodes_every_sample_in_order_and_marks_a_bad_o
     out = tmp_path / "res"
     for i in range(2):
         assert infer.main(["--checkpoint", str(ckpt / "model.pt"), "--out", str(out), "--shard", f"{i}/2",
-                           "--data", spec, "--workers", "0", "--batch-size", "4"]) == 0
+                           "--data", spec, "--workers", "0", "--batch-size", "4", "--device", "cpu"]) == 0
     assert infer.main(["--checkpoint", str(ckpt / "model.pt"), "--out", str(out), "--merge", "2",
                        "--max-bad-images", "0.1"]) == 0
     valid = np.load(out / "valid.npy")

@@ -13,9 +13,10 @@ from mgpu.checkpoint import read_checkpoint
 from mgpu.models import text_encoder
 from mgpu.tokenizers import ClipTokenizer
 
+# --device cpu: the same one step on every machine (where there is a GPU the default, auto, would take it)
 ARGS = ["--image-encoder", "starnet_s050", "--embed-dim", "32", "--image-size", "32", "--train-size", "16",
         "--val-size", "8", "--batch-size", "8", "--workers", "0", "--warmup", "0", "--lr", "1e-12",
-        "--weight-decay", "0", "--max-steps", "1", "--no-tb"]
+        "--weight-decay", "0", "--max-steps", "1", "--no-tb", "--device", "cpu"]
 
 
 def openai_layout(tower: torch.nn.Module, embed_dim: int) -> dict[str, torch.Tensor]:

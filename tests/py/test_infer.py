@@ -11,8 +11,12 @@ import torch
 from mgpu import infer, train_clip
 from mgpu.metrics import retrieval_metrics
 
+# Training and encoding run on the CPU on every machine: the shards' embeddings are compared to 1e-6 and their
+# metrics to the trainer's own; where there is a GPU the default (--device auto) would take it
+# (test_device_cuda_n_becomes_the_current_device checks that choice)
 TINY = ["--image-encoder", "starnet_s050", "--text-encoder", "clip:tiny", "--embed-dim", "32", "--image-size", "32",
-        "--train-size", "32", "--val-size", "13", "--batch-size", "8", "--workers", "0", "--max-steps", "2", "--no-tb"]
+        "--train-size", "32", "--val-size", "13", "--batch-size", "8", "--workers", "0", "--max-steps", "2", "--no-tb",
+        "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,7 @@ def checkpoint(tmp_path_factory):
 def run_shards(checkpoint, out, n, batch="4", merge=()):
     for i in range(n):
         assert infer.main(["--checkpoint", str(checkpoint / "model.pt"), "--out", str(out), "--shard", f"{i}/{n}",
-                           "--batch-size", batch, "--workers", "0"]) == 0
+                           "--batch-size", batch, "--workers", "0", "--device", "cpu"]) == 0
     assert infer.main(["--checkpoint", str(checkpoint / "model.pt"), "--out", str(out), "--merge", str(n), *merge]) == 0
     return (np.load(out / "image_embeddings.npy"), np.load(out / "text_embeddings.npy"),
             json.loads((out / "metrics.json").read_text()))
@@ -91,7 +95,8 @@ def test_small_sets_are_warned_about_and_one_valid_row_gets_no_metrics(checkpoin
     Image.new("RGB", (40, 30), (200, 10, 10)).save(data / "a.jpg")
     (data / "d.csv").write_text("filepath,title\na.jpg,red\nnope.jpg,none\n")
     common = ["--checkpoint", str(checkpoint / "model.pt"), "--out", str(tmp_path / "o")]
-    assert infer.main([*common, "--shard", "0/1", "--data", str(data / "d.csv"), "--workers", "0"]) == 0
+    assert infer.main([*common, "--shard", "0/1", "--data", str(data / "d.csv"), "--workers", "0",
+                       "--device", "cpu"]) == 0
     assert infer.main([*common, "--merge", "1", "--max-bad-images", "0.5"]) == 0
     assert "1 valid rows: too few for retrieval metrics; none computed" in capsys.readouterr().err
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
@@ -121,7 +126,8 @@ def test_an_unreadable_row_is_never_another_images_result_and_is_left_out_of_the
     data = caption_csv(tmp_path / "d", 27, {5: "text", 9: "missing"})
     common = ["--checkpoint", str(checkpoint / "model.pt"), "--out", str(tmp_path / "o")]
     for i in range(2):
-        assert infer.main([*common, "--shard", f"{i}/2", "--data", str(data), "--workers", "0", "--batch-size", "4"]) == 0
+        assert infer.main([*common, "--shard", f"{i}/2", "--data", str(data), "--workers", "0", "--batch-size", "4",
+                           "--device", "cpu"]) == 0
     assert "[WARNING] shard 0/2: 2 of 13 rows have an image that cannot be read" in capsys.readouterr().err
     assert infer.main([*common, "--merge", "2"]) == 2  # 2 of 27 is more than the default 0.01
     err = capsys.readouterr().err

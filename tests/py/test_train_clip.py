@@ -20,9 +20,11 @@ from mgpu import train_clip
 from mgpu.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
+# --device cpu: these runs check the CPU's numbers and messages, and gloo DDP, on every machine; on one with a
+# GPU the default (auto) would train on it (test_cuda_paths checks the automatic choice)
 TINY = ["--image-encoder", "starnet_s050", "--text-encoder", "clip:tiny", "--embed-dim", "32", "--image-size", "32",
         "--train-size", "48", "--val-size", "15", "--batch-size", "8", "--workers", "0", "--warmup", "2",
-        "--lr", "1e-3", "--no-tb"]
+        "--lr", "1e-3", "--no-tb", "--device", "cpu"]
 
 
 def run(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -264,7 +266,8 @@ def test_resuming_with_other_encoders_is_refused(tmp_path, capsys):
 def test_the_demo_preset_learns_retrieval(tmp_path):
     """The acceptance figure: val image->text R@1 of at least 0.5 among 256 (chance 0.004)."""
     start = time.perf_counter()
-    res = trainer("--preset", "demo", "--no-tb", "--output-dir", str(tmp_path / "demo"), env={"OMP_NUM_THREADS": "2"})
+    res = trainer("--preset", "demo", "--no-tb", "--device", "cpu", "--output-dir", str(tmp_path / "demo"),
+                  env={"OMP_NUM_THREADS": "2"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Using CPU for training" in res.stdout
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
@@ -281,7 +284,7 @@ def test_the_demo_preset_learns_retrieval_with_the_bert_tower_too(tmp_path):
     BERT's Hugging Face head (tanh pooler over [CLS]), initialisation (std 0.02) and dropout 0.1 are made for
     fine-tuning pretrained weights; from scratch the demo reached 0.11 with them. The tiny tower pools by the
     mean over tokens, with PyTorch's initialisation and no dropout (docs/training.md)."""
-    res = trainer("--preset", "demo", "--text-encoder", "bert:tiny-chinese", "--no-tb",
+    res = trainer("--preset", "demo", "--text-encoder", "bert:tiny-chinese", "--no-tb", "--device", "cpu",
                   "--output-dir", str(tmp_path / "demo"), env={"OMP_NUM_THREADS": "2"})
     assert res.returncode == 0, res.stdout + res.stderr
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
