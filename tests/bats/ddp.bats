@@ -88,9 +88,16 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_failure 1
   assert_equal "$stderr" "[ERROR] scontrol show hostnames 'n[1-2]' failed: scontrol: error: Unable to contact slurm controller (connect failure)"
   rm bin/scontrol
-  local dirs=() dir path=$PWD/bin # PATH without any scontrol (CI installs a real one)
+  local dirs=() dir path=$PWD/bin # PATH without any scontrol (CI installs a real one, in /usr/bin)
   IFS=: read -ra dirs <<<"$PATH"
-  for dir in "${dirs[@]}"; do [[ -x $dir/scontrol ]] || path+=:$dir; done
+  for dir in "${dirs[@]}"; do
+    if [[ -x $dir/scontrol ]]; then # that folder again, as links to all but scontrol
+      mkdir -p "without$dir"
+      find "$dir/" -mindepth 1 -maxdepth 1 ! -name scontrol -exec ln -sf -t "without$dir/" {} +
+      dir=$PWD/without$dir
+    fi
+    path+=:$dir
+  done
   PATH=$path SLURM_JOB_ID=9 SLURM_JOB_NODELIST='n[1-2]' run --separate-stderr bash "$ROOT/train_torchrun.sh" --slurm --dry-run
   assert_failure 2
   assert_equal "$stderr" "[ERROR] --slurm needs srun and scontrol on PATH; scontrol not found"
