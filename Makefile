@@ -61,14 +61,15 @@ lint:
 	@echo "== shellcheck: $(words $(SHELL_FILES)) files"
 	shellcheck -x $(SHELL_FILES)
 
+# Two groups of test files side by side (tools/test-bats.sh says which); a group's output when it ends.
 test-bats:
-	@echo "== bats"
-	PYTHON="$(abspath $(PYTHON))" bats --formatter tap --print-output-on-failure -r tests/bats \
-		| awk '{ print } /^ok /{ p++ } /^not ok /{ f++ } END { printf "bats: %d passed, %d failed\n", p, f }'
+	PYTHON="$(abspath $(PYTHON))" bash tools/test-bats.sh
 
+# pytest in PYTEST_WORKERS processes (pytest-xdist): the number of cores, at most 4 (each imports torch).
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$((n < 4 ? n : 4)))
 test-py:
-	@echo "== pytest"
-	$(PYTHON) -m pytest
+	@echo "== pytest ($(PYTEST_WORKERS) workers)"
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache py/mgpu.egg-info

@@ -187,7 +187,8 @@ smoke_scenario() { # two idle 24 GB GPUs, as the examples' RTX 4090s
   jq '.gpus |= (.[:2] | map(.utilization_gpu = 0 | .processes = [] | .memory_used_mib = 300))' \
     "$ROOT/examples/scenarios/4x-rtx4090-idle.json" >"$WORK/scenario.json"
   export MGPU_FAKE_GPUS=$WORK/scenario.json NVIDIA_SMI=$ROOT/tests/fakes/nvidia-smi
-  export MGPU_FAKE_SMI_SCENARIO=$WORK/scenario.json MGPU_UTIL_SAMPLES=1 MGPU_UTIL_WINDOW_MS=0 OMP_NUM_THREADS=2
+  # one thread a process: the models are tiny, and a second OpenMP thread mostly spins between their ops
+  export MGPU_FAKE_SMI_SCENARIO=$WORK/scenario.json MGPU_UTIL_SAMPLES=1 MGPU_UTIL_WINDOW_MS=0 OMP_NUM_THREADS=1
 }
 
 gpu_count() {

@@ -31,6 +31,16 @@ core::sleep_ms() {
   fi
 }
 
+# core::proc_stat PID — the fields of /proc/PID/stat that follow the process name, into CORE_STAT: [0] state,
+# [1] ppid, [2] pgrp, [3] session, ... The file is read whole and cut after the last ") ", since a
+# process name may hold spaces, ")" or a newline. 1 when the process is gone (or /proc is not there).
+core::proc_stat() {
+  local line=""
+  CORE_STAT=()
+  read -r -d '' line 2>/dev/null <"/proc/$1/stat" || [[ -n $line ]] || return 1
+  read -r -a CORE_STAT <<<"${line##*) }"
+}
+
 # core::sleep_fd DIR — open the FIFO core::sleep_ms reads (DIR/sleep.fifo, made here); 1 if it cannot.
 core::sleep_fd() {
   [[ -z ${CORE_SLEEP_FD:-} ]] || return 0

@@ -162,7 +162,7 @@ lease::holder() {
   done
   # Every process that has it open shares the lock; name the one whose parent does not (the training
   # script, not a worker or a `sleep` it started, which inherit the file).
-  local found holders=() stat
+  local found holders=()
   local -A has=()
   found=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$pattern" -not -path "/proc/$BASHPID/*" \
     -not -path "/proc/$$/*" -print 2>/dev/null) || true
@@ -172,9 +172,8 @@ lease::holder() {
   done
   pid=""
   for c in "${holders[@]}"; do
-    read -r stat 2>/dev/null <"/proc/$c/stat" || continue
-    stat=${stat##*) } stat=${stat#* } # "ppid pgrp ..."
-    [[ -n ${has[${stat%% *}]:-} ]] || { pid=$c && break; }
+    core::proc_stat "$c" || continue
+    [[ -n ${has[${CORE_STAT[1]}]:-} ]] || { pid=$c && break; } # its parent is no holder
   done
   [[ -n $pid ]] || pid=${holders[0]:-}
   [[ -n $pid ]] || return 0
@@ -191,13 +190,12 @@ lease::holder() {
 # lease::usage PGID DEV — MiB the processes of a job (its process group) use on a device, from the last
 # sample's process list (GPU_PROCS: "dev,pid,MiB" lines), into LEASE_USAGE.
 lease::usage() {
-  local dev pid used stat fields
+  local dev pid used
   LEASE_USAGE=0
   while IFS=, read -r dev pid used; do
-    [[ $dev == "$2" && $used =~ ^[0-9]+$ && -r /proc/$pid/stat ]] || continue
-    read -r stat 2>/dev/null <"/proc/$pid/stat" || continue
-    read -r -a fields <<<"${stat##*) }" # state ppid pgrp
-    [[ ${fields[2]} != "$1" ]] || LEASE_USAGE=$((LEASE_USAGE + used))
+    [[ $dev == "$2" && $used =~ ^[0-9]+$ && $pid =~ ^[0-9]+$ ]] || continue
+    core::proc_stat "$pid" || continue
+    [[ ${CORE_STAT[2]} != "$1" ]] || LEASE_USAGE=$((LEASE_USAGE + used))
   done <<<"${GPU_PROCS:-}"
 }
 

@@ -177,8 +177,7 @@ ledger::_str() {
 # a whole summary over one such byte. Without Python, each byte that is not ASCII becomes "?".
 ledger::_utf8() {
   local LC_ALL=C # bytes, whatever the user's locale
-  local re=$'^([\x01-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf][\x80-\xbf]|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf][\x80-\xbf][\x80-\xbf]|\xf4[\x80-\x8f][\x80-\xbf][\x80-\xbf])*$'
-  if [[ $1 =~ $re ]]; then
+  if ledger::is_utf8 "$1"; then
     LEDGER_UTF8=$1 # valid already (Chinese, say): the common case, without a process
     return 0
   fi
@@ -189,6 +188,14 @@ ledger::_utf8() {
     LEDGER_UTF8=${1//[$'\x80'-$'\xff']/?}
   fi
 }
+
+# ledger::is_utf8 TEXT — 0 when TEXT is valid UTF-8 (as Python's strict decoder holds it: no overlong forms,
+# no surrogates, nothing above U+10FFFF), 1 otherwise.
+ledger::is_utf8() {
+  local LC_ALL=C # bytes, whatever the user's locale
+  [[ $1 =~ $LEDGER_UTF8_RE ]]
+}
+LEDGER_UTF8_RE=$'^([\x01-\x7f]|[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf][\x80-\xbf]|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf][\x80-\xbf][\x80-\xbf]|\xf4[\x80-\x8f][\x80-\xbf][\x80-\xbf])*$'
 
 # ledger::record JOB — the job's final record, one JSON line and one table row, kept by job index for
 # the summary. Only a metrics.json this run wrote counts (newer than the file JOB[<i>,since] whose time

@@ -11,13 +11,10 @@ SCHED_SID="" # the launcher's session (sched::_left_members)
 # sched::group_alive PGID — does any process of the group still run? Zombies do not count: our own
 # un-reaped job leader is one, and orphans wait as zombies until PID 1 reaps them (some never do).
 sched::group_alive() {
-  local stat fields
+  local stat
   [[ -r /proc/self/stat ]] || { kill -0 -- "-$1" 2>/dev/null; return; }
   for stat in /proc/[0-9]*/stat; do
-    fields=""
-    read -r -d '' fields 2>/dev/null <"$stat" || true # whole: a process name may hold a newline
-    read -r -a fields <<<"${fields##*) }"                           # state ppid pgrp ...
-    [[ ${fields[2]:-} == "$1" && ${fields[0]} != Z ]] && return 0
+    core::proc_stat "${stat//[!0-9]/}" && [[ ${CORE_STAT[2]} == "$1" && ${CORE_STAT[0]} != Z ]] && return 0
   done
   return 1
 }
@@ -130,25 +127,30 @@ sched::_stop_detail() {
 }
 
 # sched::_left_members JOB PGID ARRAY — into the array named ARRAY, "pid command" (60 characters at most)
-# of each process still running in the group of a job whose command ended. A process counts only if it is
-# in the launcher's session and its environment names the job (a group id reused since is another's).
+# of each process still running in the group of a job whose command ended. The job's own process, whose
+# pid is the group's id, has been reaped; the kernel gives that number to no new process while a member of
+# the group lives. So a live process of that number means the group ended and its id was taken since:
+# nothing of it is the job's. A member whose environment names another job is not counted either; one
+# that names none counts (`env -i cmd &` clears MGPU_CONFIG_NAME).
 sched::_left_members() {
-  local job=$1 group=$2 stat line fields cmd env e mine
+  local job=$1 group=$2 stat line cmd env e mine
   local -n _members=$3
   _members=()
   if [[ -z $SCHED_SID ]]; then
-    read -r -d '' line 2>/dev/null </proc/$$/stat || true
-    read -r -a fields <<<"${line##*) }"
-    SCHED_SID=${fields[3]:-none}
+    core::proc_stat $$ || true
+    SCHED_SID=${CORE_STAT[3]:-none}
   fi
+  if core::proc_stat "$group" && [[ ${CORE_STAT[0]} != Z ]]; then return 0; fi
   for stat in /proc/[0-9]*/stat; do
-    line=""
-    read -r -d '' line 2>/dev/null <"$stat" || true # whole: a process name may hold a newline
-    read -r -a fields <<<"${line##*) }"                         # state ppid pgrp session ...
-    [[ ${fields[2]:-} == "$group" && ${fields[0]} != Z && ${fields[3]} == "$SCHED_SID" ]] || continue
-    env=() cmd=() mine=""
+    core::proc_stat "${stat//[!0-9]/}" || continue
+    [[ ${CORE_STAT[2]} == "$group" && ${CORE_STAT[0]} != Z && ${CORE_STAT[3]} == "$SCHED_SID" ]] || continue
+    env=() cmd=() mine=1
     mapfile -d '' -t env 2>/dev/null <"${stat%stat}environ" || true
-    for e in "${env[@]}"; do [[ $e != "MGPU_CONFIG_NAME=${JOB[$job,name]}" ]] || { mine=1 && break; }; done
+    for e in "${env[@]}"; do
+      [[ $e == MGPU_CONFIG_NAME=* ]] || continue
+      [[ $e == "MGPU_CONFIG_NAME=${JOB[$job,name]}" ]] || mine=""
+      break
+    done
     [[ -n $mine ]] || continue
     mapfile -d '' -t cmd 2>/dev/null <"${stat%stat}cmdline" || true
     line="${stat//[!0-9]/} ${cmd[*]//[[:cntrl:]]/ }"

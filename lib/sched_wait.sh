@@ -259,11 +259,8 @@ sched::_wait_one() {
 
 # sched::_alive PID — is this job's process still running (not gone, not a zombie, still our child)?
 sched::_alive() {
-  local stat fields
-  [[ -r /proc/$1/stat ]] || { [[ -d /proc/self ]] && return 1; kill -0 "$1" 2>/dev/null; return; }
-  stat="" && read -r -d '' stat 2>/dev/null <"/proc/$1/stat" || [[ -n $stat ]] || return 1 # whole (see group_alive)
-  read -r -a fields <<<"${stat##*) }"                                                   # state ppid pgrp ...
-  [[ ${fields[0]} != Z && ${fields[1]:-} == "$BASHPID" ]]
+  [[ -d /proc/self ]] || { kill -0 "$1" 2>/dev/null; return; }
+  core::proc_stat "$1" && [[ ${CORE_STAT[0]} != Z && ${CORE_STAT[1]} == "$BASHPID" ]]
 }
 
 # sched::_reap — collect every job that is no longer running (`wait PID` gives bash's saved status, or

@@ -58,13 +58,12 @@ slurm_job::end_time() {
 # slurm_job::tree PID — PID, the members of its process group and all their descendants, into SJ_TREE
 # (torchrun's workers lead sessions of their own: only the parent links find them).
 slurm_job::tree() {
-  local stat fields pid ppid pgrp grew=1 have=" $1 "
+  local stat pid ppid pgrp grew=1 have=" $1 "
   local -a procs=()
   for stat in /proc/[0-9]*/stat; do
-    read -r fields 2>/dev/null <"$stat" || continue
-    pid=${stat#/proc/} pid=${pid%/stat}
-    read -r -a fields <<<"${fields##*) }" # state ppid pgrp ...
-    [[ ${fields[0]} == Z ]] || procs+=("$pid ${fields[1]} ${fields[2]}")
+    pid=${stat//[!0-9]/}
+    core::proc_stat "$pid" || continue
+    [[ ${CORE_STAT[0]} == Z ]] || procs+=("$pid ${CORE_STAT[1]} ${CORE_STAT[2]}")
   done
   while ((grew)); do
     grew=0
@@ -79,21 +78,17 @@ slurm_job::tree() {
 
 # slurm_job::_alive PID — is the process still running (not gone, not a zombie)?
 slurm_job::_alive() {
-  local stat
-  read -r stat 2>/dev/null <"/proc/$1/stat" || return 1
-  stat=${stat##*) }
-  [[ ${stat%% *} != Z ]]
+  core::proc_stat "$1" && [[ ${CORE_STAT[0]} != Z ]]
 }
 
 # slurm_job::ready — can the command save now: does its process (the recording fork's child: the
 # trainer, or torchrun, which passes TERM on to its workers once it has started them) catch SIGTERM?
 slurm_job::ready() {
-  local stat fields pid n=0
+  local stat pid n=0
   for stat in /proc/[0-9]*/stat; do
-    read -r fields 2>/dev/null <"$stat" || continue
-    read -r -a fields <<<"${fields##*) }" # state ppid pgrp ...
-    [[ ${fields[1]} == "$SJ_PID" && ${fields[0]} != Z ]] || continue
-    pid=${stat#/proc/} pid=${pid%/stat}
+    pid=${stat//[!0-9]/}
+    core::proc_stat "$pid" || continue
+    [[ ${CORE_STAT[1]} == "$SJ_PID" && ${CORE_STAT[0]} != Z ]] || continue
     slurm_job::catches_term "$pid" || return 1
     n=$((n + 1))
   done

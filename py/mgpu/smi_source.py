@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 
 from . import topology
@@ -34,15 +35,38 @@ def _run(args: list[str], smi: str, timeout_s: float) -> str:
     if shutil.which(smi) is None:
         named = "NVIDIA_SMI=" if "NVIDIA_SMI" in os.environ else ""
         raise ProgramMissing(f"{named}{smi}: no such program" + ("" if named else " on PATH"))
+    # In a session (and process group) of its own, so that a timeout or Ctrl-C stops what it started too:
+    # nvidia-smi is often a wrapper script (containers, modules), whose child would live on, orphaned.
+    proc = subprocess.Popen([smi, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run([smi, *args], capture_output=True, text=True, timeout=timeout_s, check=False)
+        out, err = proc.communicate(timeout=timeout_s)
+    except BaseException as e:
+        _stop_group(proc)
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise SourceUnavailable(f"{smi} did not answer within {timeout_s:g} s (a stuck driver or a GPU "
+                                    "fallen off the bus can hang it; see dmesg)") from None
+        raise
+    if proc.returncode != 0:
+        why = (out + err).strip().splitlines()
+        raise SourceUnavailable(f"{smi} failed (exit {proc.returncode}): {why[0] if why else 'no output'}")
+    return out
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """KILL the group of a process that did not answer, and collect it without waiting for good: a process
+    stuck in the driver (state D) dies only when the driver lets go."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    try:
+        proc.wait(timeout=2)
     except subprocess.TimeoutExpired:
-        raise SourceUnavailable(f"{smi} did not answer within {timeout_s:g} s (a stuck driver or a GPU "
-                                "fallen off the bus can hang it; see dmesg)") from None
-    if done.returncode != 0:
-        why = (done.stdout + done.stderr).strip().splitlines()
-        raise SourceUnavailable(f"{smi} failed (exit {done.returncode}): {why[0] if why else 'no output'}")
-    return done.stdout
+        pass
 
 
 def _csv(args: list[str], smi: str, timeout_s: float) -> list[list[str]]:

@@ -109,13 +109,16 @@ setup() {
   assert_output "0 1 2 3"
 }
 
-@test "nvidia-smi: a hang is stopped at MGPU_SMI_TIMEOUT and said clearly" {
-  export NVIDIA_SMI=$FAKE_SMI MGPU_FAKE_SMI_HANG=1 MGPU_SMI_TIMEOUT=1
-  local start=$SECONDS
+@test "nvidia-smi: a hang is stopped at MGPU_SMI_TIMEOUT and said clearly, with what it started" {
+  export NVIDIA_SMI=$FAKE_SMI MGPU_FAKE_SMI_HANG=1 MGPU_SMI_TIMEOUT=1 MGPU_FAKE_SMI_PIDS=$WORK/smi.pids
+  local start=$SECONDS pid
   gpu_sh gpu::query
   assert_failure
   assert_output --partial "did not answer within 1s and was stopped"
   assert [ $((SECONDS - start)) -lt 5 ]
+  pid=$(cat "$WORK/smi.pids")
+  gone() { [[ ! -e /proc/$pid || $(cut -d' ' -f3 "/proc/$pid/stat") == Z ]]; } # (an orphan's zombie may stay)
+  wait_for 10 "the hanging nvidia-smi's child to be stopped" gone
 }
 
 @test "nvidia-smi: a failing driver is an error that quotes nvidia-smi" {

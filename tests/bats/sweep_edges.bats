@@ -17,7 +17,8 @@ setup() {
 
 teardown() {
   [[ ! -d $WORK ]] || touch "$WORK/release" # a leftover waiting for the test's word ends, should a test stop early
-  [[ ! -s $WORK/leftover2.pid ]] || kill "$(cat "$WORK/leftover2.pid")" 2>/dev/null || true
+  local left
+  for left in "$WORK"/leftover[23].pid; do [[ ! -s $left ]] || kill "$(cat "$left")" 2>/dev/null || true; done
 }
 
 queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
@@ -255,6 +256,11 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
     "[WARN] job1: its command ended, but 1 process(es) it started run on, holding its slot and lock until they end: $(cat leftover2.pid) sleep 300"
   assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' one/summary_*.json)" "succeeded (left running: $(cat leftover2.pid) sleep 300)"
   assert_equal "$(grep $'^end\tjob1\t' one/sweep_*.events | tail -1 | cut -f6)" "left running: $(cat leftover2.pid) sleep 300" # --status's source
+  # one started with an empty environment (no MGPU_CONFIG_NAME to name its job) is its job's all the same
+  echo 'env -i sleep 301 & echo $! >leftover3.pid' >"$WORK/bare.txt"
+  MGPU_LOCK_DIR=$WORK/locks-bare queue --gpus 0 --log-dir bare "$WORK/bare.txt" # (the sleep 300 holds GPU 0 in locks/)
+  assert_success
+  assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' bare/summary_*.json)" "succeeded (left running: $(cat leftover3.pid) sleep 301)"
 }
 
 @test "Ctrl-C also stops what finished jobs left running (TERM, then KILL after --grace), and their records say so" {
@@ -300,10 +306,13 @@ source "$1/lib/sweep.sh"
 GRACE=5 LOG_DIR=$2
 sched::init
 sched::new job1 "" "" "" "$2/.mgpu_done/job1"
-set -m
-MGPU_CONFIG_NAME=job1 sleep 300 & # what job1 left running, in a group of its own (as a job's is)
+set -m # what job1 left running: a sleep in the group of a job's process that has ended, and was reaped
+{ set +m; MGPU_CONFIG_NAME=job1 sleep 300 & } &
+leader=$!
 set +m
-SCHED_LEFT=("0:$!")
+wait "$leader"
+pgrep -g "$leader" -x sleep >/dev/null # the sleep runs in that group
+SCHED_LEFT=("0:$leader")
 trap 'SCHED_STOP=${SCHED_STOP:-INT} && sched::term_all' INT # as sched::run sets it
 : >"$2/sleeping"
 core::sleep_ms 3000
@@ -336,6 +345,12 @@ ENTRY
   odd=$!
   named() { [[ $(cat "/proc/$odd/comm" 2>/dev/null) == "$name" ]]; }
   wait_for 10 "the oddly named process to run" named
+  # the one reader of /proc/PID/stat agrees with procps' on its parent, group and session
+  run bash -c 'source "$1/lib/core.sh" && core::proc_stat "$2" && echo "${CORE_STAT[*]:1:3}"' _ "$ROOT" "$odd"
+  assert_success
+  assert_output "$(ps -o ppid=,pgid=,sid= -p "$odd" | xargs)"
+  run bash -c 'source "$1/lib/core.sh" && core::proc_stat 999999999' _ "$ROOT"
+  assert_failure
   echo 'echo up; exec sleep 60' >"$WORK/jobs.txt"
   bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
   launcher=$!

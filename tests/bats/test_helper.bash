@@ -15,6 +15,9 @@ common_setup() {
   mkdir -p "$WORK"
   # Parsed scenarios are cached for the whole run, not in the home folder.
   export MGPU_UTIL_WINDOW_MS=0 MGPU_POLL_MS=100 NO_COLOR=1 MGPU_CACHE_DIR=$BATS_RUN_TMPDIR/mgpu-cache
+  # GPU slots are leased in a folder of the test file's own, not the machine's /tmp/mgpu-locks: a test never
+  # waits for a real sweep on this machine, or for a test file running beside it (tools/test-bats.sh)
+  export MGPU_LOCK_DIR=$BATS_FILE_TMPDIR/locks
   unset MGPU_FAKE_GPUS CUDA_VISIBLE_DEVICES CUDA_DEVICE_ORDER MAX_UTIL MAX_WAIT NVIDIA_SMI
 }
 

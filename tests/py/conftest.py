@@ -13,6 +13,11 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
+# One thread a process, in pytest's own (torch reads it when first imported) and in the processes the tests
+# start: the test models are tiny, and a second OpenMP thread mostly spins between their small ops, which
+# costs a loaded 2-core CI machine CPU time for nothing (a test that needs another count sets its own).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ROOT / "examples" / "scenarios"
 MIB = 2**20

@@ -24,7 +24,7 @@ def test_bytes_that_are_not_utf8_are_replaced_exactly_as_pythons_decoder_replace
     rng = random.Random(20261130)
     edges = [0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE4, 0xED, 0xEF, 0xF0, 0xF4, 0xF5, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF]
     texts = [bytes(rng.choice(edges) if rng.random() < 0.6 else rng.randint(0x20, 0xFF)
-                   for _ in range(rng.randint(1, 14))) for _ in range(3000)]
+                   for _ in range(rng.randint(1, 14))) for _ in range(500)]
     texts += ["中文 café ✓ 𝄞".encode(), "中".encode()[:2], b"caf\xe9", b"\xd6\xd0\xce\xc4", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
     # valid UTF-8 (taken as it is, without Python): characters from every range, surrogates aside
     points = [p for p in (rng.randint(0x20, 0x10FFFF) for _ in range(6000)) if not 0xD800 <= p <= 0xDFFF]
@@ -33,6 +33,27 @@ def test_bytes_that_are_not_utf8_are_replaced_exactly_as_pythons_decoder_replace
     assert len(got) == len(texts)
     for text, line in zip(texts, got):
         assert json.loads(line.decode("utf-8")) == text.decode("utf-8", errors="replace"), text
+
+
+def test_bash_tells_valid_utf8_from_invalid_exactly_as_pythons_strict_decoder() -> None:
+    # What decides whether Python is called at all: many more random byte strings than the test above
+    # sends through Python (a process each), weighted to the same edges.
+    rng = random.Random(20261201)
+    edges = [0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE4, 0xED, 0xEF, 0xF0, 0xF4, 0xF5, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF]
+    texts = [bytes(rng.choice(edges) if rng.random() < 0.6 else rng.randint(0x20, 0xFF)
+                   for _ in range(rng.randint(1, 6))) for _ in range(20000)]
+    script = f"""source {LIB}/core.sh; source {LIB}/ledger.sh
+for s in "$@"; do if ledger::is_utf8 "$s"; then printf 1; else printf 0; fi; done"""
+    got = subprocess.run(["bash", "-c", script, "ledger", *texts], capture_output=True, check=True).stdout.decode()
+    assert len(got) == len(texts)
+    for text, said in zip(texts, got):
+        try:
+            text.decode("utf-8")
+            valid = "1"
+        except UnicodeDecodeError:
+            valid = "0"
+        assert said == valid, text
+    assert 500 < got.count("1") < 19500, got.count("1")  # both kinds are well represented
 
 
 def test_ascii_and_escapes_are_unchanged() -> None:

@@ -4,6 +4,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -53,10 +54,24 @@ def test_any_bracketed_answer_is_unknown_never_zero(smi, bracketed):
     assert "memory_unknown" in gpu.faults and gpu.utilization_gpu == 3
 
 
-def test_a_hanging_nvidia_smi_is_a_failed_source(no_nvml, monkeypatch):
+def test_a_hanging_nvidia_smi_is_a_failed_source_and_what_it_started_is_stopped(no_nvml, monkeypatch, tmp_path):
     monkeypatch.setenv("MGPU_FAKE_SMI_HANG", "1")
+    monkeypatch.setenv("MGPU_FAKE_SMI_PIDS", str(tmp_path / "pids"))
     with pytest.raises(gpus.SourceUnavailable, match="did not answer within 1 s"):
         smi_source.from_nvidia_smi(FAKE_SMI, timeout_s=1)
+    child = int((tmp_path / "pids").read_text())  # the wrapper's hanging child: KILLed with its group
+    deadline = time.monotonic() + 10
+    while _running(child):
+        assert time.monotonic() < deadline, f"nvidia-smi's child {child} still runs after the timeout"
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Is the process there and not a zombie (an orphan's zombie may stay where PID 1 does not reap)?"""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_without_nvidia_ml_py_or_nvidia_smi(no_nvml, monkeypatch):
