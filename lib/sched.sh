@@ -177,12 +177,14 @@ sched::_fill() {
 }
 
 # sched::_timer NEEDED — arm the wake-up timer (a `sleep` child: `wait -n` wakes when it ends): every
-# MGPU_TICK_MS while a job waits, every MGPU_POLL_MS while jobs run on GPUs (their memory is sampled).
+# MGPU_TICK_MS while a job waits, every MGPU_POLL_MS while jobs run (on GPUs their memory is sampled). On
+# the CPU too: a job bash has announced as killed ("Killed", after a foreground command of the launcher)
+# is never reported by `wait -n` while other jobs run, and the timer's end is when sched::_reap finds it.
 sched::_timer() {
   local ms=$MGPU_TICK_MS
   [[ -z $SCHED_TIMER ]] || return 0
   if (($1 == 0)); then
-    ((${#pids[@]})) && [[ ${SCHED_SLOTS[0]} != cpu:* ]] || return 0
+    ((${#pids[@]})) || return 0
     ms=$MGPU_POLL_MS
   fi
   core::seconds "$ms"

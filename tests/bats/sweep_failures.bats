@@ -47,6 +47,39 @@ ends() { count_lines $'\tend\t' "$FAKE_TRAIN_RECORD"; }
     "25 failed signal KILL, 25 failed signal SEGV"
 }
 
+@test "CPU mode: a job killed while the launcher shows another's failure is seen at the next timer, and its slot runs the next job" {
+  # bash marks a killed background job as reported once it has printed "Killed" (after a foreground command
+  # of the launcher, here the tail of a failed job's log), and `wait -n` then waits on the other jobs only.
+  # A fake tail holds the launcher there until job 2's process is killed and reaped. Job 3 runs until job 4
+  # starts, which needs job 2's slot: without the timer, not before job 3 gives up (exit 9, after 30 s).
+  unset MGPU_FAKE_GPUS
+  export NVIDIA_SMI=none KN=$WORK REAL_TAIL
+  REAL_TAIL=$(command -v tail)
+  mkdir -p "$WORK/fakes"
+  cat >"$WORK/fakes/tail" <<'FAKE'
+#!/usr/bin/env bash
+touch "$KN/in-tail"
+for ((i = 0; i < 200; i++)); do
+  [[ -e /proc/$(<"$KN/b.pid") ]] || exec "$REAL_TAIL" "$@"
+  sleep 0.05
+done
+echo "fake tail: job 2's process was not reaped within 10 s" >&2
+exit 1
+FAKE
+  chmod +x "$WORK/fakes/tail"
+  cat >"$WORK/jobs.txt" <<'JOBS'
+until [ -e "$KN/b.pid" ]; do sleep 0.05; done; exit 3
+echo $PPID >"$KN/b.tmp" && mv "$KN/b.tmp" "$KN/b.pid" && until [ -e "$KN/in-tail" ]; do sleep 0.05; done && kill -KILL 0
+for i in $(seq 300); do [ -e "$KN/d.started" ] && exit 0; sleep 0.1; done; exit 9
+touch "$KN/d.started"
+JOBS
+  PATH="$WORK/fakes:$PATH" run --separate-stderr timeout 120 bash "$ROOT/gpu_queue.sh" --cpu-slots 2 "$WORK/jobs.txt"
+  assert_failure 1
+  [[ $stderr != *"fake tail:"* ]] || fail "the test's premise failed: $stderr"
+  assert_equal "$(jq -r '[.configs[] | "\(.name) \(.status) \(.exit_code)"] | join(", ")' logs/gpu_queue/summary_*.json)" \
+    "job1 failed 3, job2 failed 137, job3 succeeded 0, job4 succeeded 0"
+}
+
 @test "a job whose command is killed (the OOM killer's SIGKILL) is recorded by its own process, and retried" {
   printf 'kill -KILL $$\n' >"$WORK/jobs.txt"
   run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0,1 --retries 1 "$WORK/jobs.txt"
