@@ -99,10 +99,16 @@ sched::_job() {
     lease::lock "$SCHED_DIR_FD" "$SCHED_DIR_LOCK" || rc=$?
     ((rc != 1)) || rc=76 # held: the folder's lock this time, not a slot's
   fi
+  # With --resume, the folder's lock held: a run of this job that outlived a killed launcher may have
+  # finished while this one waited for its slot (the marker was read when the sweep was planned).
+  if ((rc == 0)) && [[ $RESUME == true ]] && ledger::is_done "$job"; then
+    rc=75 held=done
+  fi
   if ((rc)); then
     note="stopped before it started"
     ((rc != 1)) || note="slot held by $LEASE_HOLDER|${held##*/gpu}"
     ((rc != 76)) || note="running elsewhere ($LEASE_HOLDER)"
+    [[ $held != done ]] || note="done meanwhile"
     printf '%s\t%s\t%s\n' "$rc" "${EPOCHREALTIME/./}" "$note" >"$end"
     exit "$rc"
   fi
@@ -187,7 +193,7 @@ sched::_ended() {
   ! kill -0 -- "-$pid" 2>/dev/null || alive=1
   [[ $alive == 0 || -n $note ]] || SCHED_LEFT+=("$job:$pid") # its command ran and left some: sched::_leftovers
   for slot in $slots; do
-    if ((${#end[@]} && !alive)) && [[ -z $note || $note == "running elsewhere"* ]]; then
+    if ((${#end[@]} && !alive)) && [[ -z $note || $note == "running elsewhere"* || $note == "done meanwhile" ]]; then
       [[ -z ${LEASE_KEPT[$slot]:-} ]] || LEASE_LOCKED[$slot]=1
     else
       lease::drop "$slot"
@@ -201,10 +207,14 @@ sched::_ended() {
     slot=${note##*|} slot=${slot%.lock} slot=${slot/.slot/:}
     sched::_held "$job" "$slot" "${note%|*}"
     return 0
-  elif [[ $note == "running elsewhere"* ]]; then
+  elif [[ $note == "running elsewhere"* || $note == "done meanwhile" ]]; then
     JOB[$job,status]=skipped JOB[$job,reason]=$note JOB[$job,exit]=""
     rm -f -- "${JOB[$job,log]}"
     JOB[$job,log]=""
+    if [[ $note == "done meanwhile" ]]; then # as if found when planned: what its run left counts
+      JOB[$job,reason]="done earlier (--resume)"
+      log::info "skipping ${JOB[$job,name]}: done with the same configuration while it waited, by a run that outlived an earlier launcher (--resume)"
+    fi
   elif [[ -n $SCHED_STOP ]]; then
     JOB[$job,status]=interrupted
     [[ $note != "stopped before it started" ]] || JOB[$job,detail]=$note

@@ -122,6 +122,28 @@ JOBS
     "a_t=skipped:done earlier (--resume) b_t=skipped:done earlier (--resume)"
 }
 
+@test "--resume while a killed launcher's job still runs: it waits for the slot, then finds the job done, and runs nothing again" {
+  export KN=$WORK
+  printf '%s\n' 'touch "$KN/started"; until [ -e "$KN/go" ]; do sleep 0.05; done; echo ran >>"$KN/ran.txt"' >"$WORK/jobs.txt"
+  bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt" >"$WORK/out1" 2>&1 &
+  local first=$!
+  wait_for 30 "the job to start" test -e "$WORK/started"
+  kill -KILL "$first"
+  wait "$first" || true
+  bash "$ROOT/gpu_queue.sh" --gpus 0 --resume "$WORK/jobs.txt" >"$WORK/out2" 2>"$WORK/err2" &
+  local second=$!
+  waits() { grep -q "job1 waits: GPU 0 slot 0 is held by pid" "$WORK/err2"; }
+  wait_for 30 "the second launcher to wait for the slot the orphaned job holds" waits
+  : >"$WORK/go" # the orphaned job finishes and marks itself done
+  local rc=0
+  wait "$second" || rc=$?
+  assert_equal "$rc" 0
+  assert_equal "$(cat "$WORK/ran.txt")" ran # once
+  assert_equal "$(jq -r '.configs[0] | "\(.status) \(.reason) \(.exit_code)"' "$(ls -t logs/gpu_queue/summary_*.json | head -1)")" \
+    "skipped done earlier (--resume) null"
+  grep -q "skipping job1: done with the same configuration while it waited" "$WORK/err2"
+}
+
 @test "a config still running from a killed launcher is reported as running elsewhere, never started twice" {
   FAKE_TRAIN_SLEEP=60 bash "$ROOT/run_train_clip.sh" "${TRAIN[@]}" --gpus 0 --image-encoders a --text-encoders t \
     >"$WORK/out" 2>"$WORK/err" &
