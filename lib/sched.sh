@@ -43,6 +43,7 @@ declare -a SCHED_SLOTS=() SCHED_QUEUE=() SCHED_ENDED=() SCHED_ARGV=()
 SCHED_QHEAD=0
 SCHED_LEFT=() # jobs whose command left processes running, JOB:PGID (sched::_leftovers)
 SCHED_N=0 SCHED_RUNNING="" SCHED_STATE="" SCHED_STOP="" SCHED_AGAIN="" SCHED_TIMER="" SCHED_EXIT=0 SCHED_THREADS=1
+SCHED_OWNER="" # the launcher's own pid ($BASHPID where sched::init ran): its traps act there only, not in its forks
 
 # sched::init — the launcher's private folder (argv files, the jobs' end records), removed on every exit
 # path by the EXIT trap set here; folders left by launchers that were killed are removed too. 2, logged,
@@ -58,6 +59,7 @@ sched::init() {
     SCHED_STATE=""
     return 2
   fi
+  SCHED_OWNER=$BASHPID
   trap 'sched::_on_exit' EXIT
   core::sleep_fd "$SCHED_STATE" || true
   local word words
@@ -233,10 +235,7 @@ sched::run() {
   GPU_WANT_PROCS=1 # nvidia-smi's per-process list too: each job's memory (its peak, reservations)
   sched::hash_jobs
   ledger::events_begin
-  trap 'SCHED_STOP=${SCHED_STOP:-INT} && sched::term_all' INT
-  trap 'SCHED_STOP=${SCHED_STOP:-TERM} && sched::term_all' TERM
-  trap 'SCHED_STOP=${SCHED_STOP:-HUP} && sched::term_all' HUP # under nohup, ignored: the sweep goes on
-  trap : PIPE # trapped, not ignored: the jobs' commands get SIGPIPE's default back
+  sched::_traps
   while ((${#SCHED_QUEUE[@]} || ${#pids[@]})) && [[ -z $SCHED_STOP ]]; do
     sched::_fill
     sched::_settle
@@ -259,6 +258,25 @@ sched::run() {
   fi
   [[ -z $SCHED_TIMER ]] || kill "$SCHED_TIMER" 2>/dev/null || true
   sched::finish
+}
+
+# sched::_traps — the launcher's traps while jobs run. SIGPIPE is trapped, not ignored: the jobs' commands
+# get its default back.
+sched::_traps() {
+  trap 'sched::_signal INT' INT
+  trap 'sched::_signal TERM' TERM
+  trap 'sched::_signal HUP' HUP # under nohup, ignored: the sweep goes on
+  trap : PIPE
+}
+
+# sched::_signal SIG — the launcher's INT, TERM or HUP: no new job starts, every running one gets TERM. A
+# fork of the launcher that gets one before it has set its own traps (a job's process, the timer, a pipe's
+# end) does nothing: the launcher got it too (a Ctrl-C reaches its whole process group), or its stop sent
+# it, and then a job's process finds the stop's file and never starts its command.
+sched::_signal() {
+  [[ $BASHPID == "$SCHED_OWNER" ]] || return 0
+  SCHED_STOP=${SCHED_STOP:-$1}
+  sched::term_all
 }
 
 # sched::finish — every job still queued is recorded as never started; the summary; SCHED_EXIT.
@@ -287,6 +305,9 @@ sched::finish() {
 # stops every job, writes the summary once jobs were recorded, and removes the private folder.
 sched::_on_exit() {
   local rc=$?
+  # A fork of the launcher (a job's process before it clears this trap) that a Ctrl-C ends: not the
+  # launcher's exit. Stopping the jobs, the summary and the private folder are the launcher's.
+  [[ $BASHPID == "$SCHED_OWNER" ]] || return 0
   set +eEu # nothing in here may cut the stop short: a job left running would be an orphan
   trap - EXIT INT TERM
   trap : HUP PIPE # a hangup during this stop: it goes on

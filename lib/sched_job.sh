@@ -102,15 +102,21 @@ sched::_job() {
   # With --resume, the folder's lock held: a run of this job that outlived a killed launcher may have
   # finished while this one waited for its slot (the marker was read when the sweep was planned).
   if ((rc == 0)) && [[ $RESUME == true ]] && ledger::is_done "$job"; then
-    rc=75 held=done
+    rc=75 held="done"
   fi
   if ((rc)); then
     note="stopped before it started"
     ((rc != 1)) || note="slot held by $LEASE_HOLDER|${held##*/gpu}"
     ((rc != 76)) || note="running elsewhere ($LEASE_HOLDER)"
-    [[ $held != done ]] || note="done meanwhile"
+    [[ $held != "done" ]] || note="done meanwhile"
     printf '%s\t%s\t%s\n' "$rc" "${EPOCHREALTIME/./}" "$note" >"$end"
     exit "$rc"
+  fi
+  # A stop (the launcher's TERM to this group, which this process's trap took) before the command started:
+  # the stop's file is made before any TERM is sent, so the command never starts after it.
+  if [[ -e $SCHED_STATE/term ]]; then
+    printf '%s\t%s\t%s\n' 143 "${EPOCHREALTIME/./}" "stopped before it started" >"$end"
+    exit 143
   fi
   [[ -z ${JOB[$job,out]} ]] || : 2>/dev/null >"$SCHED_STATE/job$job.$BASHPID.start" # a newer metrics.json is ours
   ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
@@ -122,9 +128,15 @@ sched::_job() {
   # In a group, so that bash's own line on a command a signal killed ("<file>: line N: <pid> Killed ...")
   # goes to the job's log, not the terminal; a trace of this process (SHELLOPTS=xtrace exported) does not.
   [[ $- != *x* ]] || { exec {i}>&2 && BASH_XTRACEFD=$i; }
+  # The command runs in a subshell (bash execs its last command: no extra process) that looks for the
+  # stop's file once more, after the fork: a TERM sent between the check above and the fork reached only
+  # this process, which ignores it; one sent later reaches the command, whose TERM is the default again.
   {
-    CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
-      OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}"
+    (
+      [[ ! -e $SCHED_STATE/term ]] || exit 143
+      CUDA_VISIBLE_DEVICES=$2 CUDA_DEVICE_ORDER=PCI_BUS_ID MGPU_CONFIG_NAME=${JOB[$job,name]} MGPU_GPU=$3 \
+        OMP_NUM_THREADS=$SCHED_THREADS "${SCHED_ARGV[@]}"
+    )
   } </dev/null >>"$LEDGER_LOG" 2>&1
   rc=$?
   ((rc <= 128 || rc >= 160)) || printf '# mgpu: the command ended by signal %s (exit %s)\n' "$(kill -l "$rc")" "$rc" 2>/dev/null >>"$LEDGER_LOG"
@@ -188,6 +200,9 @@ sched::_ended() {
   [[ ! -f $SCHED_STATE/job$job.end ]] || IFS=$'\t' read -r -a end <"$SCHED_STATE/job$job.end" || true
   if ((rc == 127)) && ((${#end[@]})); then rc=${end[0]}; fi
   note=${end[2]:-}
+  # No end record and status 0: the process ended before its job began (a Ctrl-C in the instant after
+  # its fork, before it set its own traps), never by the command's success, which it records.
+  ((${#end[@]} || rc)) || rc=143 note="stopped before it started"
   # Its slots' kept leases: still locked when it held them and nothing of its group runs on; else closed.
   local alive=0
   ! kill -0 -- "-$pid" 2>/dev/null || alive=1

@@ -139,7 +139,7 @@ JOBS
   wait "$second" || rc=$?
   assert_equal "$rc" 0
   assert_equal "$(cat "$WORK/ran.txt")" ran # once
-  assert_equal "$(jq -r '.configs[0] | "\(.status) \(.reason) \(.exit_code)"' "$(ls -t logs/gpu_queue/summary_*.json | head -1)")" \
+  assert_equal "$(jq -r '.configs[0] | "\(.status) \(.reason) \(.exit_code)"' logs/gpu_queue/summary_*.json)" \
     "skipped done earlier (--resume) null"
   grep -q "skipping job1: done with the same configuration while it waited" "$WORK/err2"
 }
@@ -192,6 +192,66 @@ JOBS
   assert_success
   [[ $stderr == *"LOG_DIR logs/gpu_queue was gone; made it again"* ]]
   assert_equal "$(jq -r '.succeeded' logs/gpu_queue/summary_*.json)" 3
+}
+
+@test "Ctrl-C while a job's process is still taking its locks: the TERM it got is kept, and its command never starts" {
+  # A fake flock holds the job's process at its folder lock, deaf to TERM, until the launcher's stop has
+  # sent its TERMs; the job's process then goes on. Its command must not start: nothing would stop it.
+  export KN=$WORK REAL_FLOCK TMPDIR=$WORK/tmp
+  REAL_FLOCK=$(command -v flock)
+  mkdir -p "$WORK/fakes" "$TMPDIR"
+  cat >"$WORK/fakes/flock" <<'FAKE'
+#!/usr/bin/env bash
+if [[ $(readlink "/proc/self/fd/${*: -1}") == "$KN/logs/"* ]]; then # the job's folder lock, not a slot's
+  trap '' TERM
+  touch "$KN/in-flock"
+  for ((i = 0; i < 400; i++)); do
+    [[ ! -e $KN/go ]] || exec "$REAL_FLOCK" "$@"
+    sleep 0.05
+  done
+  echo "fake flock: no word from the test within 20 s" >&2
+  exit 3
+fi
+exec "$REAL_FLOCK" "$@"
+FAKE
+  chmod +x "$WORK/fakes/flock"
+  printf '%s\n' 'touch "$KN/ran"' >"$WORK/jobs.txt"
+  PATH="$WORK/fakes:$PATH" env --default-signal=INT bash "$ROOT/gpu_queue.sh" --gpus 0 --log-dir "$WORK/logs" "$WORK/jobs.txt" \
+    >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$!
+  wait_for 30 "the job's process to reach its folder lock" test -e "$WORK/in-flock"
+  kill -INT "$launcher"
+  stop_sent() { compgen -G "$TMPDIR/mgpu-sched.*/term" >/dev/null; }
+  wait_for 30 "the launcher's stop to send its TERMs" stop_sent
+  : >"$WORK/go"
+  local rc=0
+  wait "$launcher" || rc=$?
+  assert_equal "$rc" 130
+  [[ ! -e $WORK/ran ]] || fail "the command started after the stop"
+  assert_equal "$(jq -r '.configs[0] | "\(.status) \(.detail)"' "$WORK"/logs/summary_*.json)" "interrupted stopped before it started"
+}
+
+@test "the launcher's traps act in the launcher only: a fork of it that ends, or gets TERM, leaves its stop and its exit to it" {
+  # What a Ctrl-C in the instant after a job's fork did: the fork ran the launcher's EXIT trap (a second
+  # summary, the jobs stopped, the launcher's private folder removed under it) or its stop.
+  export TMPDIR=$WORK/tmp
+  mkdir -p "$TMPDIR"
+  run --separate-stderr bash -c '
+    set -Eeuo pipefail
+    source "$1/lib/sweep.sh"
+    sched::init
+    { exit 0; } &
+    wait "$!" || true
+    [[ -d $SCHED_STATE ]] && echo "private folder kept"
+    sched::_traps
+    { kill -TERM "$BASHPID"; exit 0; } &
+    wait "$!" || true
+    [[ ! -e $SCHED_STATE/term ]] && echo "no stop: [$SCHED_STOP]"
+    kill -TERM "$BASHPID"
+    echo "the launcher itself: [$SCHED_STOP]"
+  ' _ "$ROOT"
+  assert_success
+  assert_output $'private folder kept\nno stop: []\nthe launcher itself: [TERM]'
 }
 
 @test "a second Ctrl-C during the grace period kills at once; every config is still in the summary, exit 130" {
