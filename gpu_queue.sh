@@ -5,6 +5,7 @@
 #   bash gpu_queue.sh --gpus 0,1 jobs.txt        # one command a line; blank lines and # comments skipped
 #   generate_jobs | bash gpu_queue.sh -          # commands from standard input
 set -Eeuo pipefail
+set +o posix # POSIXLY_CORRECT in the environment starts bash in POSIX mode, which refuses names such as log::info
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
 [[ -v GPUS ]] || GPUS=(0 1 2 3)
@@ -80,6 +81,7 @@ main() {
   fi
   [[ -n $source ]] || DIE_STATUS=2 die "name a jobs file, or - for standard input (see --help)"
   [[ $source == - || -r $source ]] || DIE_STATUS=2 die "jobs file '$source': no such readable file"
+  [[ $source != - || -e /dev/stdin ]] || DIE_STATUS=2 die "jobs file '-' (standard input): standard input is closed; give the jobs through a pipe or < FILE, or name a jobs file"
   [[ $source == - || ! -d $source ]] || DIE_STATUS=2 die "jobs file '$source' is a folder: name a file of commands, one a line"
   [[ $DRY_RUN == true ]] || core::make_dirs "LOG_DIR=$LOG_DIR" || exit 2
   sched::init

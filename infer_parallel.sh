@@ -6,6 +6,7 @@
 #   GPUS="0 1" bash infer_parallel.sh --checkpoint C --out D --data test.csv --batch-size 512
 #   bash infer_parallel.sh --checkpoint C --out D --resume      # redo only the shards that did not finish
 set -Eeuo pipefail
+set +o posix # POSIXLY_CORRECT in the environment starts bash in POSIX mode, which refuses names such as log::info
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
 [[ -v GPUS ]] || GPUS=(0 1 2 3)

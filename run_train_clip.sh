@@ -6,6 +6,7 @@
 #   bash run_train_clip.sh --dry-run                          # the plan and exact commands only
 # Run with --help for every flag. MGPU_DEBUG=1 traces every line.
 set -Eeuo pipefail
+set +o posix # POSIXLY_CORRECT in the environment starts bash in POSIX mode, which refuses names such as log::info
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
 # ---- Settings: edit them here, or override with an environment variable (GPUS="0,1") or a flag -------

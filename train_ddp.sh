@@ -5,6 +5,7 @@
 #   bash train_ddp.sh --dry-run --preset demo
 # The trainer accepts --local_rank=N and --local-rank=N alike, whichever this torch passes.
 set -Eeuo pipefail
+set +o posix # POSIXLY_CORRECT in the environment starts bash in POSIX mode, which refuses names such as log::info
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
 MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}

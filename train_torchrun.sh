@@ -7,6 +7,7 @@
 #   bash train_torchrun.sh --dry-run ...                        # the exact torchrun command only
 # Arguments other than this script's own (--help) go to the trainer: python -m mgpu.train_clip --help.
 set -Eeuo pipefail
+set +o posix # POSIXLY_CORRECT in the environment starts bash in POSIX mode, which refuses names such as log::info
 [[ -z ${MGPU_DEBUG:-} ]] || { PS4='+ ${BASH_SOURCE[0]##*/}:${LINENO}: '; set -x; }
 
 MGPU_ROOT=$(readlink -f "${BASH_SOURCE[0]}") MGPU_ROOT=${MGPU_ROOT%/*}

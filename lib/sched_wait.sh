@@ -165,7 +165,7 @@ sched::_held() {
   JOB[$job,wait_since]=${JOB[$job,tried_since]:-$CORE_NOW_MS}
   SCHED_WHY[slot$slot]="GPU ${slot%:*} slot ${slot##*:} is held by $3"
   SLOT_NEXT_CHECK[$slot]=$((CORE_NOW_MS + MGPU_POLL_MS))
-  JOB[$job,status]=queued JOB[$job,gpu]="" JOB[$job,ms]=0
+  JOB[$job,status]=queued JOB[$job,gpu]="" JOB[$job,ms]=0 JOB[$job,exit]="" # its command never ran
   [[ -z ${JOB[$job,log]} ]] || rm -f -- "${JOB[$job,log]}"
   JOB[$job,log]=""
   SCHED_QUEUE=("$job" "${SCHED_QUEUE[@]}")

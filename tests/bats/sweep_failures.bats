@@ -392,6 +392,20 @@ FAKE
   assert [ ! -e "$FAKE_TRAIN_RECORD" ]
 }
 
+@test "standard input closed: a clear error before anything starts; bash started in POSIX mode (POSIXLY_CORRECT): it runs" {
+  run --separate-stderr bash -c 'exec <&- && exec bash "$1/gpu_queue.sh" --gpus 0 -' _ "$ROOT"
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] jobs file '-' (standard input): standard input is closed; give the jobs through a pipe or < FILE, or name a jobs file"
+  [[ ! -e logs ]] || fail "it made its log folder"
+  printf 'true\n' >"$WORK/jobs.txt"
+  POSIXLY_CORRECT=1 run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(jq -r '.configs[0].status' logs/gpu_queue/summary_*.json)" succeeded
+  POSIXLY_CORRECT=1 sweep --dry-run --gpus 0 --image-encoders a --text-encoders t
+  assert_success
+  assert_output --partial "a_t"
+}
+
 @test "a scenario uuid holding a comma is refused, naming the JSON path" {
   jq '.gpus[1].uuid = "GPU-a,b"' "$SCENARIOS/4x-rtx4090-idle.json" >"$WORK/comma.json"
   MGPU_FAKE_GPUS=$WORK/comma.json sweep --gpus 0 --image-encoders a --text-encoders b
@@ -423,7 +437,7 @@ FAKE
   assert_failure 1
   assert [ ! -e "$FAKE_TRAIN_RECORD" ]
   [[ $stderr == *"a_t waits: GPU 0 slot 0 is held by pid "*"until [[ -e"* ]]
-  assert_equal "$(summary '.configs[0] | "\(.status) \(.waited_seconds)"')" "skipped 1"
+  assert_equal "$(summary '.configs[0] | "\(.status) \(.waited_seconds) \(.exit_code)"')" "skipped 1 null" # its command never ran
   assert_regex "$(summary '.configs[0].reason')" '^gave up after 1s \(MAX_WAIT\): GPU 0 slot 0 is held by pid [0-9]+: (flock|bash)'
 }
 
