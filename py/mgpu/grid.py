@@ -116,11 +116,37 @@ def from_file(path: str, sample: int | None = None, seed: int = 0) -> list[Confi
     fail(".", 'has neither "configs" (a list) nor "image_encoders"/"text_encoders" (a grid)')
 
 
+class _Twice(dict):
+    """A JSON object that names a key twice (json keeps the last silently); the key, for the fault."""
+    key = ""
+
+
+def _pairs(pairs: list) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            twice = _Twice(pairs)
+            twice.key = key
+            return twice
+        obj[key] = value
+    return obj
+
+
+def _key_twice(value, path: str = ".") -> None:
+    """Fault at the first object, by JSON path, that names a key twice."""
+    if isinstance(value, _Twice):
+        fail(path, f"names the key {value.key!r} twice; JSON keeps only the last value: write it once")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _key_twice(item, f"{path.rstrip('.')}[{key}]" if isinstance(key, int) else f"{path.rstrip('.')}.{key}")
+
+
 def _one_document(text: str):
-    """The file's one JSON document; NaN/Infinity, several documents or bad JSON are faults."""
+    """The file's one JSON document; NaN/Infinity, several documents, a key named twice in one object or
+    bad JSON are faults."""
     def constant(name):
         raise GridError(f"not valid JSON: {name} is not a JSON number")
-    decoder = json.JSONDecoder(parse_constant=constant)
+    decoder = json.JSONDecoder(parse_constant=constant, object_pairs_hook=_pairs)
     try:
         doc, end = decoder.raw_decode(text, len(text) - len(text.lstrip()))
         count = 1
@@ -131,6 +157,7 @@ def _one_document(text: str):
         raise GridError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
     if count > 1:
         fail(".", f"the file holds {count} JSON documents one after another; it must hold one")
+    _key_twice(doc)
     return doc
 
 

@@ -83,6 +83,12 @@ def test_a_list_of_configurations_with_defaults_and_launcher_keys(tmp_path):
     ('{"configs": [{"image_encoder": "a", "text_encoder": "b", "note": "a\\nb"}]}', ".configs[0].note: must not contain a newline"),
     ('{"configs": [{"image_encoder": "", "text_encoder": "b"}]}', ".configs[0].image_encoder: must be a non-empty string"),
     ('{"configs": [{"text_encoder": "b"}]}', '.configs[0]: missing key "image_encoder"'),
+    ('{"configs": [{"image_encoder": "a", "text_encoder": "b", "lr": 0.1, "lr": 0.001}]}',
+     ".configs[0]: names the key 'lr' twice; JSON keeps only the last value: write it once"),
+    ('{"image_encoders": ["a"], "image_encoders": ["b"], "text_encoders": ["c"]}',
+     ".: names the key 'image_encoders' twice; JSON keeps only the last value: write it once"),
+    ('{"defaults": {"epochs": 1, "x": {"y": 1, "y": 2}}, "configs": []}',
+     ".defaults.x: names the key 'y' twice; JSON keeps only the last value: write it once"),
     ('{"configs": [{"name": "x", "image_encoder": "a", "text_encoder": "b"}, {"name": "x", "image_encoder": "c", "text_encoder": "d"}]}',
      "two configurations are both named 'x' (.configs[0] and .configs[1]): give them different names"),
 ])
