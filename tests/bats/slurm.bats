@@ -326,7 +326,8 @@ TASK
   local dir job_id
   dir=$(echo logs/clip_training/slurm_*)
   job_id=$(<"$dir/job_id")
-  wait_for 90 "the requeue record" test -s "$dir/task0.requeues"
+  # the one-minute limit, Slurm's kill wait, and a trainer that may still be importing torch on a loaded machine
+  wait_for 150 "the requeue record" test -s "$dir/task0.requeues"
   scontrol update JobId="${job_id}_0" TimeLimit=10 # the next run has the time to finish
   wait_job "$job_id"
   run bash "$ROOT/run_train_clip.sh" --backend slurm --status

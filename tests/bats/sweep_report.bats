@@ -59,10 +59,17 @@ report() { run --separate-stderr bash "$ROOT/run_train_clip.sh" "$@"; }
   local launcher=$!
   stepping() { grep -q '^step [1-9]' logs/clip_training/a_t_gpu0_*.log 2>/dev/null; }
   wait_for 30 "a_t to print progress" stepping
-  (sleep 0.5 && : >"$STEP_RELEASE") &
-  report --status --watch 0.2
-  wait
-  assert_success
+  # the job ends only once the watch has drawn it running: the watch draws at least twice, whatever the load
+  bash "$ROOT/run_train_clip.sh" --status --watch 0.2 >"$WORK/watch" 2>"$WORK/watch.err" &
+  local watch=$!
+  drawn() { grep -q '^a_t  *running' "$WORK/watch"; }
+  wait_for 60 "the watch to draw a_t running" drawn
+  : >"$STEP_RELEASE"
+  local rc=0
+  wait "$watch" || rc=$?
+  wait "$launcher"
+  assert_equal "$rc" 0
+  run cat "$WORK/watch"
   assert [ "$(grep -c '^config  *state' <<<"$output")" -ge 2 ] # drawn more than once
   assert_line --regexp '^finished after [0-9]+s \(exit 0\)$'
   rm -f "$STEP_RELEASE"
