@@ -1,6 +1,7 @@
 """``python check_gpus.py``: what this machine has, what PyTorch will see, and why.
 
-Exit codes: 0 usable GPUs and no problem; 1 usable GPUs with problems; 2 usage error; 3 no usable GPU.
+Exit codes: 0 usable GPUs and no problem; 1 usable GPUs with problems; 2 usage error; 3 no usable GPU
+(with --torch: none that torch can use).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
         prog="check_gpus.py",
         description="Show the GPUs, what PyTorch will see of them (CUDA_VISIBLE_DEVICES), who uses them, "
                     "and every problem with what to do. MGPU_FAKE_GPUS=<scenario.json> shows a scenario's GPUs.",
-        epilog="exit codes: 0 usable GPUs, no problem; 1 usable GPUs with problems; 2 usage error; 3 no usable GPU")
+        epilog="exit codes: 0 usable GPUs, no problem; 1 usable GPUs with problems; 2 usage error; "
+               "3 no usable GPU (with --torch: none that torch can use)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plan", metavar="GB", type=_gib,
                    help="how many replicas of a model needing GB GiB of GPU memory fit on each visible GPU")
@@ -181,10 +183,14 @@ def render_json(inv: gpus.Inventory, vis: visible.Visibility, found: list[diagno
     return json.dumps(out, indent=2)
 
 
-def exit_code(vis: visible.Visibility, found: list[diagnose.Problem], plan: diagnose.Plan | None) -> int:
+def exit_code(vis: visible.Visibility, found: list[diagnose.Problem], plan: diagnose.Plan | None,
+              view: diagnose.TorchView | None = None) -> int:
     if not vis.physical or (plan is not None and plan.total == 0):
         return EXIT_NO_GPU
+    if view is not None and (view.cuda is None or view.error or view.device_count == 0):
+        return EXIT_NO_GPU  # --torch: training would run on the CPU, whatever NVML shows
     return EXIT_PROBLEMS if any(p.severity != "info" for p in found) else EXIT_OK
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,4 +220,4 @@ def main(argv: list[str] | None = None) -> int:
         print(render_json(inv, vis, found, plan, view))
     else:
         print(render_text(inv, vis, found, plan, view, me))
-    return exit_code(vis, found, plan)
+    return exit_code(vis, found, plan, view)

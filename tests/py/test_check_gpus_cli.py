@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SCENARIOS, real_gpus, run_check_gpus, scenario_data
-from mgpu import check_gpus
+from mgpu import check_gpus, diagnose, visible
 
 BUSY = str(SCENARIOS / "4x-rtx4090-gpu2-busy.json")
 IDLE = str(SCENARIOS / "4x-rtx4090-idle.json")
@@ -119,7 +119,9 @@ def test_torch_view_on_this_cpu_build():
     data = json.loads(done.stdout)
     assert data["torch"]["cuda"] is None and data["torch"]["device_count"] == 0
     assert "torch_no_cuda" in [p["code"] for p in data["problems"]]
-    assert done.returncode == 1
+    assert done.returncode == 3  # torch can use none of the 4 GPUs: training would run on the CPU
+    without = run_check_gpus("--json", env={"MGPU_FAKE_GPUS": IDLE})
+    assert without.returncode == 0  # the same GPUs, torch not asked: usable
 
 
 def test_without_nvidia_ml_py_the_cli_reads_nvidia_smi(tmp_path):
@@ -176,3 +178,16 @@ def test_unified_memory_and_lost_gpus_are_reported_without_a_traceback(fake_nvml
     assert check_gpus.main(["--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["gpus"][3]["lost"] and data["gpus"][0]["memory_total_mib"] is None
+
+
+@pytest.mark.parametrize("view, code", [
+    (None, 0),  # torch not asked
+    (diagnose.TorchView("2.13.0+cu124", "12.4", device_count=4), 0),
+    (diagnose.TorchView("2.13.0+cu124", "12.4", device_count=2), 0),  # fewer: a warning of its own, still usable
+    (diagnose.TorchView("2.13.0+cpu", None), 3),
+    (diagnose.TorchView("2.13.0+cu124", "12.4", error="CUDA driver version is insufficient"), 3),
+    (diagnose.TorchView("2.13.0+cu124", "12.4", device_count=0), 3),
+])
+def test_with_torch_a_torch_that_can_use_no_visible_gpu_exits_3(view, code):
+    vis = visible.Visibility(None, [0, 1, 2, 3])
+    assert check_gpus.exit_code(vis, [], None, view) == code

@@ -109,7 +109,8 @@ NOT_RUN = {
 }
 # README command -> (its exit code here, why).
 EXIT = {
-    "python check_gpus.py --torch": (1, "torch_no_cuda: CI's torch is a CPU build, the scenario has 4 GPUs"),
+    "python check_gpus.py --torch": (3, "torch_no_cuda: CI's torch is a CPU build, so it can use none of the "
+                                        "scenario's 4 GPUs"),
 }
 
 
