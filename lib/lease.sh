@@ -90,7 +90,8 @@ lease::open() {
 # Kept leases. The launcher keeps a slot's lease file open from one job to the next (LEASE_KEPT[slot], its
 # descriptor), so the lock a job took on that open file stays taken, and the next job on the slot, which
 # inherits it, starts without a `flock` process (LEASE_LOCKED[slot] set: a job held the lock and ended
-# leaving nothing of its process group behind; that check is all the reuse trusts). A slot left without
+# leaving nothing of its process group behind, and nothing holding its tie, sched::_tie; that is all the
+# reuse trusts). A slot left without
 # a job has its file closed at once (never `flock -u`: a process that left the job's group while holding
 # the file keeps the lock), and every kept file is closed when the jobs are done, so what the entry script
 # runs next holds none. A job that left processes running hands them its lease: the file is closed here
@@ -152,24 +153,14 @@ lease::lock() {
 # /proc/*/fd (the pid in /proc/locks is the `flock` program's, gone at once); processes of other users
 # cannot be read, so then it says so. Only called when a lock is found held, never on the launch path.
 lease::holder() {
-  local path pattern="" c pid cmdline=() i
+  local c pid cmdline=() holders=()
   LEASE_HOLDER="a process that just ended, or another user's (not readable here)" LEASE_HOLDER_PID=""
-  path=$(readlink -f -- "$1" 2>/dev/null) || return 0
-  for ((i = 0; i < ${#path}; i++)); do # find's -lname takes a pattern: quote its special characters
-    c=${path:i:1}
-    [[ $c != [][*?\\] ]] || c="\\$c"
-    pattern+=$c
-  done
+  lease::holders "$1" || return 0
+  holders=("${LEASE_HOLDERS[@]}")
+  local -A has=()
+  for pid in "${holders[@]}"; do has[$pid]=1; done
   # Every process that has it open shares the lock; name the one whose parent does not (the training
   # script, not a worker or a `sleep` it started, which inherit the file).
-  local found holders=()
-  local -A has=()
-  found=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$pattern" -not -path "/proc/$BASHPID/*" \
-    -not -path "/proc/$$/*" -print 2>/dev/null) || true
-  for pid in $found; do
-    pid=${pid#/proc/} pid=${pid%%/*}
-    [[ -n ${has[$pid]:-} ]] || holders+=("$pid") has[$pid]=1
-  done
   pid=""
   for c in "${holders[@]}"; do
     core::proc_stat "$c" || continue
@@ -185,6 +176,26 @@ lease::holder() {
   cmdline=()
   mapfile -d '' -t cmdline 2>/dev/null <"/proc/$pid/environ" || true
   for c in "${cmdline[@]}"; do [[ $c != MGPU_CONFIG_NAME=* ]] || { LEASE_HOLDER+=" (of mgpu job ${c#*=})" && break; }; done
+}
+
+# lease::holders FILE — the pids of the processes (this launcher aside) that have FILE open, into
+# LEASE_HOLDERS, each once; 1 when FILE has no path. A scan of /proc/*/fd: never on the launch path.
+lease::holders() {
+  local path pattern="" c i pid found
+  local -A has=()
+  LEASE_HOLDERS=()
+  path=$(readlink -f -- "$1" 2>/dev/null) || return 1
+  for ((i = 0; i < ${#path}; i++)); do # find's -lname takes a pattern: quote its special characters
+    c=${path:i:1}
+    [[ $c != [][*?\\] ]] || c="\\$c"
+    pattern+=$c
+  done
+  found=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$pattern" -not -path "/proc/$BASHPID/*" \
+    -not -path "/proc/$$/*" -print 2>/dev/null) || true
+  for pid in $found; do
+    pid=${pid#/proc/} pid=${pid%%/*}
+    [[ -n ${has[$pid]:-} ]] || LEASE_HOLDERS+=("$pid") has[$pid]=1
+  done
 }
 
 # lease::usage PGID DEV — MiB the processes of a job (its process group) use on a device, from the last

@@ -26,9 +26,20 @@ ledger::begin() {
 ledger::ev() {
   [[ -n $LEDGER_EVENTS ]] || return 0
   local fields=("${@//[$'\t\n\r']/ }") IFS=$'\t'
-  printf '%s\n' "${fields[*]}" 2>/dev/null >>"$LEDGER_EVENTS" || true
+  printf '%s\n' "${fields[*]}" 2>/dev/null >>"$LEDGER_EVENTS" || [[ -n $LEDGER_EV_LOST ]] || {
+    LEDGER_EV_LOST=1 && ledger::why_not "$LEDGER_EVENTS" # said once: `--status` now shows an old picture
+    log::warn "cannot write the event file $LEDGER_EVENTS ($LEDGER_WHY): --status from another terminal will not show this sweep's progress; the sweep goes on"
+  }
 }
-LEDGER_EVENTS=""
+LEDGER_EVENTS="" LEDGER_EV_LOST=""
+
+# ledger::why_not FILE — why appending to FILE fails, in the system's words (No space left on device),
+# into LEDGER_WHY; only after a write failed (it appends an empty line to find out).
+ledger::why_not() {
+  local err
+  err=$({ printf '\n' >>"$1"; } 2>&1) || true
+  err=${err##*: } LEDGER_WHY=${err:-write error}
+}
 
 # ledger::events_begin — start LOG_DIR/sweep_<ts>_<pid>.events: the launcher, then every job as it stands.
 ledger::events_begin() {
@@ -99,15 +110,15 @@ ledger::log_path() {
 }
 
 # ledger::header JOB GPU VISIBLE ARGV... — the first lines of a job's log: what ran, where, when, and from
-# which mgpu.
+# which mgpu. One write, so its status says whether the log can be written at all (a full disk: 1).
 ledger::header() {
-  local started where="GPU $2"
+  local started where="GPU $2" text argv
   [[ $2 != cpu ]] || where="the CPU"
   printf -v started '%(%Y-%m-%d %H:%M:%S %z)T' -1
-  printf '# mgpu: %s on %s (CUDA_VISIBLE_DEVICES=%s), host %s, started %s, mgpu %s\n# command:' \
+  printf -v text '# mgpu: %s on %s (CUDA_VISIBLE_DEVICES=%s), host %s, started %s, mgpu %s\n# command:' \
     "${JOB[$1,name]}" "$where" "$3" "${HOSTNAME:-?}" "$started" "${LEDGER_VERSION:-unknown}"
-  printf ' %q' "${@:4}"
-  printf '\n'
+  printf -v argv ' %q' "${@:4}"
+  printf '%s%s\n' "$text" "$argv"
 }
 
 # ledger::version — the mgpu commit and whether the checkout was dirty, into LEDGER_VERSION (once).
@@ -119,14 +130,20 @@ ledger::version() {
 }
 
 # ledger::failure_kind LOG STATUS — why a job failed: oom (CUDA out of memory in its log), nccl (a
-# collective or NCCL failure in its log), signal <NAME>, or error.
+# collective or NCCL failure in its log), disk full (ENOSPC or EDQUOT in its log, or the log's own disk
+# full, which leaves nothing in it), signal <NAME>, or error.
 ledger::failure_kind() {
+  local free # the log's file system: its free blocks for this user (root may use those kept for root)
   if grep -q -E 'CUDA out of memory|OutOfMemoryError' "$1" 2>/dev/null; then
     echo oom
   elif grep -q -E 'NCCL (error|WARN)|ncclUnhandledCudaError|ncclSystemError|ncclInternalError|ncclRemoteError|ProcessGroupNCCL.*(timed out|Timeout|error)|Watchdog caught collective operation timeout|DistBackendError' "$1" 2>/dev/null; then
     echo nccl
+  elif grep -q -E 'No space left on device|Disk quota exceeded|\[Errno (28|122)\]' "$1" 2>/dev/null; then
+    echo "disk full"
   elif (($2 > 128 && $2 < 160)); then
     echo "signal $(kill -l $(($2 - 128)) 2>/dev/null || echo $(($2 - 128)))"
+  elif free=$(stat -f -c "$( ((EUID)) && echo %a || echo %f)" -- "${1%/*}" 2>/dev/null) && ((free == 0)); then
+    echo "disk full"
   else
     echo error
   fi
@@ -142,6 +159,7 @@ ledger::cause() {
     "signal KILL") LEDGER_CAUSE="killed (SIGKILL) by something outside mgpu" ;;
     "signal SEGV") LEDGER_CAUSE="crashed (segmentation fault)" ;;
     signal\ *) LEDGER_CAUSE="ended by SIG${1#signal }" ;;
+    "disk full") LEDGER_CAUSE="a disk it writes to is full or over its quota (its log's or its output's): free some space, then run again with --resume" ;;
     error) LEDGER_CAUSE="exited with status $2 (see its log)" ;;
     *) LEDGER_CAUSE=$1 ;;
   esac
@@ -156,8 +174,9 @@ ledger::show_tail() {
   fi
   log::error "${JOB[$1,name]} failed; the last lines of $log:"
   # a line over 500 characters (a long command in the header, a progress bar redrawn with \r) is cut
-  # (then at 2,000 bytes, for a line holding bytes that are not characters, which `.` does not match)
-  tail -n "$MGPU_TAIL_LINES" "$log" | sed -E 's/^(.{500}).{4,}$/\1 .../' | LC_ALL=C sed -E 's/^(.{2000}).{4,}$/\1 .../; s/^/    | /' >&2 ||
+  # (then at 2,000 bytes, for a line holding bytes that are not characters, which `.` does not match);
+  # NUL bytes (binary output) are dropped: a terminal shows nothing for them, and they end shell strings
+  tail -n "$MGPU_TAIL_LINES" "$log" | tr -d '\000' | sed -E 's/^(.{500}).{4,}$/\1 .../' | LC_ALL=C sed -E 's/^(.{2000}).{4,}$/\1 .../; s/^/    | /' >&2 ||
     true # stderr gone: lost, never fatal
 }
 
@@ -314,7 +333,9 @@ ledger::finish() {
   if ! { printf '{"started": "%s", "finished": "%s", "succeeded": %d, "failed": %d, "skipped": %d, "interrupted": %d,\n "configs": [\n%s\n]}\n' \
     "$LEDGER_STARTED" "$finished" "${n[succeeded]}" "${n[failed]}" "${n[skipped]}" "${n[interrupted]}" \
     "${configs%,$'\n'}" >"$json" && printf '%s\n' "$LEDGER_TSV_HEADER" "${LEDGER_TSV[@]}" >"$tsv"; } 2>/dev/null; then
-    log::error "cannot write the summary in LOG_DIR $LOG_DIR (removed, full or not writable?); the table below is all there is"
+    ledger::why_not "$json"
+    rm -f -- "$json" "$tsv" 2>/dev/null # what was cut short would only mislead
+    log::error "cannot write the summary in LOG_DIR $LOG_DIR ($LEDGER_WHY); the table below is all there is"
     json="(not written)"
   fi
   log::status ""

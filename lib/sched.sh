@@ -201,7 +201,7 @@ sched::_settle() {
   for job in "${SCHED_ENDED[@]}"; do
     SCHED_ENDED=("${SCHED_ENDED[@]:1}")
     if [[ ${JOB[$job,status]} == succeeded ]] && ! ledger::is_done "$job"; then
-      ledger::mark_done "$job" || log::warn "${JOB[$job,name]}: cannot write its completion marker ${JOB[$job,marker]}"
+      ledger::mark_done "$job" || { ledger::why_not "${JOB[$job,marker]}" && log::warn "${JOB[$job,name]}: cannot write its completion marker ${JOB[$job,marker]} ($LEDGER_WHY): --resume will run it again"; }
     fi
     printf -v took '%d.%03d' $((JOB[$job,ms] / 1000)) $((JOB[$job,ms] % 1000))
     sched::_record "$job"

@@ -51,12 +51,15 @@ sched::_launch() {
     return 0
   fi
   sched::argv "$job"
+  sched::_tie "${SCHED_PICK%% *}"
   # Job control on for this one fork: the job leads its own process group (its pid is the group id), so a
   # stop reaches every process it started, and SIGINT is not ignored in it as in plain `&` jobs.
   set -m
   sched::_job "$job" "$visible" "$gpus" &
   pid=$!
   set +m
+  [[ -z $SCHED_TIE_W ]] || exec {SCHED_TIE_W}>&-
+  JOB[$job,tie]=${SCHED_TIE_W:+${SCHED_PICK%% *}} JOB[$job,tie_file]=$SCHED_TIE_FILE
   JOB[$job,since]=$SCHED_STATE/job$job.$pid.start # this attempt's, made by its process as the command starts
   LEASE_FDS=() LEASE_FILES=() LEASE_SLOTS=() # the slots' lease files stay open here, kept for their next job
   exec {SCHED_DIR_FD}<&-
@@ -78,6 +81,25 @@ sched::_launch() {
   [[ $gpus != cpu ]] || where="the CPU"
   ledger::ev start "${JOB[$job,name]}" "$gpus" "$LEDGER_LOG" "$CORE_NOW_MS"
   ledger::event "started ${JOB[$job,name]} on $where (log $LEDGER_LOG)"
+}
+
+# sched::_tie SLOT — the job's tie: a write end (SCHED_TIE_W) of its first slot's FIFO, which the job's
+# process and all it starts inherit, while the launcher keeps the slot's read end open (SCHED_TIES[SLOT]).
+# Once every holder of a write end has ended, the read end is at end of file: sched::_ended sees what a
+# job left running in a session or group of its own (`setsid cmd &`, start_new_session=True), which
+# holds its slot's lease too, with one builtin and no scan. Nothing when the FIFO cannot be made; then such
+# processes are found only when the slot is next locked.
+declare -A SCHED_TIES=()
+sched::_tie() {
+  local rw r
+  SCHED_TIE_W="" SCHED_TIE_FILE=$SCHED_STATE/tie.${1//[!0-9A-Za-z]/.}
+  if [[ -z ${SCHED_TIES[$1]:-} ]]; then # once a slot: read-write first, so the read-only open does not wait
+    # shellcheck disable=SC2094  # one FIFO's two ends, opened on purpose
+    { mkfifo -m 600 -- "$SCHED_TIE_FILE" && exec {rw}<>"$SCHED_TIE_FILE" {r}<"$SCHED_TIE_FILE" {rw}>&-; } 2>/dev/null ||
+      { SCHED_TIE_FILE="" && return 0; }
+    SCHED_TIES[$1]=$r
+  fi
+  { exec {SCHED_TIE_W}>"$SCHED_TIE_FILE"; } 2>/dev/null || SCHED_TIE_W="" SCHED_TIE_FILE=""
 }
 
 # sched::_job JOB VISIBLE GPUS — the job's own process: a fork of the launcher, leader of its process
@@ -119,7 +141,12 @@ sched::_job() {
     exit 143
   fi
   [[ -z ${JOB[$job,out]} ]] || : 2>/dev/null >"$SCHED_STATE/job$job.$BASHPID.start" # a newer metrics.json is ours
-  ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" >>"$LEDGER_LOG"
+  # A log that cannot be written (a full disk): the command would run blind, so it does not run.
+  if ! ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" 2>/dev/null >>"$LEDGER_LOG"; then
+    ledger::why_not "$LEDGER_LOG"
+    printf '%s\t%s\t%s\n' 74 "${EPOCHREALTIME/./}" "could not start: cannot write its log $LEDGER_LOG: $LEDGER_WHY" >"$end"
+    exit 74
+  fi
   ! sched::_plain "${SCHED_ARGV[@]}" || SCHED_ARGV=("${SCHED_PLAIN[@]}")
   # Terminal input is none of a job's (it runs in the background): a read of /dev/tty fails (EIO) instead
   # of stopping the job for good (SIGTTIN), as a password prompt did, shown as running; ignored
@@ -203,10 +230,14 @@ sched::_ended() {
   # No end record and status 0: the process ended before its job began (a Ctrl-C in the instant after
   # its fork, before it set its own traps), never by the command's success, which it records.
   ((${#end[@]} || rc)) || rc=143 note="stopped before it started"
-  # Its slots' kept leases: still locked when it held them and nothing of its group runs on; else closed.
-  local alive=0
+  # Its slots' kept leases: still locked when it held them and nothing it started runs on; else closed.
+  local alive=0 tie=${JOB[$job,tie]:-}
   ! kill -0 -- "-$pid" 2>/dev/null || alive=1
   [[ $alive == 0 || -n $note ]] || SCHED_LEFT+=("$job:$pid") # its command ran and left some: sched::_leftovers
+  if [[ -n $tie ]]; then # its tie not at end of file: something it started holds a write end still
+    read -r -t 0 -u "${SCHED_TIES[$tie]}" 2>/dev/null || { [[ -n $note ]] || sched::_away "$job" "$pid"; alive=1; }
+    JOB[$job,tie]=""
+  fi
   for slot in $slots; do
     if ((${#end[@]} && !alive)) && [[ -z $note || $note == "running elsewhere"* || $note == "done meanwhile" ]]; then
       [[ -z ${LEASE_KEPT[$slot]:-} ]] || LEASE_LOCKED[$slot]=1
@@ -230,6 +261,8 @@ sched::_ended() {
       JOB[$job,reason]="done earlier (--resume)"
       log::info "skipping ${JOB[$job,name]}: done with the same configuration while it waited, by a run that outlived an earlier launcher (--resume)"
     fi
+  elif [[ $note == "could not start: "* ]]; then
+    JOB[$job,status]=failed JOB[$job,kind]="could not start" JOB[$job,reason]=${note#could not start: }
   elif [[ -n $SCHED_STOP ]]; then
     JOB[$job,status]=interrupted
     [[ $note != "stopped before it started" ]] || JOB[$job,detail]=$note

@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034  # part of sched.sh: the same job records and globals
 # sched:: (continued) — a failed job: why (CUDA out of memory, the host's OOM killer, an NCCL/collective
-# failure, a signal, an error), and what follows: a retry elsewhere, a retry with half the batch and twice
+# failure, a full disk, a signal, an error), and what follows: a retry elsewhere, a retry with half the batch and twice
 # the accumulation (--on-oom halve-batch: the same global batch, resumed from the last checkpoint), or
 # the failure recorded. Also each job's peak GPU memory, sampled while it runs. Sourced by sched.sh only.
 
@@ -15,6 +15,7 @@ sched::_failed() {
     kind="host oom"
   fi
   JOB[$job,kind]=$kind JOB[$job,fails]+="$kind on GPU $gpus"$'\n'
+  [[ $kind != "disk full" ]] || budget=0 # a retry would only fail again, and write more where nothing fits
   if [[ $kind == oom || $kind == "host oom" ]]; then
     case $ON_OOM in
       fail) budget=0 ;;

@@ -6,7 +6,8 @@
 declare -A JOB pids SCHED_TERMED=() # sched.sh's job records and running-job table (declared there); groups sent TERM
 SCHED_LEFT_TERMED=() # entries of SCHED_LEFT (JOB:PGID) that a stop sent TERM, with what ran then (SCHED_LEFT_SAID)
 declare -A SCHED_LEFT_SAID=()
-SCHED_SID="" # the launcher's session (sched::_left_members)
+SCHED_SID="" SCHED_PGRP="" # the launcher's session and group (sched::_left_members, sched::_away)
+declare -A SCHED_AWAY=() # entries of SCHED_LEFT (JOB:PGID) for groups a job's command made (setsid): sched::_away
 
 # sched::group_alive PGID — does any process of the group still run? Zombies do not count: our own
 # un-reaped job leader is one, and orphans wait as zombies until PID 1 reaps them (some never do).
@@ -131,30 +132,55 @@ sched::_stop_detail() {
 # pid is the group's id, has been reaped; the kernel gives that number to no new process while a member of
 # the group lives. So a live process of that number means the group ended and its id was taken since:
 # nothing of it is the job's. A member whose environment names another job is not counted either; one
-# that names none counts (`env -i cmd &` clears MGPU_CONFIG_NAME).
+# that names none counts (`env -i cmd &` clears MGPU_CONFIG_NAME). A group the command made (SCHED_AWAY:
+# its leader lives, in another session) counts only the members whose environment names the job.
 sched::_left_members() {
-  local job=$1 group=$2 stat line cmd env e mine
+  local job=$1 group=$2 stat line cmd env e mine away=${SCHED_AWAY[$1:$2]:-}
   local -n _members=$3
   _members=()
   if [[ -z $SCHED_SID ]]; then
     core::proc_stat $$ || true
     SCHED_SID=${CORE_STAT[3]:-none}
   fi
-  if core::proc_stat "$group" && [[ ${CORE_STAT[0]} != Z ]]; then return 0; fi
+  if [[ -z $away ]] && core::proc_stat "$group" && [[ ${CORE_STAT[0]} != Z ]]; then return 0; fi
   for stat in /proc/[0-9]*/stat; do
     core::proc_stat "${stat//[!0-9]/}" || continue
-    [[ ${CORE_STAT[2]} == "$group" && ${CORE_STAT[0]} != Z && ${CORE_STAT[3]} == "$SCHED_SID" ]] || continue
+    [[ ${CORE_STAT[2]} == "$group" && ${CORE_STAT[0]} != Z && (-n $away || ${CORE_STAT[3]} == "$SCHED_SID") ]] || continue
     env=() cmd=() mine=1
+    [[ -z $away ]] || mine=""
     mapfile -d '' -t env 2>/dev/null <"${stat%stat}environ" || true
     for e in "${env[@]}"; do
       [[ $e == MGPU_CONFIG_NAME=* ]] || continue
-      [[ $e == "MGPU_CONFIG_NAME=${JOB[$job,name]}" ]] || mine=""
+      mine=""
+      [[ $e != "MGPU_CONFIG_NAME=${JOB[$job,name]}" ]] || mine=1
       break
     done
     [[ -n $mine ]] || continue
     mapfile -d '' -t cmd 2>/dev/null <"${stat%stat}cmdline" || true
     line="${stat//[!0-9]/} ${cmd[*]//[[:cntrl:]]/ }"
     _members+=("${line:0:60}")
+  done
+}
+
+# sched::_away JOB PGID — what the job's command left running outside the job's group (in a session or group
+# of its own), found through its tie: each process holding the tie's write end, whose group joins
+# SCHED_LEFT (JOB:GROUP, marked in SCHED_AWAY) for the stop and the sweep's end. A scan of /proc, made
+# only when the tie says there is something to find. Read ends (other jobs inherit the launcher's) and the
+# launcher's own group never count.
+sched::_away() {
+  local job=$1 pid fd flags
+  [[ -n ${JOB[$job,tie_file]:-} ]] && lease::holders "${JOB[$job,tie_file]}" || return 0
+  [[ -n $SCHED_PGRP ]] || { core::proc_stat $$ && SCHED_PGRP=${CORE_STAT[2]}; }
+  for pid in "${LEASE_HOLDERS[@]}"; do
+    for fd in "/proc/$pid/fd/"*; do
+      [[ $fd -ef ${JOB[$job,tie_file]} ]] || continue
+      flags=$(grep -m1 '^flags:' "/proc/$pid/fdinfo/${fd##*/}" 2>/dev/null) || continue
+      ((8#${flags//[!0-7]/} & 3)) || continue # opened for reading only
+      if ! core::proc_stat "$pid" || [[ ${CORE_STAT[2]} == "$2" || ${CORE_STAT[2]} == "$SCHED_PGRP" ]]; then break; fi
+      [[ -n ${SCHED_AWAY[$job:${CORE_STAT[2]}]:-} ]] || SCHED_LEFT+=("$job:${CORE_STAT[2]}")
+      SCHED_AWAY[$job:${CORE_STAT[2]}]=1
+      break
+    done
   done
 }
 

@@ -254,16 +254,17 @@ sweep::resources() {
   ((gpus <= SWEEP_MAX_GPUS)) || SWEEP_MAX_GPUS=$gpus
 }
 
-# sweep::fd_room CPU_FLAG — the launcher keeps a lease file open for each slot (bash numbers them from 10
-# up, below the open-file limit) and a few more for a moment; descriptors it was given from 10 up (open
+# sweep::fd_room CPU_FLAG — the launcher keeps two files open for each slot, its lease and its tie's read
+# end (bash numbers them from 10 up, below the open-file limit), and a few more for a moment; descriptors it was given from 10 up (open
 # when it started) count against the same room. Under an open-file limit (ulimit -n) too low for that
 # every job would fail as "could not start": it is said before anything runs, with what to do (CPU_FLAG:
-# the entry script's option for the slots of CPU mode, such as --cpu-slots). 2 then. (12 + open + slots,
-# 16 + slots from a plain shell, is the least that ran 16 jobs in every mode tried; 2 more are kept spare.)
+# the entry script's option for the slots of CPU mode, such as --cpu-slots). 2 then. (13 + open + 2 a
+# slot, 17 + 2 a slot from a plain shell, is the least that ran 16 jobs in every mode tried; 2 more are
+# kept spare.)
 sweep::fd_room() {
   local limit hard need fd open=0 fds=("/proc/$BASHPID/fd/"*) fewer="--gpus, --jobs-per-gpu" advice
   for fd in "${fds[@]##*/}"; do [[ $fd != [0-9]* ]] || ((fd < 10)) || open=$((open + 1)); done
-  need=$((14 + open + ${#SCHED_SLOTS[@]}))
+  need=$((15 + open + 2 * ${#SCHED_SLOTS[@]}))
   limit=$(ulimit -Sn)
   [[ $limit != unlimited ]] && ((limit < need)) || return 0
   [[ $GPU_BACKEND != cpu ]] || fewer=$1
@@ -273,7 +274,7 @@ sweep::fd_room() {
   else
     advice="its hard limit is $hard: run fewer slots ($fewer), or ask for a higher limit"
   fi
-  log::error "the open-file limit (ulimit -n) is $limit, and ${#SCHED_SLOTS[@]} job slot(s) need $need open files (one a slot, $((need - ${#SCHED_SLOTS[@]})) for the launcher): $advice"
+  log::error "the open-file limit (ulimit -n) is $limit, and ${#SCHED_SLOTS[@]} job slot(s) need $need open files (two a slot, $((need - 2 * ${#SCHED_SLOTS[@]})) for the launcher): $advice"
   return 2
 }
 

@@ -57,7 +57,7 @@ requeue_task() {
 
 main() {
   local dir=${1:?usage: slurm_task.sh SWEEP_DIR} k=${SLURM_ARRAY_TASK_ID:?not inside a Slurm job array}
-  local meta=() argv=() gpu node start base prev=() prev_gpu="" restart=${SLURM_RESTART_COUNT:-0} failures=0
+  local meta=() argv=() gpu node start base prev=() prev_gpu="" restart=${SLURM_RESTART_COUNT:-0} failures=0 kind
   mapfile -t meta <"$dir/task$k.meta" # name, image, text, output dir, marker, hash, LOG_DIR, requeue, lead, retries
   mapfile -d '' -t argv <"$dir/task$k.argv"
   base=$dir/task$k NOTE=""
@@ -90,7 +90,8 @@ main() {
   elif [[ $SJ_REQUEUE == true && ($SJ_STOP == USR1 || $SJ_STOP == watch) ]]; then
     requeue_task "$SJ_CAUSE" "$SJ_CAUSE (requeued)"
   elif [[ -z $SJ_STOP ]] && ((failures < ${meta[9]:-0})); then
-    requeue_task failure "$(ledger::failure_kind "$LEDGER_LOG" "$SJ_RC") (requeued)"
+    kind=$(ledger::failure_kind "$LEDGER_LOG" "$SJ_RC")
+    [[ $kind == "disk full" ]] || requeue_task failure "$kind (requeued)" # as locally: it would fail again
   fi
   write_atomic "$base.result" "$SJ_RC" "$CORE_NOW_MS" "$SJ_STOP" "$SJ_CAUSE" "$NOTE"
   echo "[INFO] ${meta[0]}: exit $SJ_RC after $(((CORE_NOW_MS - start) / 1000))s${SJ_STOP:+ (stopped: ${SJ_CAUSE:-SIG$SJ_STOP})}"

@@ -80,7 +80,7 @@ wait_for_line() {
   # shellcheck disable=SC2016  # the inner script's own $1 and $2
   run --separate-stderr bash -c 'ulimit -Sn 16 && exec bash "$1/infer_parallel.sh" --checkpoint "$2" --out res --cpu-procs 3' _ "$ROOT" "$CKPT/model.pt"
   assert_failure 2
-  assert_regex "$stderr" '\[ERROR\] the open-file limit \(ulimit -n\) is 16, and 3 job slot\(s\) need [0-9]+ open files \(one a slot, [0-9]+ for the launcher\): raise it \(ulimit -n [0-9]+\) or run fewer slots \(--cpu-procs\)$'
+  assert_regex "$stderr" '\[ERROR\] the open-file limit \(ulimit -n\) is 16, and 3 job slot\(s\) need [0-9]+ open files \(two a slot, [0-9]+ for the launcher\): raise it \(ulimit -n [0-9]+\) or run fewer slots \(--cpu-procs\)$'
   assert [ ! -e res/shards/.mgpu_done_0_of_3 ]
   assert [ ! -e res/logs ]
 }

@@ -18,7 +18,7 @@ setup() {
 teardown() {
   [[ ! -d $WORK ]] || touch "$WORK/release" # a leftover waiting for the test's word ends, should a test stop early
   local left
-  for left in "$WORK"/leftover[23].pid; do [[ ! -s $left ]] || kill "$(cat "$left")" 2>/dev/null || true; done
+  for left in "$WORK"/leftover[23].pid "$WORK"/away*.pid; do [[ ! -s $left ]] || kill "$(cat "$left")" 2>/dev/null || true; done
 }
 
 queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
@@ -179,7 +179,7 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   printf '%s\n' "$line" "$line" "$line" "$line" >"$WORK/jobs.txt" # each ends once all four run at once
   run --separate-stderr bash -c 'ulimit -n 18 && exec bash "$1/gpu_queue.sh" --gpus 0,1 --jobs-per-gpu 2 "$2"' _ "$ROOT" "$WORK/jobs.txt"
   assert_failure 2
-  [[ $stderr =~ ^'[ERROR] the open-file limit (ulimit -n) is 18, and 4 job slot(s) need '([0-9]+)' open files (one a slot, '[0-9]+' for the launcher): its hard limit is 18: run fewer slots (--gpus, --jobs-per-gpu), or ask for a higher limit'$ ]]
+  [[ $stderr =~ ^'[ERROR] the open-file limit (ulimit -n) is 18, and 4 job slot(s) need '([0-9]+)' open files (two a slot, '[0-9]+' for the launcher): its hard limit is 18: run fewer slots (--gpus, --jobs-per-gpu), or ask for a higher limit'$ ]]
   local need=${BASH_REMATCH[1]}
   assert [ ! -e started.job1 ]
   # the need it names is enough: four slots busy at once under exactly that limit
@@ -189,7 +189,7 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   # a soft limit under a higher hard one: how far to raise it
   run --separate-stderr bash -c 'ulimit -Sn "$3" && exec bash "$1/gpu_queue.sh" --gpus 0,1,2,3 --jobs-per-gpu 2 --dry-run "$2"' _ "$ROOT" "$WORK/jobs.txt" "$need"
   assert_failure 2
-  [[ $stderr == "[ERROR] the open-file limit (ulimit -n) is $need, and 8 job slot(s) need $((need + 4)) open files (one a slot, $((need - 4)) for the launcher): raise it (ulimit -n $((need + 4))) or run fewer slots (--gpus, --jobs-per-gpu)" ]]
+  [[ $stderr == "[ERROR] the open-file limit (ulimit -n) is $need, and 8 job slot(s) need $((need + 8)) open files (two a slot, $((need - 8)) for the launcher): raise it (ulimit -n $((need + 8))) or run fewer slots (--gpus, --jobs-per-gpu)" ]]
   # no descriptor from 10 up left at run time: the cause is the limit, not "cannot be made"
   run bash -c 'source "$1/lib/core.sh" && source "$1/lib/lease.sh" && ulimit -n 32 || exit
     for i in {1..32}; do { exec {fd}</dev/null; } 2>/dev/null || break; done
@@ -261,6 +261,49 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   MGPU_LOCK_DIR=$WORK/locks-bare queue --gpus 0 --log-dir bare "$WORK/bare.txt" # (the sleep 300 holds GPU 0 in locks/)
   assert_success
   assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' bare/summary_*.json)" "succeeded (left running: $(cat leftover3.pid) sleep 301)"
+}
+
+@test "a process a job starts in a session of its own (setsid) holds its slot: the next job waits for it, naming it, and one still running at the end is said" {
+  # The escaped process is in no group of the job's; it holds the slot's lease all the same. Before, the
+  # launcher saw the job's group end and gave the slot to job2 at once: two jobs on one slot.
+  printf '%s\n' "setsid -f sh -c 'echo \$\$ >away.pid; exec sleep 302'" 'touch ran2' >"$WORK/jobs.txt"
+  MGPU_POLL_MS=100 bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! away
+  waits() { grep -q "job2 waits: GPU 0 slot 0 is held by pid" "$WORK/err"; }
+  wait_for 30 "the second job to wait for what the first one left in a session of its own" waits
+  assert [ ! -e ran2 ]
+  away=$(cat away.pid)
+  grep -q "job2 waits: GPU 0 slot 0 is held by pid $away: sleep 302 (of mgpu job job1);" "$WORK/err"
+  kill "$away"
+  wait_child 120 "$launcher"
+  assert_equal "$CHILD_RC" 0
+  assert [ -e ran2 ]
+  # still running when the sweep ends: said, and in the summary, like a process left in the job's group
+  printf '%s\n' "setsid -f sh -c 'echo \$\$ >away2.pid; exec sleep 303'" >"$WORK/one.txt"
+  queue --gpus 0 --log-dir one "$WORK/one.txt"
+  assert_success
+  away=$(cat away2.pid)
+  assert_equal "$(grep WARN <<<"$stderr")" \
+    "[WARN] job1: its command ended, but 1 process(es) it started run on, holding its slot and lock until they end: $away sleep 303"
+  assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' one/summary_*.json)" "succeeded (left running: $away sleep 303)"
+}
+
+@test "Ctrl-C also stops what a finished job left running in a session of its own (setsid), and its record says so" {
+  printf '%s\n' "setsid -f sh -c 'trap \"echo saved >saved.txt; exit 0\" TERM; echo \$\$ >away.pid; while :; do sleep 0.05; done'" \
+    ': >started2; until [[ -e release ]]; do sleep 0.05; done' >"$WORK/jobs.txt"
+  env --default-signal=INT bash "$ROOT/gpu_queue.sh" --gpus 0,1 --grace 5 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
+  local launcher=$! away
+  ended() { [[ -s away.pid && -e started2 ]] && grep -q $'^end\tjob1\tsucceeded' logs/gpu_queue/sweep_*.events; }
+  wait_for 30 "job 1 to end, leaving its process, and job 2 to start" ended
+  away=$(cat away.pid)
+  kill -INT "$launcher"
+  wait_child 120 "$launcher"
+  assert_equal "$CHILD_RC" 130
+  assert_equal "$(cat saved.txt)" saved # it got the TERM
+  assert [ ! -e "/proc/$away" -o "$(cut -d' ' -f3 "/proc/$away/stat" 2>/dev/null)" == Z ]
+  grep -qE "stopping (1 running job\(s\) and )?the processes 1 ended job\(s\) left running: TERM now" "$WORK/err"
+  run jq -r '.configs[0] | "\(.status): \(.detail)"' logs/gpu_queue/summary_*.json
+  assert_output --regexp "^succeeded: left running, ended on the stop's TERM: $away sh -c trap \"echo saved "
 }
 
 @test "Ctrl-C also stops what finished jobs left running (TERM, then KILL after --grace), and their records say so" {

@@ -562,3 +562,41 @@ ENTRY
   run ls -A "$TMPDIR"
   assert_output ""
 }
+
+@test "a full log disk: each job fails alone with the true cause, nothing runs without a log, no stray write errors, no summary cut short" {
+  unshare --mount true 2>/dev/null || skip "needs a mount namespace (root, or CAP_SYS_ADMIN) to make a small file system"
+  unset MGPU_FAKE_GPUS
+  export NVIDIA_SMI=none
+  # job1 fills the disk through its own log; the 40 after it cannot write theirs; the event file, past its
+  # first block, cannot be written either.
+  { echo 'head -c 1000000 /dev/zero'; for i in {1..40}; do echo "touch $WORK/ran$i"; done; } >"$WORK/jobs.txt"
+  mkdir -p "$WORK/disk"
+  # (the mount ends with its namespace: what the launcher left in LOG_DIR is listed before that)
+  run --separate-stderr unshare --mount bash -c 'disk=$1 && shift && mount -t tmpfs -o size=64k mgpu-test "$disk" &&
+    { "$@"; echo "rc=$?"; ls -A "$disk/logs" >"$disk.left"; }' _ "$WORK/disk" bash "$ROOT/gpu_queue.sh" --log-dir "$WORK/disk/logs" "$WORK/jobs.txt"
+  assert_success
+  assert_line "rc=1"
+  refute_output --partial "write error"
+  [[ $stderr != *"write error"* ]] || fail "a raw write error reached the terminal: $stderr"
+  assert_equal "$(grep -c '^    | # command: bash -c head' <<<"$stderr")" 1 # job1's log, NUL bytes and all: its tail is shown
+  assert_equal "$(grep -c 'failed job1 (exit 1, disk full' <<<"$stderr")" 1
+  assert_equal "$(grep -c 'could not start, ' <<<"$stderr")" 40
+  assert_equal "$(grep -c 'failed: cannot write its log .*/disk/logs/job[0-9]*_cpu_[0-9_]*\.log: No space left on device$' <<<"$stderr")" 40
+  assert_equal "$(grep -c 'cannot write the event file .*(No space left on device): --status' <<<"$stderr")" 1
+  assert_equal "$(grep -c 'cannot write the summary in LOG_DIR .*/disk/logs (No space left on device)' <<<"$stderr")" 1
+  assert_equal "$(compgen -G "$WORK/ran*" | wc -l)" 0 # no command ran blind
+  assert_equal "$(grep -c '^summary_' "$WORK/disk.left")" 0                    # nothing cut short is left behind
+  assert_equal "$(grep -c '^job[0-9]*_cpu_.*\.log$' "$WORK/disk.left")" 41       # each job's (empty) log is there
+  assert_equal "$(grep -c '^sweep_.*\.events$' "$WORK/disk.left")" 1
+}
+
+@test "a job whose log says its disk is full (ENOSPC, EDQUOT) fails as disk full and is not retried" {
+  printf '%s\n' 'echo "OSError: [Errno 28] No space left on device" >&2; exit 1' \
+    'echo "cannot write checkpoint: Disk quota exceeded"; exit 3' 'exit 2' >"$WORK/jobs.txt"
+  run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 --retries 2 "$WORK/jobs.txt"
+  assert_failure 1
+  assert_equal "$(jq -r '[.configs[] | "\(.failure) \(.retries)"] | join(", ")' logs/gpu_queue/summary_*.json)" \
+    "disk full 0, disk full 0, error 2"
+  assert_equal "$(jq -r '.configs[0].cause' logs/gpu_queue/summary_*.json)" \
+    "a disk it writes to is full or over its quota (its log's or its output's): free some space, then run again with --resume"
+}
