@@ -10,8 +10,11 @@ either resumes the other's checkpoint (the sweep's out-of-memory retry relies on
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,10 +168,58 @@ def check_output_dir(path: str) -> None:
         raise TrainError(f"--output-dir {path}: cannot write in {probe} (no permission, or a read-only file system)")
 
 
+OUTPUT_LOCK = ".mgpu.train.lock"
+_held: list = []  # the open lock file of --output-dir: held until this process ends, however it ends
+
+
+def lock_output_dir(path: str) -> None:
+    """One training run a --output-dir at a time: two runs saving into one folder overwrite each other's
+    checkpoints and resume from each other's. Rank 0 (of the whole run) takes a flock on
+    <output-dir>/.mgpu.train.lock, which the kernel drops when the process ends (a crash, SIGKILL), and
+    writes who it is in it, so a second run names the first. A file system without locks is said, not fatal.
+    (A sweep's job also holds <output-dir>/.mgpu.lock, another file: the two never meet.)"""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / OUTPUT_LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held open on purpose)
+    except OSError as exc:
+        raise TrainError(f"--output-dir {path}: cannot make its lock file {OUTPUT_LOCK}: {exc.strerror}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "its process could not be read"
+        lock.close()
+        raise TrainError(f"--output-dir {path} is in use by another training run ({holder}): two runs in one folder "
+                         "overwrite each other's checkpoints; give this run another --output-dir, or let that one "
+                         "end first") from None
+    except OSError as exc:
+        log.warning("--output-dir %s: cannot lock it (%s): nothing stops a second run from writing into it",
+                    path, exc.strerror)
+        lock.close()
+        return
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    _held.append(lock)
+
+
 def setup(args) -> Run:
     check_output_dir(args.output_dir)
     device, dp_gpus = distributed.setup(args)
     rank, world = distributed.rank(), distributed.world_size()
+    refused = ""
+    if rank == 0:
+        try:
+            lock_output_dir(args.output_dir)
+        except TrainError as exc:
+            refused = str(exc)
+    # every rank ends on rank 0's refusal, none waits for it in a collective
+    if world > 1 and distributed.all_sum([float(bool(refused))], device)[0] and not refused:
+        raise TrainError(f"--output-dir {args.output_dir}: rank 0 found it in use by another training run")
+    if refused:
+        raise TrainError(refused)
     if args.amp == "fp16" and device.type != "cuda":
         raise TrainError("--amp fp16: needs a CUDA device (a GradScaler on GPU); on the CPU use --amp bf16 or off")
     resume = resume_source(args.resume, args.output_dir)

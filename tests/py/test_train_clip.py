@@ -94,7 +94,8 @@ def test_ddp_over_two_gloo_processes_equals_one_process_on_the_global_batch(tmp_
     assert m1["val_samples"] == m2["val_samples"] == 13  # shards of 6 and 7: nothing padded, nothing twice
     for key in ("image_to_text_R@1", "text_to_image_R@5", "val_loss", "image_to_text_mean_rank"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-4), key
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["checkpoint_3.pt", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".mgpu.train.lock", "checkpoint_3.pt",
+                                                                      "metrics.json", "model.pt"]
 
 
 def test_the_legacy_launcher_flags_are_accepted():
@@ -209,6 +210,36 @@ def test_sigterm_to_the_process_group_saves_a_checkpoint_and_exits_143(tmp_path)
     assert "stopped by signal 15 at step" in out
     saved = list((tmp_path / "o").glob("checkpoint_*.pt"))
     assert len(saved) == 1 and read_checkpoint(saved[0])["step"] >= 2
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_naming_the_first(tmp_path):
+    """Two runs saving into one folder overwrite each other's checkpoints: a second run, alone or DDP, ends at
+    once with exit 2 naming the first (no rank waits in a collective); once the first has ended, the folder
+    is free again."""
+    out = str(tmp_path / "o")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "py"), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "mgpu.train_clip", *TINY, "--max-steps", "100000", "--log-every",
+                              "1", "--output-dir", out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env, start_new_session=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("step 1/"):
+                break  # past its setup: it holds the folder
+        second = trainer(*TINY, "--max-steps", "2", "--output-dir", out, timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert (f"mgpu.train_clip: error: --output-dir {out} is in use by another training run (pid {first.pid} on "
+                f"{socket.gethostname()}, started ") in second.stderr
+        two = run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                  "-m", "mgpu.train_clip", *TINY, "--max-steps", "2", "--output-dir", out, timeout=120)
+        assert two.returncode != 0 and f"(pid {first.pid} on" in two.stderr, two.stdout + two.stderr
+        assert "rank 0 found it in use by another training run" in two.stderr  # rank 1 ended too, told why
+        assert not list(Path(out).glob("checkpoint_2.pt"))
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 143
+    third = trainer(*TINY, "--max-steps", "2", "--output-dir", out, timeout=120)
+    assert third.returncode == 0, third.stdout + third.stderr
 
 
 def test_tensorboard_events_are_written_on_rank_0_and_tensorboard_reads_them(tmp_path):
