@@ -4,7 +4,9 @@ argparse can make (open_clip's params.py)."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
+import sys
 import re
 from pathlib import Path
 
@@ -194,8 +196,23 @@ def _device_flags(p: argparse.ArgumentParser, pos_int, nonneg_int) -> None:
                    help="how long a collective may wait for a missing rank before the job fails")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in two lines, not the 40-line usage: where the full list is, then the error (last, where a
+    log's tail and --check-trainer read it), with the nearest flag for one that does not exist."""
+
+    def error(self, message: str):
+        unknown = re.findall(r"(--?[A-Za-z][\w-]*)", message) if message.startswith("unrecognized") else []
+        flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        near = [m for flag in unknown for m in difflib.get_close_matches(flag.split("=")[0], flags, n=1)]
+        if near:
+            message += f" (did you mean {', '.join(dict.fromkeys(near))}?)"
+        sys.stderr.write(f"usage: {self.prog} [flags]; {self.prog} --help lists every flag\n"
+                         f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mgpu.train_clip", formatter_class=_Help,
+    p = _Parser(prog="python -m mgpu.train_clip", formatter_class=_Help,
                                 description="Train a CLIP model (a StarNet image tower and a CLIP or BERT text "
                                             "tower) on one CPU, one GPU, DataParallel or DDP.")
     pos_int, nonneg_int = _number(int, 1), _number(int, 0)

@@ -441,7 +441,7 @@ JSON
   echo '{"image_encoders": ["starnet_s050"], "text_encoders": ["clip:tiny"], "args": {"lr": [1e-3, 3e-4], "batch_sise": 64}}' >"$WORK/typo.json"
   sweep --dry-run --gpus 0 --config-file "$WORK/typo.json"
   assert_failure 2
-  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/typo.json: starnet_s050_clip_tiny_lr1e-3 (.args.batch_sise): the trainer refuses it: unrecognized arguments: --batch-sise 64"
+  assert_equal "$stderr" "[ERROR] CONFIG_FILE: $WORK/typo.json: starnet_s050_clip_tiny_lr1e-3 (.args.batch_sise): the trainer refuses it: unrecognized arguments: --batch-sise 64 (did you mean --batch-size?)"
   echo '{"configs": [{"image_encoder": "starnet_s050", "text_encoder": "clip:huge"}]}' >"$WORK/enc.json"
   sweep --config-file "$WORK/enc.json"
   assert_failure 2

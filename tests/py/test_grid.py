@@ -136,7 +136,7 @@ def test_the_trainer_checks_every_configuration_naming_the_json_path(tmp_path):
     with pytest.raises(grid.GridError) as caught:
         grid.check_trainer(grid.from_file(path), [])
     assert str(caught.value) == ("starnet_s050_clip_tiny_lr1e-3 (.args.batch_sise): the trainer refuses it: "
-                                 "unrecognized arguments: --batch-sise 64")
+                                 "unrecognized arguments: --batch-sise 64 (did you mean --batch-size?)")
     good = grid.from_file(write(tmp_path, {"image_encoders": ["starnet_s050"], "text_encoders": ["clip:tiny"],
                                            "args": {"lr": [1e-3, 3e-4]}}, "good.json"))
     grid.check_trainer(good, ["--max-steps", "3"])

@@ -269,6 +269,19 @@ def test_bad_arguments_are_named_with_what_is_allowed(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_bad_argument_is_two_lines_with_the_nearest_flag_not_the_whole_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_clip.parse_args(["--bach-size", "4", "--lr-sched", "x"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "usage: python -m mgpu.train_clip [flags]; python -m mgpu.train_clip --help lists every flag",
+        "python -m mgpu.train_clip: error: unrecognized arguments: --bach-size 4 --lr-sched x "
+        "(did you mean --batch-size, --lr-scale?)"]
+    with pytest.raises(SystemExit):
+        train_clip.parse_args(["--zzz"])
+    assert capsys.readouterr().err.splitlines()[-1] == "python -m mgpu.train_clip: error: unrecognized arguments: --zzz"
+
+
 @pytest.mark.parametrize("setup, args, message", [
     (None, ["--data", "/nope/train.csv"], "--data /nope/train.csv: no such file"),
     (None, ["--data", "{tmp}/x.parquet"], "unknown format '.parquet'; allowed: .csv, .tsv, .jsonl"),
