@@ -112,6 +112,47 @@ ddp::nproc() {
   else
     DDP_NPROC=2
   fi
+  [[ $DDP_KIND == cpu ]] || { ddp::_torch_cuda && ddp::_busy; }
+}
+
+# ddp::_torch_cuda — the real machine's GPUs are visible (a scenario's are not torch's to see): a torch
+# that cannot use them is an error, as every rank would train on the CPU under "Using N GPUs". Read from
+# torch/version.py, without importing torch (a second or more): a CPU-only build says `cuda ... = None`.
+ddp::_torch_cuda() {
+  [[ $GPU_BACKEND != scenario ]] || return 0
+  local origin version="" cuda=""
+  origin=$("$DDP_PYTHON" -c 'import importlib.util as u; s = u.find_spec("torch"); print(s.origin if s else "")' 2>/dev/null) ||
+    return 0 # a Python that fails here says why when it runs
+  if [[ -z $origin ]]; then
+    log::error "$DDP_PYTHON cannot import torch: run make deps, or set PYTHON to the Python that has it"
+    return 2
+  fi
+  local line
+  while IFS= read -r line; do
+    [[ $line != __version__* ]] || version=${line#*= }
+    [[ $line != cuda[:\ =]* ]] || cuda=${line##*= }
+  done <"${origin%/*}/version.py" 2>/dev/null || return 0
+  [[ $cuda == None ]] || return 0
+  log::error "torch ${version//\'/} is a CPU-only build, so it cannot use the ${#DDP_VISIBLE[@]} visible GPU(s) (${DDP_VISIBLE[*]}): install a CUDA build (https://pytorch.org/get-started/locally/); python check_gpus.py --torch shows what torch sees"
+  return 2
+}
+
+# ddp::_busy — a warning for each visible GPU that another job uses (utilization above MAX_UTIL, or half
+# its memory taken), from one reading: DDP runs at the pace of its slowest rank, and a GPU short of memory
+# fails with CUDA out of memory. Nothing when the GPUs cannot be read.
+ddp::_busy() {
+  local max=${MAX_UTIL:-70} entry id why
+  log::require_int MAX_UTIL "$max" 0 100 || return 2
+  MGPU_UTIL_SAMPLES=1 gpu::sample 2>/dev/null || return 0
+  for entry in "${DDP_VISIBLE[@]}"; do
+    gpu::resolve "$entry" || continue
+    id=$GPU_ID why=""
+    [[ ${GPU_UTIL[$id]:-NA} == NA ]] || ((GPU_UTIL[$id] <= max)) || why="utilization ${GPU_UTIL[$id]}% > MAX_UTIL $max%"
+    if [[ ${GPU_MEM_USED[$id]:-NA} != NA && ${GPU_MEM_TOTAL[$id]:-NA} != NA ]] && ((GPU_MEM_USED[$id] * 2 >= GPU_MEM_TOTAL[$id])); then
+      why+="${why:+, }${GPU_MEM_USED[$id]} of ${GPU_MEM_TOTAL[$id]} MiB in use"
+    fi
+    [[ -z $why ]] || log::warn "GPU $entry is in use by another job ($why): DDP runs at the pace of its slowest rank, and a GPU short of memory fails with CUDA out of memory; python check_gpus.py shows who uses it, and CUDA_VISIBLE_DEVICES (or --gpus) picks others"
+  done
 }
 
 # ddp::threads — OMP_NUM_THREADS for each process (cores / processes, at least 1) unless already set;

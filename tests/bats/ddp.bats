@@ -72,6 +72,45 @@ free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0));
   assert_equal "$stderr" "[ERROR] CUDA_VISIBLE_DEVICES='$setting': 2 MIG instances, but a CUDA process sees only the first MIG instance it is given, so processes cannot share them out: name one MIG instance, or whole GPUs"
 }
 
+# fake_torch DIR CUDA — a torch package in DIR whose version.py says cuda = CUDA (None: a CPU-only build)
+fake_torch() {
+  mkdir -p "$1/torch"
+  : >"$1/torch/__init__.py"
+  printf '%s\n' "from typing import Optional" "__version__ = '2.13.0+x'" "cuda: Optional[str] = $2" >"$1/torch/version.py"
+}
+
+@test "real GPUs and a CPU-only torch: an error before anything starts, not every rank on the CPU under 'Using 2 GPUs'" {
+  export NVIDIA_SMI=$ROOT/tests/fakes/nvidia-smi MGPU_FAKE_SMI_SCENARIO=$SCENARIOS/4x-rtx4090-idle.json
+  fake_torch "$WORK/cpu" None
+  fake_torch "$WORK/cuda" "'12.4'"
+  for script in train_torchrun.sh train_ddp.sh; do
+    PYTHONPATH=$WORK/cpu CUDA_VISIBLE_DEVICES=0,1 run --separate-stderr bash "$ROOT/$script" --dry-run
+    assert_failure 2
+    assert_equal "$stderr" "[ERROR] torch 2.13.0+x is a CPU-only build, so it cannot use the 2 visible GPU(s) (0 1): install a CUDA build (https://pytorch.org/get-started/locally/); python check_gpus.py --torch shows what torch sees"
+    assert_equal "$output" ""
+    PYTHONPATH=$WORK/cuda CUDA_VISIBLE_DEVICES=0,1 run --separate-stderr bash "$ROOT/$script" --dry-run
+    assert_success
+    assert_line --index 0 --regexp '^env .*torch\.distributed\.(run|launch) '
+    [[ $stderr == *"[INFO] Using 2 GPUs for training (world size 2)" ]]
+  done
+  # a Python without torch is named, with what to do (python3 -S: no site-packages, so no torch)
+  printf '%s\n' '#!/usr/bin/env bash' 'exec python3 -S "$@"' >"$WORK/python-without-torch"
+  chmod +x "$WORK/python-without-torch"
+  PYTHON=$WORK/python-without-torch CUDA_VISIBLE_DEVICES=0 run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] $WORK/python-without-torch cannot import torch: run make deps, or set PYTHON to the Python that has it"
+}
+
+@test "a visible GPU another job uses is warned about, naming what it uses; an idle one is not" {
+  MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-gpu2-busy.json CUDA_VISIBLE_DEVICES=2,3 run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
+  assert_success
+  assert_equal "${stderr%%$'\n'*}" "[WARN] GPU 2 is in use by another job (utilization 95% > MAX_UTIL 70%, 20582 of 24564 MiB in use): DDP runs at the pace of its slowest rank, and a GPU short of memory fails with CUDA out of memory; python check_gpus.py shows who uses it, and CUDA_VISIBLE_DEVICES (or --gpus) picks others"
+  assert_equal "$(grep -c WARN <<<"$stderr")" 1
+  MAX_UTIL=99 MGPU_FAKE_GPUS=$SCENARIOS/4x-rtx4090-gpu2-busy.json run --separate-stderr bash "$ROOT/train_ddp.sh" --gpus 2 --dry-run
+  assert_success
+  assert_equal "$(grep WARN <<<"$stderr")" "[WARN] GPU 2 is in use by another job (20582 of 24564 MiB in use): DDP runs at the pace of its slowest rank, and a GPU short of memory fails with CUDA out of memory; python check_gpus.py shows who uses it, and CUDA_VISIBLE_DEVICES (or --gpus) picks others"
+}
+
 @test "OMP_NUM_THREADS is checked; --slurm names a missing or failing scontrol with its own message" {
   OMP_NUM_THREADS=auto run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
   assert_failure 2
