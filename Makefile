@@ -69,7 +69,7 @@ test-bats:
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$((n < 4 ? n : 4)))
 test-py:
 	@echo "== pytest ($(PYTEST_WORKERS) workers)"
-	$(PYTHON) -m pytest -n $(PYTEST_WORKERS)
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache py/mgpu.egg-info
