@@ -51,12 +51,13 @@ main() {
   ddp::nproc
   local port_given=${MASTER_PORT:-}
   ddp::nodes
-  MASTER_PORT=$port_given
+  [[ -z $port_given ]] || port_given=$MASTER_PORT # as checked (029500 is 29500)
   ddp::threads
   if ((NNODES == 1)); then
+    MASTER_PORT=$port_given
     ddp::free_port
   else
-    DDP_PORT=${MASTER_PORT:-29500} # every node must use the same port: no choosing here
+    DDP_PORT=$MASTER_PORT # every node must use the same port: no choosing here (ddp::nodes checked it)
   fi
   local launcher=torch.distributed.launch env_flag=(--use_env)
   if ! "$DDP_PYTHON" -c 'import torch.distributed.launch' 2>/dev/null; then
