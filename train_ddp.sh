@@ -57,7 +57,13 @@ main() {
     MASTER_PORT=$port_given
     ddp::free_port
   else
-    DDP_PORT=$MASTER_PORT # every node must use the same port: no choosing here (ddp::nodes checked it)
+    DDP_PORT=$MASTER_PORT # every node must use the same port: no choosing here
+    # node 0 alone listens there (a static rendezvous; torchrun's c10d one may be another agent's, on one
+    # host): taken, the other nodes would wait until their timeout
+    if ((NODE_RANK == 0)) && ! ddp::port_free "$DDP_PORT"; then
+      log::error "MASTER_PORT=$DDP_PORT is in use on this host (node 0, where every node meets): set another MASTER_PORT, the same on every node"
+      exit 2
+    fi
   fi
   local launcher=torch.distributed.launch env_flag=(--use_env)
   if ! "$DDP_PYTHON" -c 'import torch.distributed.launch' 2>/dev/null; then

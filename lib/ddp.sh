@@ -184,11 +184,6 @@ ddp::nodes() {
   MASTER_PORT=${MASTER_PORT:-29500}
   log::require_int MASTER_PORT "$MASTER_PORT" 1 65535 || return 2
   MASTER_PORT=$((10#$MASTER_PORT))
-  # node 0 listens there and every node meets it: taken, the others would wait until their timeout
-  if ((NNODES > 1 && NODE_RANK == 0)) && ! ddp::port_free "$MASTER_PORT"; then
-    log::error "MASTER_PORT=$MASTER_PORT is in use on this host (node 0, where every node meets): set another MASTER_PORT, the same on every node"
-    return 2
-  fi
   ((NNODES == 1)) || DDP_NOTES+=("node $NODE_RANK of $NNODES: training starts once all $NNODES nodes have started this command and met at $MASTER_ADDR:$MASTER_PORT; nothing more is printed until then")
 }
 

@@ -111,24 +111,23 @@ fake_torch() {
   assert_equal "$(grep WARN <<<"$stderr")" "[WARN] GPU 2 is in use by another job (20582 of 24564 MiB in use): DDP runs at the pace of its slowest rank, and a GPU short of memory fails with CUDA out of memory; python check_gpus.py shows who uses it, and CUDA_VISIBLE_DEVICES (or --gpus) picks others"
 }
 
-@test "several nodes: node 0 with MASTER_PORT taken on this host is an error naming it (the others would wait for their timeout); node 1 is not checked" {
+@test "train_ddp.sh on several nodes: node 0 with MASTER_PORT taken on this host is an error naming it (the others would wait for their timeout); node 1 is not checked" {
   python3 -c 'import socket, sys, time
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
 open(sys.argv[1] + ".tmp", "w").write(str(s.getsockname()[1])); __import__("os").rename(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(300)' "$WORK/port" >/dev/null 2>&1 3>&- &
   DDP_JOB=$! # (teardown ends it, should the test stop early)
-  local port script
+  local port
   listening() { [[ -s $WORK/port ]]; }
   wait_for 30 "the test's listener to take a port" listening
   port=$(cat "$WORK/port")
-  for script in train_torchrun.sh train_ddp.sh; do
-    NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=$port run --separate-stderr bash "$ROOT/$script" --dry-run
-    assert_failure 2
-    assert_equal "$stderr" "[ERROR] MASTER_PORT=$port is in use on this host (node 0, where every node meets): set another MASTER_PORT, the same on every node"
-    NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=0$port run --separate-stderr bash "$ROOT/$script" --dry-run
-    assert_success
-    assert_output --regexp "(--master_port|--rdzv-endpoint) (10\.0\.0\.1:)?$port "
-  done
+  # (not train_torchrun.sh: its c10d rendezvous port may be held by another agent of the same job, on one host)
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=$port run --separate-stderr bash "$ROOT/train_ddp.sh" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] MASTER_PORT=$port is in use on this host (node 0, where every node meets): set another MASTER_PORT, the same on every node"
+  NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=0$port run --separate-stderr bash "$ROOT/train_ddp.sh" --dry-run
+  assert_success
+  assert_output --regexp "--master_port $port "
   { kill "$DDP_JOB" && wait "$DDP_JOB"; } 2>/dev/null || true
   DDP_JOB=""
 }
