@@ -119,6 +119,7 @@ ddp::nproc() {
 # that cannot use them is an error, as every rank would train on the CPU under "Using N GPUs". Read from
 # torch/version.py, without importing torch (a second or more): a CPU-only build says `cuda ... = None`.
 ddp::_torch_cuda() {
+  gpu::_backend 2>/dev/null || return 0 # (ddp::visible read the GPUs in a subshell)
   [[ $GPU_BACKEND != scenario ]] || return 0
   local origin version="" cuda=""
   origin=$("$DDP_PYTHON" -c 'import importlib.util as u; s = u.find_spec("torch"); print(s.origin if s else "")' 2>/dev/null) ||

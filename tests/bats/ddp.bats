@@ -93,6 +93,10 @@ fake_torch() {
     assert_line --index 0 --regexp '^env .*torch\.distributed\.(run|launch) '
     [[ $stderr == *"[INFO] Using 2 GPUs for training (world size 2)" ]]
   done
+  # every GPU of the machine (CUDA_VISIBLE_DEVICES unset) as well
+  PYTHONPATH=$WORK/cpu run --separate-stderr bash "$ROOT/train_torchrun.sh" --dry-run
+  assert_failure 2
+  assert_equal "$stderr" "[ERROR] torch 2.13.0+x is a CPU-only build, so it cannot use the 4 visible GPU(s) (0 1 2 3): install a CUDA build (https://pytorch.org/get-started/locally/); python check_gpus.py --torch shows what torch sees"
   # a Python without torch is named, with what to do (python3 -S: no site-packages, so no torch)
   printf '%s\n' '#!/usr/bin/env bash' 'exec python3 -S "$@"' >"$WORK/python-without-torch"
   chmod +x "$WORK/python-without-torch"
