@@ -146,6 +146,7 @@ ddp::_busy() {
   log::require_int MAX_UTIL "$max" 0 100 || return 2
   MGPU_UTIL_SAMPLES=1 gpu::sample 2>/dev/null || return 0
   for entry in "${DDP_VISIBLE[@]}"; do
+    [[ ! $entry =~ ^[0-9]+$ ]] || entry=$((10#$entry)) # 02 is GPU 2, for CUDA as here
     gpu::resolve "$entry" || continue
     id=$GPU_ID why=""
     [[ ${GPU_UTIL[$id]:-NA} == NA ]] || ((GPU_UTIL[$id] <= max)) || why="utilization ${GPU_UTIL[$id]}% > MAX_UTIL $max%"

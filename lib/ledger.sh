@@ -130,14 +130,17 @@ ledger::version() {
 }
 
 # ledger::failure_kind LOG STATUS — why a job failed: oom (CUDA out of memory in its log), nccl (a
-# collective or NCCL failure in its log), disk full (ENOSPC or EDQUOT in its log, or the log's own disk
-# full, which leaves nothing in it), signal <NAME>, or error.
+# collective or NCCL failure in its log), shm full (DataLoader workers out of shared memory, /dev/shm),
+# disk full (ENOSPC or EDQUOT in its log, or the log's own disk full, which leaves nothing in it), signal
+# <NAME>, or error.
 ledger::failure_kind() {
   local free # the log's file system: its free blocks for this user (root may use those kept for root)
   if grep -q -E 'CUDA out of memory|OutOfMemoryError' "$1" 2>/dev/null; then
     echo oom
   elif grep -q -E 'NCCL (error|WARN)|ncclUnhandledCudaError|ncclSystemError|ncclInternalError|ncclRemoteError|ProcessGroupNCCL.*(timed out|Timeout|error)|Watchdog caught collective operation timeout|DistBackendError' "$1" 2>/dev/null; then
     echo nccl
+  elif grep -q -E 'unable to write to file </torch_|unable to allocate shared memory|DataLoader worker .*Bus error' "$1" 2>/dev/null; then
+    echo "shm full"
   elif grep -q -E 'No space left on device|Disk quota exceeded|\[Errno (28|122)\]' "$1" 2>/dev/null; then
     echo "disk full"
   elif (($2 > 128 && $2 < 160)); then
@@ -159,6 +162,7 @@ ledger::cause() {
     "signal KILL") LEDGER_CAUSE="killed (SIGKILL) by something outside mgpu" ;;
     "signal SEGV") LEDGER_CAUSE="crashed (segmentation fault)" ;;
     signal\ *) LEDGER_CAUSE="ended by SIG${1#signal }" ;;
+    "shm full") LEDGER_CAUSE="shared memory (/dev/shm) ran out: DataLoader workers pass batches through it; lower --workers, or give the container more (docker --shm-size)" ;;
     "disk full") LEDGER_CAUSE="a disk it writes to is full or over its quota (its log's or its output's): free some space, then run again with --resume" ;;
     error) LEDGER_CAUSE="exited with status $2 (see its log)" ;;
     *) LEDGER_CAUSE=$1 ;;
@@ -168,7 +172,7 @@ ledger::cause() {
 # ledger::show_tail JOB — the last lines of a failed job's log, so nobody has to go looking.
 ledger::show_tail() {
   local log=${JOB[$1,log]}
-  if [[ -z $log || ! -s $log ]]; then
+  if [[ -z $log || ! -s $log || ${JOB[$1,kind]} == "could not start" ]]; then # (a header cut short says less)
     [[ -z ${JOB[$1,reason]} ]] || log::error "${JOB[$1,name]} failed: ${JOB[$1,reason]}"
     return 0
   fi

@@ -257,6 +257,7 @@ sched::run() {
     fi
   fi
   [[ -z $SCHED_TIMER ]] || kill "$SCHED_TIMER" 2>/dev/null || true
+  sched::close_ties
   sched::finish
 }
 

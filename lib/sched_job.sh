@@ -86,10 +86,23 @@ sched::_launch() {
 # sched::_tie SLOT — the job's tie: a write end (SCHED_TIE_W) of its first slot's FIFO, which the job's
 # process and all it starts inherit, while the launcher keeps the slot's read end open (SCHED_TIES[SLOT]).
 # Once every holder of a write end has ended, the read end is at end of file: sched::_ended sees what a
-# job left running in a session or group of its own (`setsid cmd &`, start_new_session=True), which
-# holds its slot's lease too, with one builtin and no scan. Nothing when the FIFO cannot be made; then such
-# processes are found only when the slot is next locked.
+# job left running in a session or group of its own (`setsid cmd &`), which holds its slot's lease too,
+# with one builtin and no scan. A process that closed what it inherited (Python's Popen closes every
+# descriptor above 2 by default, start_new_session=True or not) holds neither and is not seen. Nothing
+# when the FIFO cannot be made; then such processes are found only when the slot is next locked.
 declare -A SCHED_TIES=()
+
+# sched::close_ties — close every slot's read end (in a job's process; in the launcher once the jobs are
+# done, so what the entry script runs next holds none).
+sched::close_ties() {
+  local slot fd
+  for slot in "${!SCHED_TIES[@]}"; do
+    fd=${SCHED_TIES[$slot]}
+    exec {fd}<&-
+  done
+  SCHED_TIES=()
+}
+
 sched::_tie() {
   local rw r
   SCHED_TIE_W="" SCHED_TIE_FILE=$SCHED_STATE/tie.${1//[!0-9A-Za-z]/.}
@@ -113,6 +126,7 @@ sched::_job() {
   trap - ERR EXIT
   trap : INT TERM
   lease::close_others "${LEASE_SLOTS[@]}"
+  sched::close_ties # the slots' read ends are the launcher's: its own write end is all a job keeps
   for i in "${!LEASE_FDS[@]}"; do
     [[ -z ${LEASE_LOCKED[${LEASE_SLOTS[i]}]:-} ]] || continue # kept locked since this slot's last job
     lease::lock "${LEASE_FDS[i]}" "${LEASE_FILES[i]}" || { rc=$? held=${LEASE_FILES[i]} && break; }
@@ -144,7 +158,7 @@ sched::_job() {
   # A log that cannot be written (a full disk): the command would run blind, so it does not run.
   if ! ledger::header "$job" "$3" "$2" "${SCHED_ARGV[@]}" 2>/dev/null >>"$LEDGER_LOG"; then
     ledger::why_not "$LEDGER_LOG"
-    printf '%s\t%s\t%s\n' 74 "${EPOCHREALTIME/./}" "could not start: cannot write its log $LEDGER_LOG: $LEDGER_WHY" >"$end"
+    printf '%s\t%s\t%s\n' 74 "${EPOCHREALTIME/./}" "could not start: cannot write its log $LEDGER_LOG: $LEDGER_WHY" 2>/dev/null >"$end"
     exit 74
   fi
   ! sched::_plain "${SCHED_ARGV[@]}" || SCHED_ARGV=("${SCHED_PLAIN[@]}")
@@ -227,9 +241,10 @@ sched::_ended() {
   [[ ! -f $SCHED_STATE/job$job.end ]] || IFS=$'\t' read -r -a end <"$SCHED_STATE/job$job.end" || true
   if ((rc == 127)) && ((${#end[@]})); then rc=${end[0]}; fi
   note=${end[2]:-}
-  # No end record and status 0: the process ended before its job began (a Ctrl-C in the instant after
-  # its fork, before it set its own traps), never by the command's success, which it records.
-  ((${#end[@]} || rc)) || rc=143 note="stopped before it started"
+  # No end record and status 0 during a stop: the process ended before its job began (a Ctrl-C in the
+  # instant after its fork, before it set its own traps), not by the command's success, which it records.
+  # (Without a stop, a record that could not be written, TMPDIR full, leaves the status to tell.)
+  ((${#end[@]} || rc)) || [[ -z $SCHED_STOP ]] || rc=143 note="stopped before it started"
   # Its slots' kept leases: still locked when it held them and nothing it started runs on; else closed.
   local alive=0 tie=${JOB[$job,tie]:-}
   ! kill -0 -- "-$pid" 2>/dev/null || alive=1

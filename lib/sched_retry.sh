@@ -15,7 +15,7 @@ sched::_failed() {
     kind="host oom"
   fi
   JOB[$job,kind]=$kind JOB[$job,fails]+="$kind on GPU $gpus"$'\n'
-  [[ $kind != "disk full" ]] || budget=0 # a retry would only fail again, and write more where nothing fits
+  [[ $kind != "disk full" && $kind != "shm full" ]] || budget=0 # a retry would only fail again: nothing fits
   if [[ $kind == oom || $kind == "host oom" ]]; then
     case $ON_OOM in
       fail) budget=0 ;;

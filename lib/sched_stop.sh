@@ -55,7 +55,7 @@ sched::_term_left() {
 # to GRACE seconds for them to save and exit; what is left then (or at once, on a second Ctrl-C/TERM) gets
 # KILL. Each ended job whose processes were stopped says so in its record.
 sched::stop_all() {
-  local name pid deadline alive rc entry
+  local name pid deadline rc entry
   SCHED_AGAIN=""
   trap 'SCHED_AGAIN=1' INT TERM
   sched::term_all
@@ -67,18 +67,9 @@ sched::stop_all() {
   log::warn "stopping $what: TERM now, KILL after ${GRACE}s (--grace) unless they end; press Ctrl-C again to KILL them now"
   core::now_ms
   deadline=$((CORE_NOW_MS + GRACE * 1000))
-  while [[ -z $SCHED_AGAIN ]]; do
-    alive=0
-    for name in "${!pids[@]}"; do
-      if sched::group_alive "${pids[$name]}"; then alive=1 && break; fi
-    done
-    for entry in "${SCHED_LEFT_TERMED[@]}"; do
-      if ((!alive)) && sched::group_alive "${entry#*:}"; then alive=1 && break; fi
-    done
-    core::now_ms
-    ((alive && CORE_NOW_MS < deadline)) || break
-    core::sleep_ms 100
-  done
+  local groups=("${pids[@]}")
+  for entry in "${SCHED_LEFT_TERMED[@]}"; do groups+=("${entry#*:}"); done
+  sched::_grace "$deadline" "${groups[@]}"
   [[ -z $SCHED_AGAIN ]] || log::warn "second stop signal: killing the running jobs now"
   for name in "${!pids[@]}"; do
     pid=${pids[$name]}
@@ -93,14 +84,44 @@ sched::stop_all() {
     wait "$pid" 2>/dev/null || rc=$?
     sched::_ended "$pid" "$rc"
   done
+  # What the stopped jobs left running in a session of their own (found by sched::_ended, through their
+  # ties): TERM now, KILL at the end of the same grace period (a second at least).
+  local first=${#SCHED_LEFT_TERMED[@]}
+  sched::_term_left
+  if ((${#SCHED_LEFT_TERMED[@]} > first)); then
+    log::warn "stopping the processes $((${#SCHED_LEFT_TERMED[@]} - first)) stopped job(s) left running in a session of their own: TERM now, KILL at the end of the grace period"
+    groups=()
+    for entry in "${SCHED_LEFT_TERMED[@]:first}"; do groups+=("${entry#*:}"); done
+    core::now_ms
+    ((deadline > CORE_NOW_MS + 1000)) || deadline=$((CORE_NOW_MS + 1000))
+    [[ -n $SCHED_AGAIN ]] || sched::_grace "$deadline" "${groups[@]}"
+    sched::_stop_left "$first"
+  fi
   sched::_settle
 }
 
-# sched::_stop_left — after a stop's grace: KILL what ended jobs left running and still runs (its
-# environment names the job), and add to each such job's record what was stopped, and how.
+# sched::_grace DEADLINE PGID... — wait until no process of these groups runs, DEADLINE (ms) passes, or a
+# second stop signal comes (SCHED_AGAIN).
+sched::_grace() {
+  local deadline=$1 group alive
+  shift
+  while [[ -z $SCHED_AGAIN ]]; do
+    alive=0
+    for group in "$@"; do
+      if sched::group_alive "$group"; then alive=1 && break; fi
+    done
+    core::now_ms
+    ((alive && CORE_NOW_MS < deadline)) || break
+    core::sleep_ms 100
+  done
+}
+
+# sched::_stop_left [FROM] — after a stop's grace: KILL what ended jobs left running and still runs (its
+# environment names the job), and add to each such job's record what was stopped, and how (the entries of
+# SCHED_LEFT_TERMED from FROM on).
 sched::_stop_left() {
   local entry job how members=()
-  for entry in "${SCHED_LEFT_TERMED[@]}"; do
+  for entry in "${SCHED_LEFT_TERMED[@]:${1:-0}}"; do
     job=${entry%%:*} how="ended on the stop's TERM"
     sched::_left_members "$job" "${entry#*:}" members
     if ((${#members[@]})); then

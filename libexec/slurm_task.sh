@@ -91,7 +91,7 @@ main() {
     requeue_task "$SJ_CAUSE" "$SJ_CAUSE (requeued)"
   elif [[ -z $SJ_STOP ]] && ((failures < ${meta[9]:-0})); then
     kind=$(ledger::failure_kind "$LEDGER_LOG" "$SJ_RC")
-    [[ $kind == "disk full" ]] || requeue_task failure "$kind (requeued)" # as locally: it would fail again
+    [[ $kind == *" full" ]] || requeue_task failure "$kind (requeued)" # as locally: it would fail again
   fi
   write_atomic "$base.result" "$SJ_RC" "$CORE_NOW_MS" "$SJ_STOP" "$SJ_CAUSE" "$NOTE"
   echo "[INFO] ${meta[0]}: exit $SJ_RC after $(((CORE_NOW_MS - start) / 1000))s${SJ_STOP:+ (stopped: ${SJ_CAUSE:-SIG$SJ_STOP})}"

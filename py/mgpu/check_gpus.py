@@ -187,7 +187,7 @@ def exit_code(vis: visible.Visibility, found: list[diagnose.Problem], plan: diag
               view: diagnose.TorchView | None = None) -> int:
     if not vis.physical or (plan is not None and plan.total == 0):
         return EXIT_NO_GPU
-    if view is not None and (view.cuda is None or view.error or view.device_count == 0):
+    if view is not None and (view.cuda is None or view.device_count == 0):
         return EXIT_NO_GPU  # --torch: training would run on the CPU, whatever NVML shows
     return EXIT_PROBLEMS if any(p.severity != "info" for p in found) else EXIT_OK
 

@@ -50,7 +50,7 @@ from .progress import Progress, format_eta
 from .step import train_step
 from .tensorboard import ScalarWriter
 from .train_params import parse_args
-from .train_setup import Run, TrainError, describe, setup
+from .train_setup import Run, TrainError, describe, release_output_dir, setup
 
 __all__ = ["main", "parse_args", "train", "TrainError", "TrainingFailed"]
 
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mgpu.train_clip: training failed: {exc}", file=sys.stderr)
         return 1
     finally:
+        release_output_dir()
         if distributed.is_on():
             dist.destroy_process_group()
 

@@ -198,28 +198,41 @@ def lock_output_dir(path: str) -> None:
                     path, exc.strerror)
         lock.close()
         return
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+    except OSError as exc:  # a full disk: no checkpoint would fit either
+        lock.close()
+        raise TrainError(f"--output-dir {path}: cannot write its lock file {OUTPUT_LOCK}: {exc.strerror}") from None
     _held.append(lock)
+
+
+def release_output_dir() -> None:
+    """Let go of the output folders this process holds (the end of a run started in-process: tests, notebooks)."""
+    while _held:
+        _held.pop().close()
+
+
+def _lock_on_rank_0(path: str, rank: int, world: int, device: torch.device) -> None:
+    """lock_output_dir on rank 0; every rank ends on its refusal (one all-reduce), none waits for it."""
+    refused = ""
+    if rank == 0:
+        try:
+            lock_output_dir(path)
+        except TrainError as exc:
+            refused = str(exc)
+    if world > 1 and distributed.all_sum([float(bool(refused))], device)[0] and not refused:
+        raise TrainError(f"--output-dir {path}: rank 0 refused it (its error says why)")
+    if refused:
+        raise TrainError(refused)
 
 
 def setup(args) -> Run:
     check_output_dir(args.output_dir)
     device, dp_gpus = distributed.setup(args)
     rank, world = distributed.rank(), distributed.world_size()
-    refused = ""
-    if rank == 0:
-        try:
-            lock_output_dir(args.output_dir)
-        except TrainError as exc:
-            refused = str(exc)
-    # every rank ends on rank 0's refusal, none waits for it in a collective
-    if world > 1 and distributed.all_sum([float(bool(refused))], device)[0] and not refused:
-        raise TrainError(f"--output-dir {args.output_dir}: rank 0 found it in use by another training run")
-    if refused:
-        raise TrainError(refused)
     if args.amp == "fp16" and device.type != "cuda":
         raise TrainError("--amp fp16: needs a CUDA device (a GradScaler on GPU); on the CPU use --amp bf16 or off")
     resume = resume_source(args.resume, args.output_dir)
@@ -258,6 +271,7 @@ def setup(args) -> Run:
     stepper = Stepper(model, wrapped, optimizer, scheduler, scaler, device, args.grad_clip, args.loss_region,
                       cuda_devices, compiled=args.compile)
     stop_at = min(total, step + args.stop_after) if args.stop_after else total
+    _lock_on_rank_0(args.output_dir, rank, world, device)  # once every input is checked, before any write
     return Run(args, device, dp_gpus, rank, world, Path(args.output_dir), model, stepper, train_loader, val_loader,
                sampler, steps_per_epoch, total, step, stop_at, global_batch, lr, config, len(train_set), cuda_devices)
 

@@ -288,22 +288,27 @@ queue() { run --separate-stderr bash "$ROOT/gpu_queue.sh" "$@"; }
   assert_equal "$(jq -r '.configs[0] | "\(.status) (\(.detail))"' one/summary_*.json)" "succeeded (left running: $away sleep 303)"
 }
 
-@test "Ctrl-C also stops what a finished job left running in a session of its own (setsid), and its record says so" {
-  printf '%s\n' "setsid -f sh -c 'trap \"echo saved >saved.txt; exit 0\" TERM; echo \$\$ >away.pid; while :; do sleep 0.05; done'" \
-    ': >started2; until [[ -e release ]]; do sleep 0.05; done' >"$WORK/jobs.txt"
+@test "Ctrl-C also stops what a job left running in a session of its own (setsid), ended or still running, and its record says so" {
+  # job1 ends at once, leaving its process; job2 starts one and runs on until the stop, which ends job2
+  # itself (its group) but reaches that process only through job2's tie, once job2 has ended
+  printf '%s\n' "setsid -f sh -c 'trap \"echo saved >saved1.txt; exit 0\" TERM; echo \$\$ >away1.pid; while :; do sleep 0.05; done'" \
+    "setsid -f sh -c 'trap \"echo saved >saved2.txt; exit 0\" TERM; echo \$\$ >away2.pid; while :; do sleep 0.05; done'; : >started2; until [[ -e release ]]; do sleep 0.05; done" >"$WORK/jobs.txt"
   env --default-signal=INT bash "$ROOT/gpu_queue.sh" --gpus 0,1 --grace 5 "$WORK/jobs.txt" >"$WORK/out" 2>"$WORK/err" &
-  local launcher=$! away
-  ended() { [[ -s away.pid && -e started2 ]] && grep -q $'^end\tjob1\tsucceeded' logs/gpu_queue/sweep_*.events; }
-  wait_for 30 "job 1 to end, leaving its process, and job 2 to start" ended
-  away=$(cat away.pid)
+  local launcher=$! away1 away2
+  ended() { [[ -s away1.pid && -s away2.pid && -e started2 ]] && grep -q $'^end\tjob1\tsucceeded' logs/gpu_queue/sweep_*.events; }
+  wait_for 30 "job 1 to end, leaving its process, and job 2 to start its own" ended
+  away1=$(cat away1.pid) away2=$(cat away2.pid)
   kill -INT "$launcher"
   wait_child 120 "$launcher"
   assert_equal "$CHILD_RC" 130
-  assert_equal "$(cat saved.txt)" saved # it got the TERM
-  assert [ ! -e "/proc/$away" -o "$(cut -d' ' -f3 "/proc/$away/stat" 2>/dev/null)" == Z ]
+  assert_equal "$(cat saved1.txt) $(cat saved2.txt)" "saved saved" # both got the TERM
+  local pid
+  for pid in "$away1" "$away2"; do assert [ ! -e "/proc/$pid" -o "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" == Z ]; done
   grep -qE "stopping (1 running job\(s\) and )?the processes 1 ended job\(s\) left running: TERM now" "$WORK/err"
-  run jq -r '.configs[0] | "\(.status): \(.detail)"' logs/gpu_queue/summary_*.json
-  assert_output --regexp "^succeeded: left running, ended on the stop's TERM: $away sh -c trap \"echo saved "
+  grep -q "stopping the processes 1 stopped job(s) left running in a session of their own: TERM now" "$WORK/err"
+  run jq -r '.configs[] | "\(.status): \(.detail)"' logs/gpu_queue/summary_*.json
+  assert_line --index 0 --regexp "^succeeded: left running, ended on the stop's TERM: $away1 sh -c trap \"echo saved "
+  assert_line --index 1 --regexp "^interrupted: .*; left running, ended on the stop's TERM: $away2 sh -c trap \"echo saved "
 }
 
 @test "Ctrl-C also stops what finished jobs left running (TERM, then KILL after --grace), and their records say so" {

@@ -590,13 +590,28 @@ ENTRY
   assert_equal "$(grep -c '^sweep_.*\.events$' "$WORK/disk.left")" 1
 }
 
-@test "a job whose log says its disk is full (ENOSPC, EDQUOT) fails as disk full and is not retried" {
+@test "a job whose log says its disk is full (ENOSPC, EDQUOT) or shared memory ran out fails as such and is not retried" {
   printf '%s\n' 'echo "OSError: [Errno 28] No space left on device" >&2; exit 1' \
-    'echo "cannot write checkpoint: Disk quota exceeded"; exit 3' 'exit 2' >"$WORK/jobs.txt"
+    'echo "cannot write checkpoint: Disk quota exceeded"; exit 3' 'exit 2' \
+    'echo "RuntimeError: unable to write to file </torch_4242_1234567_0>: No space left on device (28)" >&2; exit 1' >"$WORK/jobs.txt"
   run --separate-stderr bash "$ROOT/gpu_queue.sh" --gpus 0 --retries 2 "$WORK/jobs.txt"
   assert_failure 1
   assert_equal "$(jq -r '[.configs[] | "\(.failure) \(.retries)"] | join(", ")' logs/gpu_queue/summary_*.json)" \
-    "disk full 0, disk full 0, error 2"
+    "disk full 0, disk full 0, error 2, shm full 0"
   assert_equal "$(jq -r '.configs[0].cause' logs/gpu_queue/summary_*.json)" \
     "a disk it writes to is full or over its quota (its log's or its output's): free some space, then run again with --resume"
+  assert_equal "$(jq -r '.configs[3].cause' logs/gpu_queue/summary_*.json)" \
+    "shared memory (/dev/shm) ran out: DataLoader workers pass batches through it; lower --workers, or give the container more (docker --shm-size)"
+}
+
+@test "a full TMPDIR (where the launcher keeps its records) never turns a job's success into a failure" {
+  unshare --mount true 2>/dev/null || skip "needs a mount namespace (root, or CAP_SYS_ADMIN) to make a small file system"
+  # job1 fills TMPDIR, so neither its end record nor job2's can be written; both exit 0
+  printf '%s\n' 'head -c 1000000 /dev/zero >"$TMPDIR/fill"; exit 0' 'true' >"$WORK/jobs.txt"
+  mkdir -p "$WORK/tmp"
+  run --separate-stderr unshare --mount bash -c 'disk=$1 && shift && mount -t tmpfs -o size=64k mgpu-test "$disk" && TMPDIR=$disk "$@"' \
+    _ "$WORK/tmp" bash "$ROOT/gpu_queue.sh" --gpus 0 "$WORK/jobs.txt"
+  assert_success
+  assert_equal "$(jq -r '[.configs[] | "\(.status) \(.exit_code) \(.retries)"] | join(", ")' logs/gpu_queue/summary_*.json)" \
+    "succeeded 0 0, succeeded 0 0"
 }

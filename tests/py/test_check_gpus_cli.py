@@ -185,7 +185,8 @@ def test_unified_memory_and_lost_gpus_are_reported_without_a_traceback(fake_nvml
     (diagnose.TorchView("2.13.0+cu124", "12.4", device_count=4), 0),
     (diagnose.TorchView("2.13.0+cu124", "12.4", device_count=2), 0),  # fewer: a warning of its own, still usable
     (diagnose.TorchView("2.13.0+cpu", None), 3),
-    (diagnose.TorchView("2.13.0+cu124", "12.4", error="CUDA driver version is insufficient"), 3),
+    (diagnose.TorchView("2.13.0+cu124", "12.4", error="CUDA driver version is insufficient"), 3),  # no device
+    (diagnose.TorchView("2.13.0+cu124", "12.4", device_count=4, error="NCCL is not available"), 0),  # usable
     (diagnose.TorchView("2.13.0+cu124", "12.4", device_count=0), 3),
 ])
 def test_with_torch_a_torch_that_can_use_no_visible_gpu_exits_3(view, code):
