@@ -92,27 +92,27 @@ sched::_launch() {
 # when the FIFO cannot be made; then such processes are found only when the slot is next locked.
 declare -A SCHED_TIES=()
 
+sched::_tie() {
+  local rw r
+  SCHED_TIE_W="" SCHED_TIE_FILE=$SCHED_STATE/tie.${1//[!0-9A-Za-z]/.}
+  if [[ -z ${SCHED_TIES[$1]:-} ]]; then # once a slot: read-write first, so the read-only open does not wait
+    SCHED_TIES[$1]=- # (none, should it fail: tried once)
+    # shellcheck disable=SC2094  # one FIFO's two ends, opened on purpose
+    { mkfifo -m 600 -- "$SCHED_TIE_FILE" && exec {rw}<>"$SCHED_TIE_FILE" {r}<"$SCHED_TIE_FILE" {rw}>&-; } 2>/dev/null &&
+      SCHED_TIES[$1]=$r
+  fi
+  [[ ${SCHED_TIES[$1]} != - ]] && { exec {SCHED_TIE_W}>"$SCHED_TIE_FILE"; } 2>/dev/null || SCHED_TIE_W="" SCHED_TIE_FILE=""
+}
+
 # sched::close_ties — close every slot's read end (in a job's process; in the launcher once the jobs are
 # done, so what the entry script runs next holds none).
 sched::close_ties() {
   local slot fd
   for slot in "${!SCHED_TIES[@]}"; do
     fd=${SCHED_TIES[$slot]}
-    exec {fd}<&-
+    [[ $fd == - ]] || exec {fd}<&-
   done
   SCHED_TIES=()
-}
-
-sched::_tie() {
-  local rw r
-  SCHED_TIE_W="" SCHED_TIE_FILE=$SCHED_STATE/tie.${1//[!0-9A-Za-z]/.}
-  if [[ -z ${SCHED_TIES[$1]:-} ]]; then # once a slot: read-write first, so the read-only open does not wait
-    # shellcheck disable=SC2094  # one FIFO's two ends, opened on purpose
-    { mkfifo -m 600 -- "$SCHED_TIE_FILE" && exec {rw}<>"$SCHED_TIE_FILE" {r}<"$SCHED_TIE_FILE" {rw}>&-; } 2>/dev/null ||
-      { SCHED_TIE_FILE="" && return 0; }
-    SCHED_TIES[$1]=$r
-  fi
-  { exec {SCHED_TIE_W}>"$SCHED_TIE_FILE"; } 2>/dev/null || SCHED_TIE_W="" SCHED_TIE_FILE=""
 }
 
 # sched::_job JOB VISIBLE GPUS — the job's own process: a fork of the launcher, leader of its process
