@@ -169,7 +169,7 @@ def check_output_dir(path: str) -> None:
 
 
 OUTPUT_LOCK = ".mgpu.train.lock"
-_held: list = []  # the open lock file of --output-dir: held until this process ends, however it ends
+_held: list = []  # the open lock file of --output-dir: held until main() returns or the process ends, however
 
 
 def lock_output_dir(path: str) -> None:
